@@ -1,0 +1,198 @@
+"""The coordinator: hands out prompts, buffers scored groups, holds the weights.
+
+One asyncio object (a Ray async actor in production, a plain object in unit
+tests) owns the three pieces of shared state whose consistency matters:
+
+* the **prompt stream** and its cursor (prompts are handed out once);
+* the **bounded buffer** of scored groups and the trajectory counters;
+* the **weight store** (newest payload and its ``policy_version``).
+
+Staleness bound. The learner consumes ``groups_per_step`` groups per step and
+is at version ``V`` while training on its ``V``-th batch (0-based). A prompt
+is handed out only while ``live < (V + max_staleness + 1) * groups_per_step``,
+where ``live`` counts groups handed out minus groups that will never be
+trained. So with ``max_staleness = 0`` nothing for batch ``V + 1`` is generated
+before the weights of version ``V + 1`` exist (strictly on-policy), and with
+``k > 0`` generation runs up to ``k`` versions ahead, overlapping the update.
+Groups still older than ``V - max_staleness`` when consumed (possible when
+workers finish out of order) are dropped and counted, never trained on.
+
+Accounting: every sample put into the buffer counts as *produced*; each is
+eventually *trained* (handed to the learner) or *dropped* with a reason, so at
+the end ``produced == trained + dropped`` exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from typing import Iterator
+
+from actors.types import Group, Prompt
+from actors.weight_sync import Payload, WeightStore
+
+
+class SampleTimeout(RuntimeError):
+    """No batch could be assembled before the deadline."""
+
+
+class Coordinator:
+    def __init__(self, prompts: Iterator[Prompt], *, groups_per_step: int, prompts_per_request: int,
+                 max_staleness: int, total_groups: int | None = None):
+        if max_staleness < 0:
+            raise ValueError("train.max_staleness: must be >= 0")
+        self.prompts = prompts
+        self.groups_per_step = groups_per_step
+        self.prompts_per_request = prompts_per_request
+        self.max_staleness = max_staleness
+        self.total_groups = total_groups  # never hand out more than the run will train
+        self.weights = WeightStore()
+        self.buffer: deque[Group] = deque()
+        self.cond = asyncio.Condition()
+        self.stopping = False
+        self.issued_groups = 0
+        self.abandoned_groups = 0  # handed out, will never be trained (dropped/excluded)
+        self.produced = 0
+        self.trained = 0
+        self.trained_groups = 0
+        self.dropped: Counter[str] = Counter()
+        self.last_error: dict[str, str] = {}
+        self.produced_by_worker: Counter[str] = Counter()
+        self.last_put = time.monotonic()
+
+    # -- capacity ------------------------------------------------------------------
+    def _limit(self) -> int:
+        limit = (self.weights.version + self.max_staleness + 1) * self.groups_per_step
+        return limit if self.total_groups is None else min(limit, self.total_groups)
+
+    def _live(self) -> int:
+        return self.issued_groups - self.abandoned_groups
+
+    def capacity_bound(self) -> int:
+        """Most groups that can ever be buffered or in flight at once."""
+        return (self.max_staleness + 1) * self.groups_per_step
+
+    # -- rollout side ----------------------------------------------------------------
+    async def acquire(self, worker: str, timeout_s: float | None = None) -> tuple[list[Prompt] | None, int]:
+        """Wait until the staleness gate opens; return ``(prompts, policy_version)``.
+
+        ``prompts`` is ``None`` once the run is stopping (the worker should exit)
+        and ``[]`` when ``timeout_s`` passed with the gate closed (ask again).
+        """
+        async with self.cond:
+            try:
+                await asyncio.wait_for(
+                    self.cond.wait_for(lambda: self.stopping or self._live() < self._limit()), timeout_s)
+            except asyncio.TimeoutError:
+                return [], self.weights.version
+            if self.stopping:
+                return None, self.weights.version
+            n = min(self.prompts_per_request, self._limit() - self._live())
+            batch = [next(self.prompts) for _ in range(n)]
+            self.issued_groups += n
+            return batch, self.weights.version
+
+    async def put(self, groups: list[Group]) -> None:
+        """Add scored groups; fully excluded groups are counted and dropped here."""
+        async with self.cond:
+            for g in groups:
+                self.produced += g.size
+                self.produced_by_worker[g.worker] += g.size
+                usable = g.trainable_samples()
+                for s in g.samples:
+                    if not any(s is u for u in usable):
+                        self._count_excluded(g, s)
+                if usable:
+                    self.buffer.append(g)
+                else:
+                    self.abandoned_groups += 1
+            self.last_put = time.monotonic()
+            self.cond.notify_all()
+
+    def latest_weights(self) -> Payload | None:
+        return self.weights.payload
+
+    # -- learner side ----------------------------------------------------------------
+    async def get_batch(self, version: int, timeout_s: float) -> list[Group]:
+        """Return ``groups_per_step`` fresh groups for a learner at ``version``.
+
+        Groups generated by a version older than ``version - max_staleness`` are
+        dropped (counted as ``stale``). Raises ``SampleTimeout`` if no new group
+        arrives for ``timeout_s`` seconds.
+        """
+        oldest = version - self.max_staleness
+        batch: list[Group] = []
+        async with self.cond:
+            while len(batch) < self.groups_per_step:
+                while self.buffer and len(batch) < self.groups_per_step:
+                    g = self.buffer.popleft()
+                    if g.policy_version < oldest:
+                        self._drop_group(g, "stale")
+                        self.cond.notify_all()  # frees a slot at the gate
+                    else:
+                        batch.append(g)
+                if len(batch) == self.groups_per_step:
+                    break
+                try:
+                    await asyncio.wait_for(self.cond.wait_for(lambda: bool(self.buffer) or self.stopping), timeout_s)
+                except asyncio.TimeoutError:
+                    self.buffer.extendleft(reversed(batch))  # lose nothing
+                    raise SampleTimeout(
+                        f"no scored group arrived for {timeout_s:.0f}s (have {len(batch)}/{self.groups_per_step} "
+                        f"for version {version}); {self.stats()}") from None
+                if self.stopping and not self.buffer:
+                    self.buffer.extendleft(reversed(batch))
+                    raise SampleTimeout("coordinator is stopping")
+            # excluded samples of partly usable groups were counted as dropped at put()
+            self.trained += sum(len(g.trainable_samples()) for g in batch)
+            self.trained_groups += len(batch)
+            return batch
+
+    async def publish(self, payload: Payload) -> int:
+        """Store the newest weights; opens the staleness gate for the next batch."""
+        async with self.cond:
+            self.weights.put(payload)
+            self.cond.notify_all()
+            return self.weights.version
+
+    # -- shutdown ------------------------------------------------------------------------
+    async def stop(self) -> None:
+        async with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    async def drain(self) -> int:
+        """Drop everything still buffered (end of run); returns samples dropped."""
+        async with self.cond:
+            n = 0
+            while self.buffer:
+                g = self.buffer.popleft()
+                n += len(g.trainable_samples())
+                self._drop_group(g, "end_of_run")
+            return n
+
+    def _drop_group(self, g: Group, reason: str) -> None:
+        self.dropped[reason] += len(g.trainable_samples())
+        self.abandoned_groups += 1
+
+    def stats(self) -> dict:
+        return {
+            "policy_version": self.weights.version,
+            "produced": self.produced,
+            "trained": self.trained,
+            "dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(self.dropped),
+            "buffered_groups": len(self.buffer),
+            "issued_groups": self.issued_groups,
+            "in_flight_groups": self._live() - len(self.buffer) - self.trained_groups,
+            "produced_by_worker": dict(self.produced_by_worker),
+            "last_error": dict(self.last_error),
+        }
+
+    def _count_excluded(self, g: Group, s) -> None:
+        """Count an unusable sample under its reason's category (text before ':')."""
+        text = g.excluded or s.excluded or "unscored: no reward was set"
+        category = text.split(":", 1)[0]
+        self.dropped[category] += 1
+        self.last_error[category] = text

@@ -1,0 +1,154 @@
+"""Turns the plain workers into Ray actors and runs the streaming loop.
+
+The only module in ``actors`` that knows about Ray actors. ``RolloutActor.run``
+is the continuous loop of one rollout worker:
+
+    acquire prompts (waits at the staleness gate)
+    -> load newer weights if the coordinator has them
+    -> generate a group per prompt
+    -> hand the groups to a reward actor, which scores them and puts them
+       into the coordinator's buffer (one reward call in flight per worker,
+       so scoring overlaps the next generation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from actors.coordinator import Coordinator
+from actors.reward import RewardConfig, RewardWorker
+from actors.rollout import RolloutConfig, RolloutWorker
+from actors.tasks import make_task
+from actors.types import Group, Prompt
+
+log = logging.getLogger(__name__)
+
+
+def actor_env(num_threads: int) -> dict:
+    """Runtime env for actors sharing CPU cores: bounded threads, passive OpenMP waits."""
+    return {"env_vars": {"OMP_NUM_THREADS": str(num_threads), "OMP_WAIT_POLICY": "PASSIVE",
+                         "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def where() -> dict:
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address()}
+
+
+def weights_digest(flat) -> str:
+    """sha256 of a policy's flat parameter buffers (compare weights across actors)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, buf in sorted(flat.buffers.items()):
+        h.update(name.encode())
+        h.update(buf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class RolloutActor:
+    """Ray actor around ``RolloutWorker``."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, name: str, seed: int):
+        self.worker = RolloutWorker(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name,
+                                    seed=seed)
+        self.name = name
+
+    def where(self) -> dict:
+        return where()
+
+    def policy_version(self) -> int:
+        return self.worker.policy_version
+
+    def generate(self, prompts: list[Prompt]) -> list[Group]:
+        return self.worker.generate(prompts)
+
+    def load_weights(self, payload) -> bool:
+        return self.worker.load_weights(payload)
+
+    def weights_digest(self) -> str:
+        return weights_digest(self.worker.flat)
+
+    def run(self, coordinator, reward_actors: list) -> dict:
+        """Stream until the coordinator says stop; returns this worker's counters."""
+        pending = None
+        calls = 0
+        while True:
+            prompts, version = ray.get(coordinator.acquire.remote(self.name, 5.0))
+            if prompts is None:
+                break
+            if not prompts:
+                continue
+            if version > self.worker.policy_version:
+                self.worker.load_weights(ray.get(coordinator.latest_weights.remote()))
+            groups = self.worker.generate(prompts)
+            if pending is not None:
+                ray.get(pending)
+            pending = reward_actors[calls % len(reward_actors)].score_and_put.remote(groups, coordinator)
+            calls += 1
+        if pending is not None:
+            ray.get(pending)
+        return {"name": self.name, "generate_calls": calls, "samples": self.worker.generated_samples,
+                "policy_version": self.worker.policy_version}
+
+
+class RewardActor:
+    """Ray actor around ``RewardWorker``."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.worker = RewardWorker.from_config(cfg)
+
+    def where(self) -> dict:
+        return where()
+
+    def score(self, groups: list[Group]) -> list[Group]:
+        return self.worker.score(groups)
+
+    def score_and_put(self, groups: list[Group], coordinator) -> None:
+        ray.get(coordinator.put.remote(self.worker.score(groups)))
+
+
+class CoordinatorActor(Coordinator):
+    """The coordinator with its prompt stream built inside the actor (generators don't pickle)."""
+
+    def __init__(self, task_name: str, task_kwargs: dict, *, start: int = 0, **kwargs):
+        super().__init__(make_task(task_name, **task_kwargs).prompt_stream(start), **kwargs)
+
+
+@dataclass
+class WorkerGroup:
+    """A set of homogeneous actors created with the same resources."""
+
+    actors: list
+    names: list[str]
+
+    def where(self) -> list[dict]:
+        return [dict(name=n, **w) for n, w in zip(self.names, ray.get([a.where.remote() for a in self.actors]))]
+
+
+def create_rollout_group(model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, seed: int) -> WorkerGroup:
+    cls = ray.remote(RolloutActor).options(
+        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
+        runtime_env=actor_env(cfg.num_threads), max_concurrency=2)
+    names = [f"rollout-{i}" for i in range(cfg.num_workers)]
+    actors = [cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=n, seed=seed + 1000 * i)
+              for i, n in enumerate(names)]
+    return WorkerGroup(actors, names)
+
+
+def create_reward_group(cfg: RewardConfig) -> WorkerGroup:
+    cls = ray.remote(RewardActor).options(num_cpus=cfg.num_cpus, resources=cfg.resources or None,
+                                          runtime_env=actor_env(1))
+    names = [f"reward-{i}" for i in range(cfg.num_workers)]
+    return WorkerGroup([cls.remote(cfg) for _ in names], names)
+
+
+def create_coordinator(task_name: str, task_kwargs: dict, **kwargs):
+    return ray.remote(CoordinatorActor).options(num_cpus=0).remote(task_name, task_kwargs, **kwargs)

@@ -1,0 +1,181 @@
+"""Rollout worker: generates groups of completions with the current policy.
+
+A plain class (no Ray inside ``generate``): ``actors.group`` turns it into a Ray
+actor and runs the streaming loop around it; unit tests build it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.types import Group, Prompt, Sample
+from actors.weight_sync import FlatParams, Payload, WeightReceiver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    num_workers: int = 2
+    """Number of rollout workers (Ray actors)."""
+    num_cpus: float = 0.4
+    """CPUs Ray reserves for each worker (fractions allowed; the defaults of all
+    components add up to 2 CPUs)."""
+    num_gpus: float = 0.0
+    """GPUs Ray reserves for each worker; > 0 runs generation on CUDA."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker needs, e.g. ``{"rollout": 1}``."""
+    num_threads: int = 1
+    """torch intra-op threads per worker."""
+    group_size: int = 8
+    """Samples generated per prompt (the *group*)."""
+    prompts_per_request: int = 8
+    """Prompts a worker takes from the coordinator per generate call."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 disables it)."""
+    max_new_tokens: int = 0
+    """Completion length cap; 0 means the task's default (answer length + EOS)."""
+    dtype: str = "auto"
+    """Weights dtype for generation: auto (learner's), float32, bfloat16, float16."""
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        _check(self.num_cpus >= 0, "rollout.num_cpus", "must be >= 0")
+        _check(self.num_gpus >= 0, "rollout.num_gpus", "must be >= 0")
+        _check(self.num_threads >= 1, "rollout.num_threads", "must be >= 1")
+        _check(self.group_size >= 1, "rollout.group_size", "must be >= 1")
+        _check(self.prompts_per_request >= 1, "rollout.prompts_per_request", "must be >= 1")
+        _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 0, "rollout.max_new_tokens", "must be >= 0")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "rollout.dtype",
+               "must be one of auto, float32, bfloat16, float16")
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {msg}")
+
+
+def resolve_device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_policy(path: str, *, device: torch.device, dtype: str = "auto"):
+    """``from_pretrained`` a causal LM and its tokenizer (left padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"model.path: {path!r} does not exist and the hub is offline")
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    return model, tokenizer
+
+
+class RolloutWorker:
+    """Generates ``group_size`` samples per prompt and records behaviour log-probs."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int = 16,
+                 name: str = "rollout-0", seed: int = 0):
+        torch.set_num_threads(cfg.num_threads)
+        self.cfg = cfg
+        self.name = name
+        self.device = resolve_device(cfg.num_gpus)
+        self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype=cfg.dtype)
+        self.model.eval()
+        self.flat = FlatParams(self.model)
+        self.receiver = WeightReceiver(self.flat)
+        self.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens
+        self.context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        self.generator_seed = seed
+        torch.manual_seed(seed)
+        self.generated_samples = 0
+
+    @property
+    def policy_version(self) -> int:
+        return self.receiver.version
+
+    def load_weights(self, payload: Payload) -> bool:
+        """Apply a newer weight payload (call only between generate calls)."""
+        return self.receiver.apply(payload)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[Prompt]) -> list[Group]:
+        """Generate one group per prompt with the weights currently loaded."""
+        version = self.policy_version
+        n = self.cfg.group_size
+        groups: list[Group | None] = [None] * len(prompts)
+        ok_idx, ok_ids = [], []
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer(p.text)["input_ids"]
+            if len(ids) + self.max_new_tokens > self.context:
+                reason = (f"prompt_too_long: {len(ids)} prompt tokens + max_new_tokens {self.max_new_tokens} "
+                          f"> context {self.context}")
+                samples = [Sample(completion_ids=[], completion_text="", logprobs=[], policy_version=version,
+                                  finished=False, excluded=reason) for _ in range(n)]
+                groups[i] = Group(prompt=p, prompt_ids=ids, samples=samples, worker=self.name, excluded=reason)
+            else:
+                ok_idx.append(i)
+                ok_ids.append(ids)
+        if ok_idx:
+            for i, g in zip(ok_idx, self._generate_ids(ok_ids, [prompts[i] for i in ok_idx], version)):
+                groups[i] = g
+        self.generated_samples += n * len(prompts)
+        return groups  # type: ignore[return-value]
+
+    def _generate_ids(self, prompt_ids: list[list[int]], prompts: list[Prompt], version: int) -> list[Group]:
+        tok, n, cfg = self.tokenizer, self.cfg.group_size, self.cfg
+        width = max(len(x) for x in prompt_ids)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=self.device)
+        greedy = cfg.temperature == 0
+        # each prompt repeated n times in a row (works for greedy too, unlike num_return_sequences)
+        out = self.model.generate(
+            input_ids=input_ids.repeat_interleave(n, dim=0),
+            attention_mask=mask.repeat_interleave(n, dim=0),
+            do_sample=not greedy,
+            temperature=None if greedy else cfg.temperature,
+            top_p=None if greedy else cfg.top_p,
+            top_k=None,
+            max_new_tokens=self.max_new_tokens,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )
+        gen = out.sequences[:, width:]  # [P*n, T]
+        logits = torch.stack(out.logits, dim=1).float()  # [P*n, T, V] raw (pre-processing) logits
+        if not greedy and cfg.temperature != 1.0:
+            logits = logits / cfg.temperature
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+        eos = tok.eos_token_id
+        gen_l, logp_l = gen.tolist(), logp.tolist()
+        groups = []
+        for j, (p, ids) in enumerate(zip(prompts, prompt_ids)):
+            samples = []
+            for k in range(j * n, (j + 1) * n):
+                toks = gen_l[k]
+                length = toks.index(eos) + 1 if eos in toks else len(toks)
+                toks = toks[:length]
+                samples.append(Sample(
+                    completion_ids=toks,
+                    completion_text=tok.decode(toks, skip_special_tokens=True),
+                    logprobs=logp_l[k][:length],
+                    policy_version=version,
+                    finished=bool(toks) and toks[-1] == eos,
+                ))
+            groups.append(Group(prompt=p, prompt_ids=ids, samples=samples, worker=self.name))
+        return groups

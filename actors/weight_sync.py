@@ -1,0 +1,183 @@
+"""Versioned weight broadcast from the learner to rollout workers.
+
+Both sides keep the policy's parameters inside **one contiguous flat buffer per
+dtype** (``FlatParams`` rebinds every parameter as a view into it). Publishing
+is then a single ``ray.put`` of that buffer as a numpy array; every reader on
+the node maps the same object-store copy and does one ``flat.copy_`` into its
+own buffer. N readers cost one serialisation, not N (a plain
+``ray.put(state_dict)`` pickles through ``torch.save`` and is ~10x slower).
+
+Invariant (what every other component may rely on):
+
+1. The learner's ``policy_version`` equals the number of optimizer steps it has
+   applied; a payload published under version ``v`` holds exactly the weights
+   after ``v`` steps.
+2. The store (``WeightStore``) keeps only the newest payload; the versions it
+   hands out never decrease.
+3. A receiver's ``policy_version`` is ``v`` iff its parameters are bit-for-bit
+   the payload of ``v``: a payload is checked (layout fingerprint, sizes)
+   before any byte is copied, and applied whole.
+4. Receivers apply weights only *between* generate calls, so every sample is
+   tagged with the version of the weights that generated all of its tokens.
+
+Transport seam: ``ObjectStoreTransport`` moves payloads through Ray's object
+store (one node or many; Ray copies an object once per node). A GPU
+transport (NCCL broadcast from the learner rank to rollout ranks of a
+``torch.distributed`` group created across the actors) implements the same two
+methods, ``publish(flat_buffers) -> payload`` and ``fetch(payload) ->
+flat_buffers``, and leaves ``FlatParams`` and the version protocol unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+# numpy has no bfloat16: such buffers travel as int16 bit patterns (exact).
+_WIRE_VIEW = {torch.bfloat16: torch.int16}
+
+
+class FlatParams:
+    """A model's parameters as views into one contiguous buffer per dtype.
+
+    Tied parameters (e.g. ``lm_head`` sharing the embedding) appear once.
+    Build it *before* creating an optimizer: parameters keep their identity,
+    only their storage moves.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        params = dict(model.named_parameters())  # deduplicates tied weights
+        by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
+        for name, p in params.items():
+            by_dtype.setdefault(p.dtype, []).append((name, p))
+        self.buffers: dict[str, torch.Tensor] = {}
+        spec = []
+        for dtype, items in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+            total = sum(p.numel() for _, p in items)
+            flat = torch.empty(total, dtype=dtype, device=items[0][1].device)
+            offset = 0
+            for name, p in items:
+                n = p.numel()
+                view = flat[offset : offset + n].view_as(p)
+                view.copy_(p.data)
+                p.data = view
+                spec.append((name, tuple(p.shape), str(dtype), offset))
+                offset += n
+            self.buffers[str(dtype)] = flat
+        self.fingerprint = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+        self.numel = sum(b.numel() for b in self.buffers.values())
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+@dataclass
+class Payload:
+    """What travels from the learner to receivers for one version."""
+
+    version: int
+    fingerprint: str
+    refs: dict[str, Any] = field(default_factory=dict)
+    """dtype name -> transport handle (an ObjectRef for the object store)."""
+
+
+class Transport(Protocol):
+    def publish(self, buffers: dict[str, torch.Tensor]) -> dict[str, Any]: ...
+
+    def fetch(self, refs: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+
+
+class ObjectStoreTransport:
+    """Ray object store: one ``ray.put`` per dtype buffer, zero-copy reads."""
+
+    def publish(self, buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
+        import ray
+
+        out = {}
+        for name, flat in buffers.items():
+            wire = flat.detach()
+            if wire.dtype in _WIRE_VIEW:
+                wire = wire.view(_WIRE_VIEW[wire.dtype])
+            out[name] = ray.put(wire.cpu().numpy())
+        return out
+
+    def fetch(self, refs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        import ray
+
+        arrays = ray.get(list(refs.values()))
+        out = {}
+        for (name, _), arr in zip(refs.items(), arrays):
+            # a read-only view of the object store's copy: we only ever read from it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                out[name] = torch.from_numpy(np.asarray(arr))
+        return out
+
+
+class WeightPublisher:
+    """Learner side: owns the version counter and publishes flat buffers."""
+
+    def __init__(self, flat: FlatParams, transport: Transport | None = None):
+        self.flat = flat
+        self.transport = transport or ObjectStoreTransport()
+        self.version = 0
+
+    def bump(self) -> int:
+        """Call once after every optimizer step."""
+        self.version += 1
+        return self.version
+
+    def publish(self) -> Payload:
+        return Payload(self.version, self.flat.fingerprint, self.transport.publish(self.flat.buffers))
+
+
+class WeightReceiver:
+    """Rollout side: applies payloads into its own flat buffers."""
+
+    def __init__(self, flat: FlatParams, transport: Transport | None = None, version: int = 0):
+        self.flat = flat
+        self.transport = transport or ObjectStoreTransport()
+        self.version = version
+
+    def apply(self, payload: Payload) -> bool:
+        """Apply ``payload`` if newer than what we hold; returns True if applied."""
+        if payload.version <= self.version:
+            return False
+        if payload.fingerprint != self.flat.fingerprint:
+            raise ValueError(
+                f"weight payload layout {payload.fingerprint} does not match this policy's "
+                f"{self.flat.fingerprint}: learner and rollout workers loaded different architectures")
+        incoming = self.transport.fetch(payload.refs)
+        if incoming.keys() != self.flat.buffers.keys() or any(
+                incoming[k].numel() != self.flat.buffers[k].numel() for k in incoming):
+            raise ValueError("weight payload sizes do not match this policy's parameters")
+        with torch.no_grad():
+            for name, src in incoming.items():
+                dst = self.flat.buffers[name]
+                if dst.dtype in _WIRE_VIEW:
+                    dst = dst.view(_WIRE_VIEW[dst.dtype])
+                dst.copy_(src.to(dst.device), non_blocking=False)
+        del incoming  # release the object-store views promptly
+        self.version = payload.version
+        return True
+
+
+class WeightStore:
+    """Holds the newest payload (and only it). Lives inside the coordinator."""
+
+    def __init__(self):
+        self.payload: Payload | None = None
+
+    @property
+    def version(self) -> int:
+        return self.payload.version if self.payload else 0
+
+    def put(self, payload: Payload) -> None:
+        if self.payload is not None and payload.version < self.payload.version:
+            raise ValueError(f"weight version went backwards: {payload.version} < {self.payload.version}")
+        self.payload = payload  # the previous refs are dropped here, freeing the old version

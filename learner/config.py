@@ -1,0 +1,290 @@
+"""The run configuration: one ``kw_only`` dataclass per component.
+
+YAML files and command-line overrides map onto these dataclasses; unknown keys
+and values of the wrong type are errors that name the offending key. The field
+docstrings are the configuration reference (``fleetrl config`` prints them).
+
+Override convention: ``--section.key VALUE`` (or ``--section.key=VALUE``);
+``VALUE`` is parsed as YAML, so ``--learner.betas '[0.9, 0.95]'`` and
+``--rollout.resources '{rollout: 1}'`` work.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from actors.reward import RewardConfig
+from actors.rollout import RolloutConfig
+from learner.learner import LearnerConfig
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: Optional[str] = None
+    """Policy to train: a Hugging Face model folder or hub name, loaded with
+    ``from_pretrained``. Empty = build the built-in tiny Llama for the task and
+    warm-start it on a small labelled set (cached under ``~/.cache/fleetrl``)."""
+    warm_start_examples: int = 384
+    """Built-in policy only: size of the fixed labelled set for the warm start."""
+    warm_start_target: float = 0.3
+    """Built-in policy only: stop the warm start once validation accuracy reaches this."""
+    warm_start_max_steps: int = 600
+    """Built-in policy only: upper bound on supervised warm-start steps."""
+    hidden_size: int = 128
+    """Built-in policy only: hidden width of the tiny Llama."""
+    num_layers: int = 2
+    """Built-in policy only: number of transformer layers."""
+
+    def __post_init__(self):
+        if self.warm_start_examples < 1:
+            raise ConfigError("model.warm_start_examples: must be >= 1")
+        if not 0 <= self.warm_start_target <= 1:
+            raise ConfigError("model.warm_start_target: must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    name: Literal["reverse"] = "reverse"
+    """Built-in verifiable task that supplies prompts and held-out examples."""
+    num_digits: int = 4
+    """Length of the digit strings."""
+    seed: int = 0
+    """Seed of the task's prompt stream, labelled set and held-out set."""
+    eval_size: int = 200
+    """Held-out prompts scored with greedy decoding before and after training."""
+
+    def __post_init__(self):
+        if self.num_digits < 1:
+            raise ConfigError("task.num_digits: must be >= 1")
+        if self.eval_size < 1:
+            raise ConfigError("task.eval_size: must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    """Learner steps (optimizer updates) to run."""
+    max_wall_s: float = 140.0
+    """Stop early after this many seconds of RL (0 = no limit); keeps the default job within 3 minutes."""
+    prompts_per_step: int = 16
+    """Groups (prompts) per learner step; samples per step = this x rollout.group_size."""
+    max_staleness: int = 1
+    """How many policy versions a trained sample may lag the learner (0 = on-policy, synchronous)."""
+    sample_timeout_s: float = 120.0
+    """Fail the run if no scored group arrives for this long."""
+    seed: int = 0
+    """Seed for the learner and the rollout workers' samplers."""
+    log_every: int = 10
+    """Print a progress line every N steps (the progress bar updates every step)."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError("train.steps: must be >= 1")
+        if self.prompts_per_step < 1:
+            raise ConfigError("train.prompts_per_step: must be >= 1")
+        if self.max_staleness < 0:
+            raise ConfigError("train.max_staleness: must be >= 0")
+        if self.sample_timeout_s <= 0:
+            raise ConfigError("train.sample_timeout_s: must be > 0")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The built-in task."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout workers and sampling."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward workers and functions."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Learner optimisation and placement."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+
+
+# --------------------------------------------------------------------------------------------
+# dict/YAML -> dataclasses with type checking
+# --------------------------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys are errors."""
+    if data is None:
+        data = {}
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{key}: unknown key (known keys{' of ' + prefix if prefix else ''}: {known})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # __post_init__ checks already name their key
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--learner.lr', '1e-4', '--train.steps=5']`` -> nested dict."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) <= 2:
+            raise ConfigError(f"{a}: expected an override of the form --section.key VALUE")
+        key = a[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{key}: missing value")
+            raw = args[i + 1]
+            i += 2
+        if "." not in key:
+            raise ConfigError(f"{key}: overrides name a section and a key, e.g. --learner.lr 1e-4")
+        _set_path(out, key, yaml.safe_load(raw) if raw != "" else "")
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- command-line overrides, validated."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        data = loaded or {}
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return from_dict(Config, data)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> docstring (the string literal right after each field)."""
+    src = inspect.getsource(cls)
+    tree = ast.parse(src)
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown tables (used by the README)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name]
+        lines.append(f"**`{section.name}`** ({field_docs(Config).get(section.name, '')})\n")
+        lines.append("| key | default | meaning |\n|---|---|---|")
+        docs = field_docs(cls)
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(inst, f.name)
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)

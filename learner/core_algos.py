@@ -1,0 +1,129 @@
+"""Advantage estimators and policy-gradient losses: pure torch, no Ray.
+
+Shapes: ``B`` samples (sequences) in a batch, ``T`` completion positions
+(right-padded), ``mask`` is 1 on real completion tokens and 0 on padding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+
+
+def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, *, norm_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """GRPO group-relative advantage, one scalar per sample.
+
+    ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)`` where ``g`` is the group
+    (the samples of one prompt) of sample ``i``; without ``norm_by_std`` the
+    division is skipped (Dr.GRPO). ``std`` is the unbiased sample std of the
+    group and is taken as 0 for a group of one sample.
+
+    Args:
+        rewards: ``[B]`` float, one reward per sample.
+        group_index: ``[B]`` long, ids in ``[0, G)`` naming each sample's group.
+    Returns:
+        ``[B]`` advantages (zero for groups whose rewards are all equal).
+    """
+    if rewards.shape != group_index.shape or rewards.dim() != 1:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_index {tuple(group_index.shape)} must be equal 1-D")
+    rewards = rewards.to(torch.float32)
+    num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
+    count = torch.zeros(num_groups, dtype=torch.float32).index_add_(0, group_index, torch.ones_like(rewards))
+    total = torch.zeros(num_groups, dtype=torch.float32).index_add_(0, group_index, rewards)
+    mean = total / count.clamp(min=1)
+    centred = rewards - mean[group_index]
+    if not norm_by_std:
+        return centred
+    sq = torch.zeros(num_groups, dtype=torch.float32).index_add_(0, group_index, centred**2)
+    std = torch.sqrt(sq / (count - 1).clamp(min=1))[group_index]
+    # all-equal groups (std 0) have zero advantage, also when eps == 0
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of ``tokens`` under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[B, T, V]`` (the logits that *predict* each token).
+        tokens: ``[B, T]`` long.
+    Returns:
+        ``[B, T]`` float32 log-probs.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: LossAgg, *, num_tokens: float | None = None,
+              num_seqs: float | None = None) -> torch.Tensor:
+    """Reduce per-token ``values [B, T]`` to a scalar.
+
+    - ``token-mean``: ``sum(values * mask) / num_tokens``
+    - ``seq-mean-token-sum``: ``sum(values * mask) / num_seqs`` (each sequence's
+      token sum, averaged over sequences)
+    - ``seq-mean-token-mean``: ``sum_b(mean_t(values_b)) / num_seqs``
+
+    ``num_tokens``/``num_seqs`` default to this tensor's own counts; pass the
+    counts of the *whole* batch when accumulating gradients over micro-batches
+    so the sum of micro-batch losses equals the full-batch loss.
+    """
+    mask = mask.to(values.dtype)
+    if mode == "token-mean":
+        denom = mask.sum() if num_tokens is None else num_tokens
+        return (values * mask).sum() / max(float(denom), 1.0)
+    denom = values.shape[0] if num_seqs is None else num_seqs
+    if mode == "seq-mean-token-sum":
+        return (values * mask).sum() / max(float(denom), 1.0)
+    if mode == "seq-mean-token-mean":
+        per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_seq.sum() / max(float(denom), 1.0)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
+                        loss_agg: LossAgg = "token-mean", num_tokens: float | None = None,
+                        num_seqs: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip policy-gradient loss with asymmetric bounds (clip-higher).
+
+    ``ratio = exp(logp - logp_behaviour)`` importance-corrects samples drawn by
+    an older policy; per token the loss is
+    ``max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))``.
+    With ``ratio == 1`` its gradient is the REINFORCE gradient ``-A * grad logp``.
+
+    Args:
+        logprobs: ``[B, T]`` current-policy log-probs (require grad).
+        behaviour_logprobs: ``[B, T]`` log-probs recorded at generation time.
+        advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
+        mask: ``[B, T]`` 1 on completion tokens.
+    Returns:
+        ``(loss, metrics)``; metrics has ``clip_frac``, ``ratio_mean``,
+        ``ratio_max`` and ``approx_kl`` (k3 estimate of KL(behaviour || current)).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logprobs)
+    # padding may hold anything: zero it before exp so it cannot become inf/nan
+    log_ratio = torch.where(mask.bool(), logprobs - behaviour_logprobs, torch.zeros_like(logprobs))
+    log_ratio = log_ratio.clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    with torch.no_grad():
+        m = mask.bool()
+        n = max(int(m.sum()), 1)
+        lr = log_ratio.detach()[m]
+        r = ratio.detach()[m]
+        metrics = {
+            "clip_frac": float((clipped.detach() > unclipped.detach())[m].float().sum() / n),
+            "ratio_mean": float(r.mean()) if r.numel() else 1.0,
+            "ratio_max": float(r.max()) if r.numel() else 1.0,
+            "approx_kl": float((torch.exp(-lr) - 1 + lr).mean()) if lr.numel() else 0.0,
+        }
+    return loss, metrics

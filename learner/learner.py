@@ -1,0 +1,269 @@
+"""The learner: turns scored groups into one optimizer step per batch.
+
+A plain class; ``create_learner`` makes it a Ray actor (placed by its declared
+``num_cpus``/``num_gpus``/resources, so it can sit on a GPU node).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from actors.evaluate import greedy_accuracy
+from actors.rollout import load_policy, resolve_device
+from actors.tasks import Example
+from actors.types import Group
+from actors.weight_sync import FlatParams, Payload, WeightPublisher
+from learner.core_algos import clipped_policy_loss, group_advantages, token_logprobs
+
+
+@dataclass(kw_only=True)
+class LearnerConfig:
+    lr: float = 5e-4
+    """Peak AdamW learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    micro_batch_size: int = 64
+    """Samples per forward/backward; gradients accumulate over micro-batches."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay after warm-up, over ``train.steps``."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to ``lr``."""
+    clip_low: float = 0.2
+    """PPO clip: ratio is clipped below at ``1 - clip_low``."""
+    clip_high: float = 0.28
+    """PPO clip: ratio is clipped above at ``1 + clip_high`` (clip-higher)."""
+    norm_adv_by_std: bool = True
+    """Divide group-centred rewards by the group std (GRPO); false = Dr.GRPO."""
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-sum"
+    """How per-token losses are reduced to the batch loss."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves for the learner."""
+    num_gpus: float = 0.0
+    """GPUs Ray reserves for the learner (> 0 trains on CUDA)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources the learner needs."""
+    num_threads: int = 2
+    """torch intra-op threads in the learner."""
+
+    def __post_init__(self):
+        checks = [
+            (self.lr > 0, "learner.lr", "must be > 0"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "learner.betas", "must be two values in [0, 1)"),
+            (self.weight_decay >= 0, "learner.weight_decay", "must be >= 0"),
+            (self.max_grad_norm >= 0, "learner.max_grad_norm", "must be >= 0"),
+            (self.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1"),
+            (self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0"),
+            (0 <= self.clip_low < 1, "learner.clip_low", "must be in [0, 1)"),
+            (self.clip_high >= 0, "learner.clip_high", "must be >= 0"),
+            (self.num_threads >= 1, "learner.num_threads", "must be >= 1"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"{key}: {msg}")
+
+
+def lr_lambda(cfg: LearnerConfig, total_steps: int):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+@dataclass
+class TrainBatch:
+    """Trainable samples of a list of groups, flattened (one row per sample)."""
+
+    sequences: list[list[int]]  # prompt + completion ids
+    prompt_lens: list[int]
+    behaviour_logprobs: list[list[float]]
+    rewards: torch.Tensor  # [B]
+    group_index: torch.Tensor  # [B]
+    versions: list[int]
+
+    @classmethod
+    def from_groups(cls, groups: list[Group]) -> "TrainBatch":
+        seqs, plens, lps, rewards, gidx, versions = [], [], [], [], [], []
+        gi = 0
+        for g in groups:
+            samples = g.trainable_samples()
+            if not samples:
+                continue
+            for s in samples:
+                seqs.append(list(g.prompt_ids) + list(s.completion_ids))
+                plens.append(len(g.prompt_ids))
+                lps.append(list(s.logprobs))
+                rewards.append(float(s.reward))
+                gidx.append(gi)
+                versions.append(s.policy_version)
+            gi += 1
+        return cls(seqs, plens, lps, torch.tensor(rewards, dtype=torch.float32),
+                   torch.tensor(gidx, dtype=torch.long), versions)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
+    """Right-padded tensors for rows ``idx``: input_ids/attention/positions ``[b, L]``,
+    completion targets, behaviour log-probs and mask ``[b, T]`` aligned to the
+    logits that predict them."""
+    rows = [batch.sequences[i] for i in idx]
+    L = max(len(r) for r in rows)
+    T = max(len(r) - batch.prompt_lens[i] for r, i in zip(rows, idx))
+    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), L), dtype=torch.long)
+    targets = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    old = torch.zeros((len(rows), T), dtype=torch.float32)
+    cmask = torch.zeros((len(rows), T), dtype=torch.float32)
+    pred_pos = torch.zeros((len(rows), T), dtype=torch.long)  # position of the logit predicting token t
+    for b, (r, i) in enumerate(zip(rows, idx)):
+        p, c = batch.prompt_lens[i], len(r) - batch.prompt_lens[i]
+        input_ids[b, : len(r)] = torch.tensor(r)
+        attn[b, : len(r)] = 1
+        targets[b, :c] = torch.tensor(r[p:])
+        old[b, :c] = torch.tensor(batch.behaviour_logprobs[i])
+        cmask[b, :c] = 1
+        pred_pos[b, :c] = torch.arange(p - 1, p - 1 + c)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    return (input_ids.to(device), attn.to(device), positions.to(device), targets.to(device), old.to(device),
+            cmask.to(device), pred_pos.to(device))
+
+
+class Learner:
+    """Holds the trained policy, its optimizer and the weight publisher."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int, temperature: float = 1.0,
+                 seed: int = 0):
+        torch.set_num_threads(cfg.num_threads)
+        torch.manual_seed(seed)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.num_gpus)
+        self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
+        self.model.train()
+        self.flat = FlatParams(self.model)  # before the optimizer: params keep identity
+        self.publisher = WeightPublisher(self.flat)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # -- phase 2 of a training step: update ------------------------------------------------
+    @property
+    def policy_version(self) -> int:
+        return self.publisher.version
+
+    def train_step(self, groups: list[Group]) -> dict:
+        """One optimizer step on the trainable samples of ``groups``; bumps the version."""
+        t0 = time.perf_counter()
+        batch = TrainBatch.from_groups(groups)
+        if len(batch) == 0:
+            raise ValueError("train_step got no trainable samples")
+        adv = group_advantages(batch.rewards, batch.group_index, norm_by_std=self.cfg.norm_adv_by_std)
+        num_tokens = float(sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)))
+        num_seqs = float(len(batch))
+        self.optimizer.zero_grad(set_to_none=True)
+        order = list(range(len(batch)))
+        agg: dict[str, float] = {}
+        loss_total = 0.0
+        mb = self.cfg.micro_batch_size
+        for start in range(0, len(order), mb):
+            idx = order[start : start + mb]
+            ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
+            logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+            pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            logp = token_logprobs(pred, targets, temperature=self.temperature)
+            loss, m = clipped_policy_loss(
+                logp, old, adv[idx].to(self.device), cmask, clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
+                loss_agg=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+            loss.backward()
+            loss_total += float(loss.detach())
+            w = len(idx) / len(batch)
+            for k, v in m.items():
+                agg[k] = max(agg.get(k, v), v) if k == "ratio_max" else agg.get(k, 0.0) + w * v
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])))
+        lr = self.scheduler.get_last_lr()[0]
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            skipped = 0
+        else:  # never let a non-finite gradient touch the weights
+            skipped = 1
+        self.scheduler.step()
+        self.publisher.bump()
+        group_rewards = batch.rewards
+        zero_adv = _fraction_all_equal(batch.rewards, batch.group_index)
+        stale = [self.publisher.version - 1 - v for v in batch.versions]
+        return {
+            "loss": loss_total, "grad_norm": grad_norm, "lr": lr, "skipped_step": skipped, **agg,
+            "reward_mean": float(group_rewards.mean()), "reward_std": float(group_rewards.std()) if len(batch) > 1 else 0.0,
+            "adv_abs_mean": float(adv.abs().mean()), "zero_adv_group_frac": zero_adv,
+            "samples": len(batch), "tokens": int(num_tokens), "response_len_mean": num_tokens / num_seqs,
+            "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+            "behaviour_versions": sorted(set(batch.versions)), "update_s": time.perf_counter() - t0,
+        }
+
+    # -- phase 3: sync weights ----------------------------------------------------------------
+    def publish_weights(self) -> Payload:
+        return self.publisher.publish()
+
+    # -- evaluation and output -------------------------------------------------------------------
+    def evaluate(self, examples: list[Example], max_new_tokens: int) -> float:
+        return greedy_accuracy(self.model, self.tokenizer, examples, max_new_tokens=max_new_tokens)
+
+    def save_policy(self, path: str) -> str:
+        os.makedirs(path, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def param_vector(self) -> torch.Tensor:
+        """A copy of all parameters (tests compare weights across components)."""
+        return torch.cat([b.detach().float().cpu().reshape(-1) for b in self.flat.buffers.values()])
+
+    def where(self) -> dict:
+        from actors.group import where
+
+        return where()
+
+    def weights_digest(self) -> str:
+        from actors.group import weights_digest
+
+        return weights_digest(self.flat)
+
+
+def _fraction_all_equal(rewards: torch.Tensor, group_index: torch.Tensor) -> float:
+    groups = group_index.unique()
+    same = sum(1 for g in groups if rewards[group_index == g].unique().numel() == 1)
+    return same / max(1, len(groups))
+
+
+def create_learner(model_path: str, cfg: LearnerConfig, **kwargs):
+    import ray
+
+    from actors.group import actor_env
+
+    return ray.remote(Learner).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
+                                       runtime_env=actor_env(cfg.num_threads)).remote(model_path, cfg, **kwargs)

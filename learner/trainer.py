@@ -1,0 +1,242 @@
+"""The training driver: builds the actors and runs sample -> update -> sync.
+
+Rollout workers stream continuously (``actors.group.RolloutActor.run``); the
+driver's loop is three visible phases per step:
+
+1. **sample**: take ``train.prompts_per_step`` scored groups from the
+   coordinator's buffer (groups staler than ``train.max_staleness`` are dropped
+   there and counted);
+2. **update**: one optimizer step on the learner (policy_version += 1);
+3. **sync weights**: the learner publishes its flat weights to the object
+   store under the new version; the coordinator keeps the newest ref, which
+   also opens the staleness gate for the next batch of prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+import yaml
+
+from actors.coordinator import SampleTimeout
+from actors.group import create_coordinator, create_reward_group, create_rollout_group
+from actors.tasks import make_task
+from actors.tiny_model import prepare_builtin_policy
+from learner.config import Config, ConfigError
+from learner.learner import create_learner
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """The run cannot continue (a worker died, no samples arrive, ...)."""
+
+
+def resolve_policy(cfg: Config) -> tuple[str, dict]:
+    """The policy folder to load everywhere, building the built-in one if needed."""
+    if cfg.model.path:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(cfg.model.path)
+        except Exception as e:  # noqa: BLE001 - surface any loader error with the key name
+            raise ConfigError(f"model.path: cannot load {cfg.model.path!r}: {type(e).__name__}: {e}") from None
+        return cfg.model.path, {}
+    path, info = prepare_builtin_policy(
+        task_name=cfg.task.name, num_digits=cfg.task.num_digits, seed=cfg.task.seed,
+        labelled_examples=cfg.model.warm_start_examples, target_accuracy=cfg.model.warm_start_target,
+        max_steps=cfg.model.warm_start_max_steps, hidden_size=cfg.model.hidden_size, num_layers=cfg.model.num_layers)
+    return str(path), info
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, *, out=sys.stdout, progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.progress = progress
+        self.task = make_task(cfg.task.name, num_digits=cfg.task.num_digits, seed=cfg.task.seed)
+        self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.task.num_digits + 1
+        self.step = 0
+        self.loops: list = []
+        self.history: list[dict] = []
+
+    def say(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        t0 = time.perf_counter()
+        self.policy_path, self.warm_start = resolve_policy(cfg)
+        if self.warm_start:
+            ws = self.warm_start
+            took = "cached" if ws["cached"] else f"{ws['seconds']}s"
+            self.say(f"built-in policy: {self.policy_path} (warm start: {ws['steps']} supervised steps on "
+                     f"{ws['labelled']} labelled examples, validation accuracy {ws['val_accuracy']:.2f}, {took})")
+        self.coordinator = create_coordinator(
+            cfg.task.name, dict(num_digits=cfg.task.num_digits, seed=cfg.task.seed),
+            groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
+            max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
+        self.learner = create_learner(self.policy_path, cfg.learner, total_steps=cfg.train.steps,
+                                      temperature=cfg.rollout.temperature, seed=cfg.train.seed)
+        self.rewards = create_reward_group(cfg.reward)
+        self.rollouts = create_rollout_group(self.policy_path, cfg.rollout, default_max_new_tokens=self.max_new_tokens,
+                                             seed=cfg.train.seed)
+        placement = {"learner": ray.get(self.learner.where.remote()), "rollout": self.rollouts.where(),
+                     "reward": self.rewards.where()}
+        (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
+        self.say(f"learner on node {placement['learner']['node_ip']} pid {placement['learner']['pid']}")
+        for kind in ("rollout", "reward"):
+            for w in placement[kind]:
+                self.say(f"{w['name']} on node {w['node_ip']} pid {w['pid']}")
+        self.sync_weights()  # version 0: every worker starts from the learner's weights
+        self.setup_s = time.perf_counter() - t0
+
+    # -- the three phases ------------------------------------------------------------------------
+    def sample(self) -> list:
+        """Phase 1: wait for a batch of scored groups; fail loudly if a worker died."""
+        ref = self.coordinator.get_batch.remote(self.step, self.cfg.train.sample_timeout_s)
+        while True:
+            ready, _ = ray.wait([ref] + self.loops, num_returns=1, timeout=self.cfg.train.sample_timeout_s + 30)
+            if not ready:
+                raise RunFailed(f"no batch after {self.cfg.train.sample_timeout_s + 30:.0f}s; "
+                                f"{ray.get(self.coordinator.stats.remote())}")
+            if ready[0] == ref:
+                try:
+                    return ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.as_instanceof_cause(), SampleTimeout):
+                        raise RunFailed(str(e.as_instanceof_cause())) from None
+                    raise
+            i = self.loops.index(ready[0])
+            try:
+                result = ray.get(ready[0])
+                raise RunFailed(f"{self.rollouts.names[i]} stopped unexpectedly: {result}")
+            except ray.exceptions.RayError as e:
+                raise RunFailed(f"{self.rollouts.names[i]} failed: {e}") from None
+
+    def update(self, batch: list) -> dict:
+        """Phase 2: one optimizer step on the learner."""
+        return ray.get(self.learner.train_step.remote(batch))
+
+    def sync_weights(self) -> int:
+        """Phase 3: publish the learner's weights; the coordinator keeps only the newest."""
+        payload = ray.get(self.learner.publish_weights.remote())
+        return ray.get(self.coordinator.publish.remote(payload))
+
+    # -- the run -------------------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        examples = self.task.eval_set(self.cfg.task.eval_size)
+        return ray.get(self.learner.evaluate.remote(examples, self.max_new_tokens))
+
+    def start_rollouts(self) -> None:
+        self.loops = [a.run.remote(self.coordinator, self.rewards.actors) for a in self.rollouts.actors]
+
+    def stop_rollouts(self, timeout_s: float = 60.0) -> dict:
+        """Stop generation, let in-flight groups land, drop what was not trained."""
+        ray.get(self.coordinator.stop.remote())
+        done, pending = ray.wait(self.loops, num_returns=len(self.loops), timeout=timeout_s)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.warning("rollout worker ended with an error: %s", e)
+        if pending:
+            log.warning("%d rollout workers did not stop within %.0fs", len(pending), timeout_s)
+        ray.get(self.coordinator.drain.remote())
+        return ray.get(self.coordinator.stats.remote())
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self.setup()
+        eval_before = self.evaluate()
+        self.say(f"held-out accuracy before RL (greedy, {cfg.task.eval_size} prompts): {eval_before:.3f}")
+        metrics_path = self.run_dir / "metrics.jsonl"
+        bar = _progress(cfg.train.steps, self.progress, self.out)
+        t_rl = time.perf_counter()
+        trained = 0
+        try:
+            with metrics_path.open("w") as mf:
+                self.start_rollouts()
+                while self.step < cfg.train.steps:
+                    if cfg.train.max_wall_s and time.perf_counter() - t_rl > cfg.train.max_wall_s:
+                        self.say(f"stopping at step {self.step}: train.max_wall_s={cfg.train.max_wall_s} reached")
+                        break
+                    t0 = time.perf_counter()
+                    batch = self.sample()
+                    t1 = time.perf_counter()
+                    m = self.update(batch)
+                    t2 = time.perf_counter()
+                    version = self.sync_weights()
+                    t3 = time.perf_counter()
+                    self.step += 1
+                    trained += m["samples"]
+                    elapsed = t3 - t_rl
+                    stats = ray.get(self.coordinator.stats.remote())
+                    row = {"step": self.step, "policy_version": version, "time_s": round(elapsed, 3),
+                           "sample_s": t1 - t0, "update_wall_s": t2 - t1, "sync_s": t3 - t2,
+                           "samples_per_s": trained / elapsed, **m,
+                           **{k: stats[k] for k in ("produced", "trained", "dropped", "buffered_groups")}}
+                    mf.write(json.dumps(row) + "\n")
+                    mf.flush()
+                    self.history.append(row)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", v=version, sps=f"{row['samples_per_s']:.0f}")
+                    if self.progress is False and cfg.train.log_every and self.step % cfg.train.log_every == 0:
+                        self.say(f"step {self.step} reward {m['reward_mean']:.3f} samples/s {row['samples_per_s']:.0f}")
+        finally:
+            bar.close()
+            stats = self.stop_rollouts() if self.loops else ray.get(self.coordinator.stats.remote())
+        rl_s = time.perf_counter() - t_rl
+        eval_after = self.evaluate()
+        self.say(f"held-out accuracy after RL (greedy): {eval_after:.3f} (before {eval_before:.3f})")
+        policy_dir = ray.get(self.learner.save_policy.remote(str((self.run_dir / "policy").resolve())))
+        rewards = [r["reward_mean"] for r in self.history]
+        k = max(1, len(rewards) // 10)
+        summary = {
+            "eval_before": eval_before,
+            "eval_after": eval_after,
+            "steps": self.step,
+            "wall_s": round(time.perf_counter() - t_start, 2),
+            "rl_s": round(rl_s, 2),
+            "setup_s": round(self.setup_s, 2),
+            "samples_per_s": round(stats["trained"] / rl_s, 2) if rl_s > 0 else 0.0,
+            "produced": stats["produced"],
+            "trained": stats["trained"],
+            "dropped": stats["dropped"],
+            "dropped_by_reason": stats["dropped_by_reason"],
+            "final_policy_version": stats["policy_version"],
+            "reward_first": sum(rewards[:k]) / k if rewards else math.nan,
+            "reward_last": sum(rewards[-k:]) / k if rewards else math.nan,
+            "max_staleness": cfg.train.max_staleness,
+            "policy_dir": policy_dir,
+            "run_dir": str(self.run_dir.resolve()),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def shutdown(self) -> None:
+        """Kill this run's actors (a shared cluster keeps running)."""
+        for a in [getattr(self, "learner", None), getattr(self, "coordinator", None),
+                  *getattr(getattr(self, "rollouts", None), "actors", []),
+                  *getattr(getattr(self, "rewards", None), "actors", [])]:
+            if a is not None:
+                ray.kill(a)
+
+
+def _progress(total: int, enabled: bool, out):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="RL", unit="step", disable=not enabled, file=out, dynamic_ncols=True,
+                mininterval=0.5 if getattr(out, "isatty", lambda: False)() else 5.0)

@@ -1,0 +1,124 @@
+"""The coordinator's staleness gate, buffer and accounting (plain asyncio, no Ray)."""
+
+import asyncio
+import itertools
+
+import pytest
+
+from actors.coordinator import Coordinator, SampleTimeout
+from actors.types import Group, Prompt, Sample
+from actors.weight_sync import Payload
+
+
+def stream():
+    for i in itertools.count():
+        yield Prompt(uid=i, text=f"{i}=", metadata={})
+
+
+def group(prompt: Prompt, version: int, n: int = 2, reward=1.0, excluded=None) -> Group:
+    samples = [Sample(completion_ids=[1], completion_text="x", logprobs=[-1.0], policy_version=version,
+                      reward=reward, excluded=excluded) for _ in range(n)]
+    return Group(prompt=prompt, prompt_ids=[1], samples=samples, worker="w")
+
+
+async def acquire_now(c: Coordinator):
+    return await c.acquire("w", timeout_s=0.05)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_on_policy_gate_blocks_until_new_weights():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=2, prompts_per_request=1, max_staleness=0)
+        a, v = await acquire_now(c)
+        b, _ = await acquire_now(c)
+        assert [p.uid for p in a + b] == [0, 1] and v == 0
+        blocked, _ = await acquire_now(c)
+        assert blocked == [], "third prompt must wait for version 1 when max_staleness=0"
+        await c.put([group(a[0], 0), group(b[0], 0)])
+        batch = await c.get_batch(0, timeout_s=1)
+        assert len(batch) == 2
+        still_blocked, _ = await acquire_now(c)
+        assert still_blocked == []
+        await c.publish(Payload(version=1, fingerprint="f"))
+        nxt, v = await acquire_now(c)
+        assert [p.uid for p in nxt] == [2] and v == 1
+    run(body())
+
+
+def test_async_gate_runs_k_versions_ahead():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=2, prompts_per_request=2, max_staleness=2)
+        got = []
+        for _ in range(4):
+            ps, _ = await acquire_now(c)
+            got += ps
+        assert len(got) == 6  # (0 + 2 + 1) * 2 groups may be live at version 0
+        assert c.capacity_bound() == 6
+    run(body())
+
+
+def test_stale_groups_are_dropped_and_counted():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=1, prompts_per_request=1, max_staleness=1)
+        ps = []
+        for v in range(1, 4):
+            await c.publish(Payload(version=v, fingerprint="f"))
+        for _ in range(2):
+            p, _ = await acquire_now(c)
+            ps += p
+        await c.put([group(ps[0], version=1, n=3), group(ps[1], version=2, n=3)])
+        batch = await c.get_batch(3, timeout_s=1)  # learner at v3: v1 is 2 behind -> dropped
+        assert [g.policy_version for g in batch] == [2]
+        s = c.stats()
+        assert s["dropped_by_reason"] == {"stale": 3} and s["trained"] == 3 and s["produced"] == 6
+        assert s["produced"] == s["trained"] + s["dropped"]
+    run(body())
+
+
+def test_excluded_samples_are_counted_and_free_the_gate():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=1, prompts_per_request=1, max_staleness=0)
+        (p0,), _ = await acquire_now(c)
+        assert (await acquire_now(c))[0] == []
+        bad = group(p0, 0, n=2, reward=None, excluded="reward_error: boom")
+        await c.put([bad])  # nothing trainable: the slot must reopen, or the run would hang
+        (p1,), _ = await acquire_now(c)
+        partly = group(p1, 0, n=2)
+        partly.samples[0].excluded, partly.samples[0].reward = "reward_nonfinite: nan", None
+        await c.put([partly])
+        batch = await c.get_batch(0, timeout_s=1)
+        assert len(batch[0].trainable_samples()) == 1
+        s = c.stats()
+        assert s["dropped_by_reason"] == {"reward_error": 2, "reward_nonfinite": 1}
+        assert (s["produced"], s["trained"], s["dropped"]) == (4, 1, 3)
+        assert s["last_error"]["reward_error"] == "reward_error: boom"
+    run(body())
+
+
+def test_timeout_loses_nothing_and_drain_accounts_for_leftovers():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=3, prompts_per_request=3, max_staleness=0)
+        ps, _ = await acquire_now(c)
+        await c.put([group(ps[0], 0)])
+        with pytest.raises(SampleTimeout, match="1/3"):
+            await c.get_batch(0, timeout_s=0.1)
+        assert len(c.buffer) == 1, "a timed-out batch must go back to the buffer"
+        await c.stop()
+        assert (await c.acquire("w", timeout_s=1))[0] is None
+        assert await c.drain() == 2
+        s = c.stats()
+        assert s["dropped_by_reason"] == {"end_of_run": 2} and s["produced"] == s["trained"] + s["dropped"]
+    run(body())
+
+
+def test_weight_versions_never_go_back():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=1, prompts_per_request=1, max_staleness=0)
+        await c.publish(Payload(version=2, fingerprint="f"))
+        with pytest.raises(ValueError, match="backwards"):
+            await c.publish(Payload(version=1, fingerprint="f"))
+        assert c.latest_weights().version == 2
+    run(body())

@@ -1,0 +1,159 @@
+"""The whole actor-learner pipeline on a real local Ray instance."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import ray
+
+from actors.rollout import RolloutConfig, RolloutWorker
+from actors.types import Prompt
+from learner.config import ConfigError, load_config
+from learner.trainer import RunFailed, Trainer
+
+
+def digit_reward(prompts, completions, **_):
+    """A dense reward a random policy can climb: the fraction of digits in the completion."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) if c else 0.0 for c in completions]
+
+
+def small_config(policy: str, *extra: str):
+    return load_config(None, [
+        "--model.path", policy, "--reward.functions", "['tests.test_pipeline:digit_reward']", "--train.steps", "6", "--train.prompts_per_step", "4",
+        "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "5",
+        "--task.eval_size", "16", "--learner.num_threads", "1", "--train.sample_timeout_s", "30", *extra])
+
+
+def run_trainer(cfg, tmp_path, trainer_cls=Trainer):
+    t = trainer_cls(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
+    try:
+        summary = t.train()
+        return t, summary
+    finally:
+        t.shutdown()
+
+
+def read_metrics(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_weights_reach_rollout_workers(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--train.max_staleness", "0", "--learner.lr", "1e-2")
+    t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
+    try:
+        summary = t.train()
+        final = summary["final_policy_version"]
+        assert final == summary["steps"] == 6
+        learner_digest = ray.get(t.learner.weights_digest.remote())
+        # every rollout worker that generated after the last publish holds exactly the learner's weights
+        versions = ray.get([a.policy_version.remote() for a in t.rollouts.actors])
+        digests = ray.get([a.weights_digest.remote() for a in t.rollouts.actors])
+        assert max(versions) >= final - 1
+        for v, d in zip(versions, digests):
+            if v == final:
+                assert d == learner_digest
+        payload = ray.get(t.coordinator.latest_weights.remote())
+    finally:
+        t.shutdown()
+    # generated log-probs change: the same greedy completion scored by version 0 and by the final version
+    worker = RolloutWorker(tiny_policy, RolloutConfig(group_size=1, temperature=0.0, max_new_tokens=5))
+    prompt = [Prompt(uid=0, text="1234=")]
+    (before,) = worker.generate(prompt)
+    assert worker.load_weights(payload) and worker.policy_version == final
+    (after,) = worker.generate(prompt)
+    assert after.samples[0].policy_version == final
+    assert after.samples[0].logprobs != pytest.approx(before.samples[0].logprobs, abs=1e-3)
+
+
+def test_on_policy_mode_trains_only_current_version(ray_session, tiny_policy, tmp_path):
+    _, summary = run_trainer(small_config(tiny_policy, "--train.max_staleness", "0"), tmp_path)
+    rows = read_metrics(tmp_path)
+    assert len(rows) == summary["steps"] == 6
+    for i, row in enumerate(rows):  # step i+1 trains on samples of exactly version i
+        assert row["behaviour_versions"] == [i]
+        assert row["staleness_max"] == 0
+        assert row["ratio_max"] == pytest.approx(1.0, abs=1e-3)  # on-policy: no importance weight
+    assert summary["produced"] == summary["trained"] + summary["dropped"]
+    assert summary["trained"] == sum(r["samples"] for r in rows)
+
+
+def test_async_mode_respects_staleness_bound(ray_session, tiny_policy, tmp_path):
+    _, summary = run_trainer(small_config(tiny_policy, "--train.max_staleness", "1", "--train.steps", "10"),
+                             tmp_path)
+    rows = read_metrics(tmp_path)
+    assert all(0 <= r["staleness_max"] <= 1 for r in rows)
+    assert any(r["staleness_max"] == 1 for r in rows), "async mode never overlapped generation with updates"
+    assert summary["produced"] == summary["trained"] + summary["dropped"]
+    assert summary["trained"] == sum(r["samples"] for r in rows)
+    assert summary["trained"] > 0 and summary["produced"] >= summary["trained"]
+
+
+def test_nan_rewards_are_excluded_and_counted(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--reward.functions", "['tests.test_pipeline:digit_reward', 'tests.test_pipeline:flaky_reward']")
+    _, summary = run_trainer(cfg, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert summary["dropped_by_reason"].get("reward_nonfinite", 0) > 0
+    assert summary["produced"] == summary["trained"] + summary["dropped"]
+    assert all(r["loss"] == r["loss"] for r in rows), "a NaN reward leaked into the loss"
+
+
+def flaky_reward(prompts, completions, *, answer, **_):
+    """NaN for prompts whose answer starts with an odd digit, else 0.5."""
+    return [float("nan") if int(a[0]) % 2 else 0.5 for a in answer]
+
+
+def always_raises(prompts, completions, **_):
+    raise RuntimeError("reward service unavailable")
+
+
+def test_reward_that_always_fails_ends_the_run_with_a_clear_error(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--reward.functions", "['tests.test_pipeline:always_raises']",
+                       "--train.sample_timeout_s", "4")
+    t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
+    try:
+        digest_before = None
+        with pytest.raises(RunFailed, match="reward_error") as e:
+            t.setup()
+            digest_before = ray.get(t.learner.weights_digest.remote())
+            t.start_rollouts()
+            t.sample()
+        assert "reward service unavailable" in str(e.value)
+        assert ray.get(t.learner.weights_digest.remote()) == digest_before  # nothing was trained
+        stats = t.stop_rollouts()
+        assert stats["trained"] == 0 and stats["produced"] == stats["dropped"] > 0
+    finally:
+        t.shutdown()
+
+
+class KillingTrainer(Trainer):
+    def update(self, batch):
+        m = super().update(batch)
+        if self.step == 1:
+            ray.kill(self.rollouts.actors[0], no_restart=True)
+        return m
+
+
+def test_dead_rollout_worker_fails_clearly_instead_of_hanging(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--train.steps", "30")
+    with pytest.raises(RunFailed, match="rollout-0"):
+        run_trainer(cfg, tmp_path, trainer_cls=KillingTrainer)
+
+
+def test_missing_model_path_is_a_config_error(ray_session, tmp_path):
+    cfg = small_config(str(tmp_path / "no-such-model"))
+    with pytest.raises(ConfigError, match="model.path"):
+        Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False).setup()
+
+
+@pytest.mark.slow
+def test_short_run_learns_the_builtin_task(ray_session, warm_policy, tmp_path):
+    cfg = load_config(None, ["--model.path", warm_policy, "--train.steps", "400", "--train.max_wall_s", "90"])
+    _, summary = run_trainer(cfg, tmp_path)
+    assert summary["produced"] == summary["trained"] + summary["dropped"]
+    assert summary["reward_last"] > summary["reward_first"] + 0.15, summary
+    assert summary["eval_after"] > summary["eval_before"] + 0.15, summary
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(summary["policy_dir"]).num_parameters() > 0

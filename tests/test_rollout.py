@@ -1,0 +1,104 @@
+"""Rollout worker built directly (no Ray): groups, log-probs, EOS, context limits."""
+
+import torch
+
+from actors.rollout import RolloutConfig, RolloutWorker
+from actors.types import Prompt
+from actors.weight_sync import FlatParams, WeightReceiver
+from learner.learner import Learner, LearnerConfig, TrainBatch, pad_micro_batch
+from learner.core_algos import token_logprobs
+
+
+def prompts(*texts):
+    return [Prompt(uid=i, text=t, metadata={"answer": t[:-1][::-1]}) for i, t in enumerate(texts)]
+
+
+def test_groups_and_behaviour_logprobs(tiny_policy):
+    w = RolloutWorker(tiny_policy, RolloutConfig(group_size=5, max_new_tokens=6), name="r0", seed=1)
+    groups = w.generate(prompts("12=", "98765="))
+    assert [len(g.samples) for g in groups] == [5, 5]
+    eos = w.tokenizer.eos_token_id
+    lengths = set()
+    for g in groups:
+        assert g.prompt_ids == w.tokenizer(g.prompt.text)["input_ids"]
+        for s in g.samples:
+            assert s.policy_version == 0 and g.worker == "r0"
+            assert len(s.logprobs) == len(s.completion_ids) >= 1
+            assert all(lp <= 0 for lp in s.logprobs)
+            assert len(s.completion_ids) <= 6
+            assert s.finished == (s.completion_ids[-1] == eos)
+            if eos in s.completion_ids:  # generation stops at the first EOS
+                assert s.completion_ids.index(eos) == len(s.completion_ids) - 1
+            lengths.add(len(s.completion_ids))
+    assert len(lengths) > 1, "expected some samples to stop at EOS before max_new_tokens"
+
+
+def test_behaviour_logprobs_equal_learner_recompute(tiny_policy):
+    """The learner must see ratio == 1 on fresh samples: same positions, same masking."""
+    cfg = RolloutConfig(group_size=4, max_new_tokens=6, temperature=0.7)
+    w = RolloutWorker(tiny_policy, cfg, seed=3)
+    groups = w.generate(prompts("1=", "4321=", "555555="))
+    for g in groups:
+        for s in g.samples:
+            s.reward = 0.0
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1, temperature=0.7)
+    batch = TrainBatch.from_groups(groups)
+    ids, attn, pos, targets, old, mask, pred_pos = pad_micro_batch(batch, list(range(len(batch))), 0, "cpu")
+    with torch.no_grad():
+        logits = learner.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    lp = token_logprobs(pred, targets, temperature=0.7)
+    assert mask.sum() > 0
+    assert torch.allclose(lp * mask, old * mask, atol=1e-4)
+
+
+def test_prompt_longer_than_context_is_excluded_not_generated(tiny_policy):
+    w = RolloutWorker(tiny_policy, RolloutConfig(group_size=3, max_new_tokens=4))  # context is 16
+    long = "1" * 14 + "="
+    g_ok, g_long = w.generate(prompts("12=", long))
+    assert all(s.excluded is None for s in g_ok.samples)
+    assert g_long.excluded.startswith("prompt_too_long") and len(g_long.samples) == 3
+    assert all(not s.trainable and s.completion_ids == [] for s in g_long.samples)
+
+
+def test_greedy_is_deterministic(tiny_policy):
+    w = RolloutWorker(tiny_policy, RolloutConfig(group_size=3, temperature=0.0, max_new_tokens=5))
+    (g,) = w.generate(prompts("321="))
+    assert len({tuple(s.completion_ids) for s in g.samples}) == 1
+
+
+def test_weights_applied_change_logprobs_and_version(tiny_policy, ray_session):
+    cfg = RolloutConfig(group_size=2, temperature=0.0, max_new_tokens=4)
+    w = RolloutWorker(tiny_policy, cfg)
+    (before,) = w.generate(prompts("12="))
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1)
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    learner.publisher.bump()
+    assert w.load_weights(learner.publish_weights()) is True
+    assert w.policy_version == 1
+    assert torch.equal(w.flat.buffers["torch.float32"], learner.flat.buffers["torch.float32"])
+    (after,) = w.generate(prompts("12="))
+    assert after.samples[0].policy_version == 1
+    assert after.samples[0].logprobs != before.samples[0].logprobs
+    assert w.load_weights(learner.publish_weights()) is False  # same version again: no-op
+
+
+def test_flat_params_keep_tied_weights_and_reject_other_layouts(tiny_policy):
+    from transformers import AutoModelForCausalLM
+
+    from actors.tiny_model import build_tiny_llama
+    from actors.weight_sync import Payload
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    flat = FlatParams(model)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert flat.numel == sum(p.numel() for p in model.parameters())
+    other = FlatParams(build_tiny_llama(20, hidden_size=16, num_layers=1, num_heads=2))
+    r = WeightReceiver(other)
+    import pytest
+
+    with pytest.raises(ValueError, match="layout"):
+        r.apply(Payload(version=1, fingerprint=flat.fingerprint, refs={}))
+    assert r.version == 0
