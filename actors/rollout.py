@@ -41,8 +41,6 @@ class RolloutConfig:
     """Nucleus sampling mass (1.0 disables it)."""
     max_new_tokens: int = 0
     """Completion length cap; 0 means the task's default (answer length + EOS)."""
-    dtype: str = "auto"
-    """Weights dtype for generation: auto (learner's), float32, bfloat16, float16."""
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
@@ -54,8 +52,6 @@ class RolloutConfig:
         _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 0, "rollout.max_new_tokens", "must be >= 0")
-        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "rollout.dtype",
-               "must be one of auto, float32, bfloat16, float16")
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -93,7 +89,8 @@ class RolloutWorker:
         self.cfg = cfg
         self.name = name
         self.device = resolve_device(cfg.num_gpus)
-        self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype=cfg.dtype)
+        # same dtype as the learner (float32): the flat weight buffers must match bit for bit
+        self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
         self.model.eval()
         self.flat = FlatParams(self.model)
         self.receiver = WeightReceiver(self.flat)

@@ -91,10 +91,9 @@ def cmd_train(argv: list[str]) -> int:
     try:
         summary = trainer.train()
     finally:
-        if started:
-            ray.shutdown()
-        else:
+        if not started:  # a shared cluster keeps running: remove this run's actors
             trainer.shutdown()
+        ray.shutdown()
     print(json.dumps(summary, indent=2))
     print(f"summary written to {run_dir / 'summary.json'}")
     return 0

@@ -88,7 +88,7 @@ class TrainConfig:
     seed: int = 0
     """Seed for the learner and the rollout workers' samplers."""
     log_every: int = 10
-    """Print a progress line every N steps (the progress bar updates every step)."""
+    """With ``--no-progress``: print a progress line every N steps instead of the progress bar."""
 
     def __post_init__(self):
         if self.steps < 1:

@@ -266,4 +266,4 @@ def create_learner(model_path: str, cfg: LearnerConfig, **kwargs):
     from actors.group import actor_env
 
     return ray.remote(Learner).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
-                                       runtime_env=actor_env(cfg.num_threads)).remote(model_path, cfg, **kwargs)
+                                       runtime_env=actor_env(cfg.num_threads, passive_omp=False)).remote(model_path, cfg, **kwargs)
