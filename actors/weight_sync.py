@@ -9,9 +9,10 @@ own buffer. N readers cost one serialisation, not N (a plain
 
 Invariant (what every other component may rely on):
 
-1. The learner's ``policy_version`` equals the number of optimizer steps it has
-   applied; a payload published under version ``v`` holds exactly the weights
-   after ``v`` steps.
+1. The learner's ``policy_version`` equals the number of learner steps taken
+   (a step whose gradient is not finite leaves the weights untouched but
+   still counts); a payload published under version ``v`` holds exactly the
+   weights after ``v`` steps.
 2. The store (``WeightStore``) keeps only the newest payload; the versions it
    hands out never decrease.
 3. A receiver's ``policy_version`` is ``v`` iff its parameters are bit-for-bit

@@ -1,6 +1,6 @@
 """``fleetrl`` command line.
 
-    fleetrl train [CONFIG.yaml] [--address ADDR] [--output-dir DIR] [--resume ...] [--section.key VALUE ...]
+    fleetrl train [CONFIG.yaml] [--address ADDR] [--output-dir DIR] [--no-progress] [--section.key VALUE ...]
     fleetrl config [CONFIG.yaml] [--section.key VALUE ...]   # print the resolved config
     fleetrl config --reference                               # the configuration reference (Markdown)
 """

@@ -179,15 +179,57 @@ class Learner:
         if len(batch) == 0:
             raise ValueError("train_step got no trainable samples")
         adv = group_advantages(batch.rewards, batch.group_index, norm_by_std=self.cfg.norm_adv_by_std)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, active, ratio_metrics = self.accumulate_gradients(batch, adv)
+        grads = [p for p in self.model.parameters() if p.grad is not None]
+        if not grads:  # every group had all-equal rewards: nothing to learn from this batch
+            grad_norm = 0.0
+        elif self.cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = 0 if math.isfinite(grad_norm) else 1
+        if not skipped:  # never let a non-finite gradient touch the weights
+            self.optimizer.step()
+        self.scheduler.step()
+        self.publisher.bump()
+        num_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
+        stale = [self.publisher.version - 1 - v for v in batch.versions]
+        return {
+            "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped_step": skipped, **ratio_metrics,
+            "reward_mean": float(batch.rewards.mean()),
+            "reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+            "adv_abs_mean": float(adv.abs().mean()),
+            "zero_adv_group_frac": _fraction_all_equal(batch.rewards, batch.group_index),
+            "samples": len(batch), "active_samples": active, "tokens": num_tokens,
+            "response_len_mean": num_tokens / len(batch),
+            "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+            "behaviour_versions": sorted(set(batch.versions)), "update_s": time.perf_counter() - t0,
+        }
+
+    def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool = True):
+        """Backward the batch loss over micro-batches into ``.grad``.
+
+        Returns ``(loss, active_samples, ratio_metrics)``; ratio metrics
+        (clip_frac, ratio_mean/max, approx_kl) cover the active samples and are
+        None when no sample was active.
+
+        A sample with zero advantage contributes exactly zero to the policy-gradient
+        loss and to its gradient (per token the loss is ``-A * f(ratio)``); the
+        normalisers still count it, so skipping it leaves the gradient unchanged
+        and saves its forward/backward (all-equal groups are common early and late
+        in training). A per-sample term that does not vanish with A (KL, entropy)
+        must pass ``skip_zero_advantage=False``.
+        """
         num_tokens = float(sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)))
         num_seqs = float(len(batch))
-        self.optimizer.zero_grad(set_to_none=True)
-        order = list(range(len(batch)))
-        agg: dict[str, float] = {}
+        rows = [i for i in range(len(batch)) if adv[i] != 0 or not skip_zero_advantage]
+        sums: dict[str, float] = {}
         loss_total = 0.0
         mb = self.cfg.micro_batch_size
-        for start in range(0, len(order), mb):
-            idx = order[start : start + mb]
+        for start in range(0, len(rows), mb):
+            idx = rows[start : start + mb]
             ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
             logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
             pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
@@ -197,33 +239,11 @@ class Learner:
                 loss_agg=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
             loss.backward()
             loss_total += float(loss.detach())
-            w = len(idx) / len(batch)
+            w = len(idx) / len(rows)
             for k, v in m.items():
-                agg[k] = max(agg.get(k, v), v) if k == "ratio_max" else agg.get(k, 0.0) + w * v
-        if self.cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])))
-        lr = self.scheduler.get_last_lr()[0]
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-            skipped = 0
-        else:  # never let a non-finite gradient touch the weights
-            skipped = 1
-        self.scheduler.step()
-        self.publisher.bump()
-        group_rewards = batch.rewards
-        zero_adv = _fraction_all_equal(batch.rewards, batch.group_index)
-        stale = [self.publisher.version - 1 - v for v in batch.versions]
-        return {
-            "loss": loss_total, "grad_norm": grad_norm, "lr": lr, "skipped_step": skipped, **agg,
-            "reward_mean": float(group_rewards.mean()), "reward_std": float(group_rewards.std()) if len(batch) > 1 else 0.0,
-            "adv_abs_mean": float(adv.abs().mean()), "zero_adv_group_frac": zero_adv,
-            "samples": len(batch), "tokens": int(num_tokens), "response_len_mean": num_tokens / num_seqs,
-            "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
-            "behaviour_versions": sorted(set(batch.versions)), "update_s": time.perf_counter() - t0,
-        }
+                sums[k] = max(sums.get(k, v), v) if k == "ratio_max" else sums.get(k, 0.0) + w * v
+        metrics = {k: sums.get(k) for k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl")}
+        return loss_total, len(rows), metrics
 
     # -- phase 3: sync weights ----------------------------------------------------------------
     def publish_weights(self) -> Payload:

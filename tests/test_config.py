@@ -65,3 +65,10 @@ def test_reference_documents_every_field():
         for f in dataclasses.fields(getattr(Config(), section.name)):
             line = next(line for line in ref.splitlines() if f"`{section.name}.{f.name}`" in line)
             assert line.rstrip(" |").split("|")[-1].strip(), f"{section.name}.{f.name} has no docstring"
+
+
+def test_deploy_default_yaml_is_the_default_job():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / "default.yaml"
+    assert load_config(path) == Config()

@@ -74,7 +74,8 @@ def test_on_policy_mode_trains_only_current_version(ray_session, tiny_policy, tm
     for i, row in enumerate(rows):  # step i+1 trains on samples of exactly version i
         assert row["behaviour_versions"] == [i]
         assert row["staleness_max"] == 0
-        assert row["ratio_max"] == pytest.approx(1.0, abs=1e-3)  # on-policy: no importance weight
+        if row["ratio_max"] is not None:  # None: every group had equal rewards, nothing was backpropagated
+            assert row["ratio_max"] == pytest.approx(1.0, abs=1e-3)  # on-policy: no importance weight
     assert summary["produced"] == summary["trained"] + summary["dropped"]
     assert summary["trained"] == sum(r["samples"] for r in rows)
 

@@ -102,3 +102,26 @@ def test_flat_params_keep_tied_weights_and_reject_other_layouts(tiny_policy):
     with pytest.raises(ValueError, match="layout"):
         r.apply(Payload(version=1, fingerprint=flat.fingerprint, refs={}))
     assert r.version == 0
+
+
+def test_skipping_zero_advantage_samples_leaves_the_gradient_unchanged(tiny_policy):
+    """The learner skips samples whose advantage is 0; the gradient must be identical."""
+    from learner.core_algos import group_advantages
+
+    w = RolloutWorker(tiny_policy, RolloutConfig(group_size=4, max_new_tokens=5), seed=7)
+    groups = w.generate(prompts("12=", "345=", "6789=", "1="))
+    rewards = [[1.0, 0.0, 0.0, 1.0], [0.5] * 4, [0.0, 0.0, 0.0, 2.0], [1.0] * 4]  # two all-equal groups
+    for g, rs in zip(groups, rewards):
+        for s, r in zip(g.samples, rs):
+            s.reward = r
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1, micro_batch_size=3), total_steps=1)
+    batch = TrainBatch.from_groups(groups)
+    adv = group_advantages(batch.rewards, batch.group_index)
+    grads = {}
+    for skip in (True, False):
+        learner.optimizer.zero_grad(set_to_none=True)
+        loss, active, _ = learner.accumulate_gradients(batch, adv, skip_zero_advantage=skip)
+        grads[skip] = torch.cat([p.grad.reshape(-1) for p in learner.model.parameters()])
+        assert active == (8 if skip else 16)
+    assert grads[True].abs().sum() > 0
+    assert torch.allclose(grads[True], grads[False], atol=1e-7, rtol=1e-5)
