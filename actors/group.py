@@ -85,10 +85,18 @@ class RolloutActor:
         """Stream until the coordinator says stop; returns this worker's counters."""
         pending = None
         calls = 0
+        # start from the learner's weights, not our own from_pretrained copy (they differ
+        # when a checkpoint leaves some weights to random initialisation)
+        payload = ray.get(coordinator.latest_weights.remote())
+        if payload is not None:
+            self.worker.load_weights(payload, force=True)
         while True:
             prompts, version = ray.get(coordinator.acquire.remote(self.name, 5.0))
             if prompts is None:
                 break
+            if pending is not None and ray.wait([pending], timeout=0)[0]:
+                ray.get(pending)  # surfaces a dead reward actor now, not as a timeout later
+                pending = None
             if not prompts:
                 continue
             if version > self.worker.policy_version:

@@ -40,6 +40,8 @@ class RewardConfig:
     def __post_init__(self):
         if self.num_workers < 1:
             raise ValueError("reward.num_workers: must be >= 1")
+        if self.num_cpus < 0:
+            raise ValueError("reward.num_cpus: must be >= 0")
         if not self.functions:
             raise ValueError("reward.functions: at least one reward function is required")
         if self.weights and len(self.weights) != len(self.functions):

@@ -104,9 +104,10 @@ class RolloutWorker:
     def policy_version(self) -> int:
         return self.receiver.version
 
-    def load_weights(self, payload: Payload) -> bool:
-        """Apply a newer weight payload (call only between generate calls)."""
-        return self.receiver.apply(payload)
+    def load_weights(self, payload: Payload, *, force: bool = False) -> bool:
+        """Apply a newer weight payload (call only between generate calls);
+        ``force`` also re-applies a payload of the version we already report."""
+        return self.receiver.apply(payload, force=force)
 
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt]) -> list[Group]:

@@ -145,9 +145,9 @@ class WeightReceiver:
         self.transport = transport or ObjectStoreTransport()
         self.version = version
 
-    def apply(self, payload: Payload) -> bool:
-        """Apply ``payload`` if newer than what we hold; returns True if applied."""
-        if payload.version <= self.version:
+    def apply(self, payload: Payload, *, force: bool = False) -> bool:
+        """Apply ``payload`` if newer than what we hold (or ``force``); True if applied."""
+        if payload.version <= self.version and not (force and payload.version == self.version):
             return False
         if payload.fingerprint != self.flat.fingerprint:
             raise ValueError(

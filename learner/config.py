@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import inspect
 import types
 import typing
@@ -51,6 +52,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.warm_start_examples < 1:
             raise ConfigError("model.warm_start_examples: must be >= 1")
+        if self.warm_start_max_steps < 1:
+            raise ConfigError("model.warm_start_max_steps: must be >= 1")
+        if self.hidden_size < 4 or self.hidden_size % 4:
+            raise ConfigError("model.hidden_size: must be a positive multiple of 4 (4 attention heads)")
+        if self.num_layers < 1:
+            raise ConfigError("model.num_layers: must be >= 1")
         if not 0 <= self.warm_start_target <= 1:
             raise ConfigError("model.warm_start_target: must be in [0, 1]")
 
@@ -93,6 +100,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ConfigError("train.steps: must be >= 1")
+        if self.max_wall_s < 0:
+            raise ConfigError("train.max_wall_s: must be >= 0 (0 = no limit)")
+        if self.log_every < 0:
+            raise ConfigError("train.log_every: must be >= 0")
         if self.prompts_per_step < 1:
             raise ConfigError("train.prompts_per_step: must be >= 1")
         if self.max_staleness < 0:
@@ -160,14 +171,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -234,7 +250,11 @@ def parse_overrides(args: list[str]) -> dict:
             i += 2
         if "." not in key:
             raise ConfigError(f"{key}: overrides name a section and a key, e.g. --learner.lr 1e-4")
-        _set_path(out, key, yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {raw!r}: {str(e).splitlines()[0]}") from None
+        _set_path(out, key, value)
     return out
 
 
@@ -252,7 +272,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         data = loaded or {}

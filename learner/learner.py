@@ -62,6 +62,9 @@ class LearnerConfig:
             (self.lr > 0, "learner.lr", "must be > 0"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "learner.betas", "must be two values in [0, 1)"),
             (self.weight_decay >= 0, "learner.weight_decay", "must be >= 0"),
+            (self.eps > 0, "learner.eps", "must be > 0"),
+            (self.num_cpus >= 0, "learner.num_cpus", "must be >= 0"),
+            (self.num_gpus >= 0, "learner.num_gpus", "must be >= 0"),
             (self.max_grad_norm >= 0, "learner.max_grad_norm", "must be >= 0"),
             (self.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1"),
             (self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0"),
@@ -158,7 +161,9 @@ class Learner:
         self.cfg = cfg
         self.device = resolve_device(cfg.num_gpus)
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
-        self.model.train()
+        # eval mode: no dropout, so the recomputed log-probs match the rollout's
+        # (gradients flow all the same)
+        self.model.eval()
         self.flat = FlatParams(self.model)  # before the optimizer: params keep identity
         self.publisher = WeightPublisher(self.flat)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),

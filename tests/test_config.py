@@ -30,6 +30,12 @@ def test_defaults_and_yaml_and_overrides(tmp_path):
     (["--learner.norm_adv_by_std", "maybe"], "learner.norm_adv_by_std"),
     (["--rollout.resources", "[1, 2]"], "rollout.resources"),
     (["--reward.weights", "[1, 2]"], "reward.weights"),
+    (["--learner.lr", ".inf"], "learner.lr"),
+    (["--train.sample_timeout_s", "nan"], "train.sample_timeout_s"),
+    (["--train.max_wall_s", "-1"], "train.max_wall_s"),
+    (["--learner.betas", "[0.9"], "learner.betas"),
+    (["--model.hidden_size", "30"], "model.hidden_size"),
+    (["--learner.eps", "0"], "learner.eps"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

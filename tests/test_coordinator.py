@@ -72,7 +72,8 @@ def test_stale_groups_are_dropped_and_counted():
         await c.put([group(ps[0], version=1, n=3), group(ps[1], version=2, n=3)])
         batch = await c.get_batch(3, timeout_s=1)  # learner at v3: v1 is 2 behind -> dropped
         assert [g.policy_version for g in batch] == [2]
-        s = c.stats()
+        assert c.stats()["trained"] == 0, "trained only once the learner step is committed"
+        s = await c.commit()
         assert s["dropped_by_reason"] == {"stale": 3} and s["trained"] == 3 and s["produced"] == 6
         assert s["produced"] == s["trained"] + s["dropped"]
     run(body())
@@ -91,7 +92,7 @@ def test_excluded_samples_are_counted_and_free_the_gate():
         await c.put([partly])
         batch = await c.get_batch(0, timeout_s=1)
         assert len(batch[0].trainable_samples()) == 1
-        s = c.stats()
+        s = await c.commit()
         assert s["dropped_by_reason"] == {"reward_error": 2, "reward_nonfinite": 1}
         assert (s["produced"], s["trained"], s["dropped"]) == (4, 1, 3)
         assert s["last_error"]["reward_error"] == "reward_error: boom"
@@ -108,9 +109,39 @@ def test_timeout_loses_nothing_and_drain_accounts_for_leftovers():
         assert len(c.buffer) == 1, "a timed-out batch must go back to the buffer"
         await c.stop()
         assert (await c.acquire("w", timeout_s=1))[0] is None
-        assert await c.drain() == 2
-        s = c.stats()
+        s = await c.drain()
         assert s["dropped_by_reason"] == {"end_of_run": 2} and s["produced"] == s["trained"] + s["dropped"]
+    run(body())
+
+
+def test_uncommitted_batches_and_late_groups_are_dropped_not_lost():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=1, prompts_per_request=2, max_staleness=1)
+        ps, _ = await acquire_now(c)
+        await c.put([group(ps[0], 0, n=3)])
+        await c.get_batch(0, timeout_s=1)  # handed to a learner that then fails: never committed
+        await c.stop()
+        await c.put([group(ps[1], 0, n=2)])  # a worker's last group lands after stop
+        assert len(c.buffer) == 0
+        s = await c.drain()
+        assert s["dropped_by_reason"] == {"not_trained": 3, "end_of_run": 2}
+        assert (s["produced"], s["trained"]) == (5, 0)
+    run(body())
+
+
+def test_cancelled_get_batch_puts_groups_back():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=2, prompts_per_request=2, max_staleness=0)
+        ps, _ = await acquire_now(c)
+        await c.put([group(ps[0], 0)])
+        task = asyncio.ensure_future(c.get_batch(0, timeout_s=30))
+        await asyncio.sleep(0)  # let it take the one group and wait for the second
+        while not task.done() and c.buffer:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(c.buffer) == 1
     run(body())
 
 

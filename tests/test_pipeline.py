@@ -146,3 +146,9 @@ def test_missing_model_path_is_a_config_error(ray_session, tmp_path):
     cfg = small_config(str(tmp_path / "no-such-model"))
     with pytest.raises(ConfigError, match="model.path"):
         Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False).setup()
+
+
+def test_unloadable_reward_function_is_a_config_error(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--reward.functions", "['tests.test_pipeline:no_such_fn']")
+    with pytest.raises(ConfigError, match="reward.functions"):
+        Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False).setup()

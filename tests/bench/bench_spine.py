@@ -54,8 +54,9 @@ def bench_rollout(policy: str):
     from actors.rollout import RolloutConfig, RolloutWorker
     from actors.tasks import make_task
 
-    torch.set_num_threads(2)
-    cfg = RolloutConfig(group_size=8, prompts_per_request=16, num_threads=2)
+    # one thread, as the default rollout worker runs (rollout.num_threads=1)
+    torch.set_num_threads(1)
+    cfg = RolloutConfig(group_size=8, prompts_per_request=16, num_threads=1)
     worker = RolloutWorker(policy, cfg, default_max_new_tokens=5, seed=0)
     task = make_task("reverse")
     stream = task.prompt_stream()
@@ -74,7 +75,7 @@ def bench_rollout(policy: str):
     def ours():
         return sum(len(s.completion_ids) for g in worker.generate(prompts) for s in g.samples)
 
-    actor = ray.remote(RolloutActor).options(num_cpus=1, runtime_env=actor_env(2)).remote(
+    actor = ray.remote(RolloutActor).options(num_cpus=1, runtime_env=actor_env(1)).remote(
         policy, cfg, default_max_new_tokens=5, name="bench", seed=0)
     ray.get(actor.policy_version.remote())
 
@@ -93,7 +94,7 @@ def bench_rollout(policy: str):
     ray.kill(actor)
     report("rollout", raw_tokens_per_s=med(t["raw"]), worker_tokens_per_s=med(t["worker"]),
            actor_tokens_per_s=med(t["actor"]), worker_over_raw=med(t["worker"]) / med(t["raw"]),
-           actor_over_raw=med(t["actor"]) / med(t["raw"]), batch="16 prompts x 8 samples, 5 new tokens")
+           actor_over_raw=med(t["actor"]) / med(t["raw"]), batch="16 prompts x 8 samples, 5 new tokens, 1 thread")
 
 
 # ------------------------------------------------------------------------------------------------
