@@ -129,8 +129,8 @@ class Coordinator:
         dropped (counted as ``stale``). Raises ``SampleTimeout`` if no new group
         arrives for ``timeout_s`` seconds; on any failure (including
         cancellation) the groups already taken go back to the buffer. The
-        batch's samples count as *trained* only once ``commit()`` confirms the
-        learner step.
+        batch's samples count as *trained* only once ``publish(...,
+        commit_groups=...)`` confirms the learner step.
         """
         oldest = version - self.max_staleness
         batch: list[Group] = []
@@ -161,21 +161,21 @@ class Coordinator:
             self.handed.extend(batch)
             return batch
 
-    async def commit(self) -> dict:
-        """The learner trained on every batch handed out so far; returns the counters."""
+    async def publish(self, payload: Payload, *, commit_groups: int = 0) -> dict:
+        """Store the newest weights (opening the staleness gate for the next
+        batch) and commit the oldest ``commit_groups`` handed-out groups as
+        trained: the learner step that produced ``payload`` consumed them.
+        Returns the counters."""
         async with self.cond:
+            if commit_groups > len(self.handed):
+                raise ValueError(f"commit of {commit_groups} groups, only {len(self.handed)} handed out")
+            done, self.handed = self.handed[:commit_groups], self.handed[commit_groups:]
             # excluded samples of partly usable groups were counted at put()
-            self.trained += sum(len(g.trainable_samples()) for g in self.handed)
-            self.trained_groups += len(self.handed)
-            self.handed.clear()
-            return self.stats()
-
-    async def publish(self, payload: Payload) -> int:
-        """Store the newest weights; opens the staleness gate for the next batch."""
-        async with self.cond:
+            self.trained += sum(len(g.trainable_samples()) for g in done)
+            self.trained_groups += len(done)
             self.weights.put(payload)
             self.cond.notify_all()
-            return self.weights.version
+            return self.stats()
 
     # -- shutdown ------------------------------------------------------------------------
     async def stop(self) -> None:

@@ -82,7 +82,7 @@ class TaskConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 2000
     """Learner steps (optimizer updates) to run."""
     max_wall_s: float = 140.0
     """Stop early after this many seconds of RL (0 = no limit); keeps the default job within 3 minutes."""

@@ -54,8 +54,9 @@ class LearnerConfig:
     """GPUs Ray reserves for the learner (> 0 trains on CUDA)."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the learner needs."""
-    num_threads: int = 2
-    """torch intra-op threads in the learner."""
+    num_threads: int = 1
+    """torch intra-op threads in the learner (1 by default: with 2 rollout workers on 2
+    cores, a 2-thread learner oversubscribes them and async steps got slower)."""
 
     def __post_init__(self):
         checks = [

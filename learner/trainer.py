@@ -68,6 +68,8 @@ class Trainer:
         self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.task.num_digits + 1
         self.step = 0
         self.loops: list = []
+        self.prefetched = None  # the next batch's request, when sampling runs ahead
+        self.waiting = None  # a batch request the driver gave up on (run failing)
         self.history: list[dict] = []
 
     def say(self, msg: str) -> None:
@@ -109,18 +111,28 @@ class Trainer:
         self.setup_s = time.perf_counter() - t0
 
     # -- the three phases ------------------------------------------------------------------------
+    def _request_batch(self, step: int):
+        return self.coordinator.get_batch.remote(step, self.cfg.train.sample_timeout_s)
+
     def sample(self) -> list:
         """Phase 1: wait for a batch of scored groups; fail loudly if a worker died.
 
         The coordinator raises if no group arrives for ``train.sample_timeout_s``
-        (a slow but live pipeline is not an error).
+        (a slow but live pipeline is not an error). With ``max_staleness > 0``
+        the next batch is requested as soon as this one arrives, so it is
+        assembled while the learner updates.
         """
-        ref = self.coordinator.get_batch.remote(self.step, self.cfg.train.sample_timeout_s)
+        ref, self.prefetched = self.prefetched or self._request_batch(self.step), None
+        self.waiting = ref  # until it returns: stop_rollouts must let it finish before draining
         while True:
             ready, _ = ray.wait([ref] + self.loops, num_returns=1)
             if ready[0] == ref:
                 try:
-                    return ray.get(ref)
+                    batch = ray.get(ref)
+                    self.waiting = None
+                    if self.cfg.train.max_staleness > 0 and self.step + 1 < self.cfg.train.steps:
+                        self.prefetched = self._request_batch(self.step + 1)
+                    return batch
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.as_instanceof_cause(), SampleTimeout):
                         raise RunFailed(str(e.as_instanceof_cause())) from None
@@ -133,15 +145,16 @@ class Trainer:
                 raise RunFailed(f"{self.rollouts.names[i]} failed: {e}") from None
 
     def update(self, batch: list) -> dict:
-        """Phase 2: one optimizer step on the learner, then commit the batch as trained."""
-        metrics = ray.get(self.learner.train_step.remote(batch))
-        self.counters = ray.get(self.coordinator.commit.remote())
-        return metrics
+        """Phase 2: one optimizer step on the learner."""
+        return ray.get(self.learner.train_step.remote(batch))
 
-    def sync_weights(self) -> int:
-        """Phase 3: publish the learner's weights; the coordinator keeps only the newest."""
-        payload = ray.get(self.learner.publish_weights.remote())
-        return ray.get(self.coordinator.publish.remote(payload))
+    def sync_weights(self, trained_groups: int = 0) -> int:
+        """Phase 3: the learner publishes its weights; the coordinator keeps only the
+        newest and commits the ``trained_groups`` the step consumed. The payload ref
+        goes straight from the learner to the coordinator (one driver round trip)."""
+        payload = self.learner.publish_weights.remote()
+        self.counters = ray.get(self.coordinator.publish.remote(payload, commit_groups=trained_groups))
+        return self.counters["policy_version"]
 
     # -- the run -------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -162,6 +175,11 @@ class Trainer:
                 log.warning("rollout worker ended with an error: %s", e)
         if pending:
             log.warning("%d rollout workers did not stop within %.0fs", len(pending), timeout_s)
+        # a batch request still open returns its groups to the buffer (or hands them out)
+        # once it sees the stop; let it, so that drain() accounts for them
+        open_requests = [r for r in (self.prefetched, self.waiting) if r is not None]
+        ray.wait(open_requests, num_returns=len(open_requests), timeout=timeout_s)
+        self.prefetched = self.waiting = None
         return ray.get(self.coordinator.drain.remote())
 
     def train(self) -> dict:
@@ -186,7 +204,7 @@ class Trainer:
                     t1 = time.perf_counter()
                     m = self.update(batch)
                     t2 = time.perf_counter()
-                    version = self.sync_weights()
+                    version = self.sync_weights(len(batch))
                     t3 = time.perf_counter()
                     self.step += 1
                     trained += m["samples"]

@@ -42,7 +42,9 @@ def test_on_policy_gate_blocks_until_new_weights():
         assert len(batch) == 2
         still_blocked, _ = await acquire_now(c)
         assert still_blocked == []
-        await c.publish(Payload(version=1, fingerprint="f"))
+        with pytest.raises(ValueError, match="only 2 handed out"):
+            await c.publish(Payload(version=1, fingerprint="f"), commit_groups=3)
+        await c.publish(Payload(version=1, fingerprint="f"), commit_groups=2)
         nxt, v = await acquire_now(c)
         assert [p.uid for p in nxt] == [2] and v == 1
     run(body())
@@ -73,7 +75,7 @@ def test_stale_groups_are_dropped_and_counted():
         batch = await c.get_batch(3, timeout_s=1)  # learner at v3: v1 is 2 behind -> dropped
         assert [g.policy_version for g in batch] == [2]
         assert c.stats()["trained"] == 0, "trained only once the learner step is committed"
-        s = await c.commit()
+        s = await c.publish(Payload(version=4, fingerprint="f"), commit_groups=1)
         assert s["dropped_by_reason"] == {"stale": 3} and s["trained"] == 3 and s["produced"] == 6
         assert s["produced"] == s["trained"] + s["dropped"]
     run(body())
@@ -92,7 +94,7 @@ def test_excluded_samples_are_counted_and_free_the_gate():
         await c.put([partly])
         batch = await c.get_batch(0, timeout_s=1)
         assert len(batch[0].trainable_samples()) == 1
-        s = await c.commit()
+        s = await c.publish(Payload(version=1, fingerprint="f"), commit_groups=1)
         assert s["dropped_by_reason"] == {"reward_error": 2, "reward_nonfinite": 1}
         assert (s["produced"], s["trained"], s["dropped"]) == (4, 1, 3)
         assert s["last_error"]["reward_error"] == "reward_error: boom"

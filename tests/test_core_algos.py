@@ -111,3 +111,14 @@ def test_padding_is_ignored():
     loss.backward()
     assert loss.item() == pytest.approx(-1.0)
     assert logp.grad.tolist() == [[-1.0, 0.0]]
+
+
+def test_learning_rate_schedules():
+    from learner.learner import LearnerConfig, lr_lambda
+
+    f = lr_lambda(LearnerConfig(lr_schedule="linear", warmup_steps=2), total_steps=12)
+    assert [f(s) for s in (0, 1, 2, 7, 12, 20)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0, 0.0])
+    c = lr_lambda(LearnerConfig(lr_schedule="cosine"), total_steps=10)
+    assert [c(0), c(5), c(10)] == pytest.approx([1.0, 0.5, 0.0])
+    k = lr_lambda(LearnerConfig(), total_steps=10)
+    assert {k(s) for s in range(0, 30, 7)} == {1.0}

@@ -99,10 +99,12 @@ def bench_rollout(policy: str):
 
 # ------------------------------------------------------------------------------------------------
 ASYNC_LAYOUTS = {
-    # the default job: both phases use both cores (2 rollout workers x 1 thread, learner 2 threads)
-    "shared": [],
-    # generation and learning on disjoint cores, as on separate GPUs: 1 rollout thread, 1 learner thread
-    "partitioned": ["--rollout.num_workers", "1", "--learner.num_threads", "1"],
+    # the default job: 2 rollout workers x 1 thread, learner 1 thread
+    "default": [],
+    # each phase may use both cores: learner 2 threads
+    "shared": ["--learner.num_threads", "2"],
+    # generation and learning on disjoint cores, as on separate GPUs: 1 rollout worker, learner 1 thread
+    "partitioned": ["--rollout.num_workers", "1"],
 }
 
 
