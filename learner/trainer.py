@@ -218,7 +218,8 @@ class Trainer:
                     mf.flush()
                     self.history.append(row)
                     bar.update(1)
-                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", v=version, sps=f"{row['samples_per_s']:.0f}")
+                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", v=version, sps=f"{row['samples_per_s']:.0f}",
+                                    refresh=False)  # the bar itself redraws at most every mininterval
                     if self.progress is False and cfg.train.log_every and self.step % cfg.train.log_every == 0:
                         self.say(f"step {self.step} reward {m['reward_mean']:.3f} samples/s {row['samples_per_s']:.0f}")
         finally:
