@@ -25,7 +25,6 @@ so at the end ``produced == trained + dropped`` exactly.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter, deque
 from typing import Iterator
 
@@ -60,7 +59,6 @@ class Coordinator:
         self.dropped: Counter[str] = Counter()
         self.last_error: dict[str, str] = {}
         self.produced_by_worker: Counter[str] = Counter()
-        self.last_put = time.monotonic()
 
     # -- capacity ------------------------------------------------------------------
     def _limit(self) -> int:
@@ -115,7 +113,6 @@ class Coordinator:
                     self._drop_group(g, "end_of_run")
                 else:
                     self.buffer.append(g)
-            self.last_put = time.monotonic()
             self.cond.notify_all()
 
     def latest_weights(self) -> Payload | None:

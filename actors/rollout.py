@@ -96,7 +96,6 @@ class RolloutWorker:
         self.receiver = WeightReceiver(self.flat)
         self.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
-        self.generator_seed = seed
         torch.manual_seed(seed)
         self.generated_samples = 0
 

@@ -61,6 +61,12 @@ class ReverseDigits:
         rng = random.Random(f"labelled-{self.seed}")
         return [self._draw(rng, heldout=False) for _ in range(size)]
 
+    def validation_set(self, size: int) -> list[Example]:
+        """Early-stopping prompts for the warm start: from the training space, own seed;
+        the held-out eval set is never looked at during training."""
+        rng = random.Random(f"val-{self.seed}")
+        return [self._draw(rng, heldout=False) for _ in range(size)]
+
     def eval_set(self, size: int) -> list[Example]:
         """Held-out prompts for greedy evaluation (disjoint from everything else)."""
         rng = random.Random(f"eval-{self.seed}")

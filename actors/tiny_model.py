@@ -102,7 +102,7 @@ def _cache_root() -> Path:
 
 def prepare_builtin_policy(*, task_name: str = "reverse", num_digits: int = 4, seed: int = 0,
                            labelled_examples: int = 384, target_accuracy: float = 0.3,
-                           max_steps: int = 400, hidden_size: int = 128, num_layers: int = 2,
+                           max_steps: int = 600, hidden_size: int = 128, num_layers: int = 2,
                            cache_dir: str | os.PathLike | None = None) -> tuple[Path, dict]:
     """Build + warm-start the built-in policy, or return the cached folder.
 
@@ -125,10 +125,7 @@ def prepare_builtin_policy(*, task_name: str = "reverse", num_digits: int = 4, s
     tokenizer = build_char_tokenizer()
     model = build_tiny_llama(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     labelled = task.labelled_set(labelled_examples)
-    # Validation prompts for early stopping come from the RL stream's space with
-    # their own seed: the held-out eval set is never looked at here.
-    val_rng = random.Random(f"val-{seed}")
-    val = [task._draw(val_rng, heldout=False) for _ in range(128)]
+    val = task.validation_set(128)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(seed)
     steps, acc = 0, 0.0
