@@ -127,6 +127,36 @@ class RewardActor:
     def score_and_put(self, groups: list[Group], coordinator) -> None:
         ray.get(coordinator.put.remote(self.worker.score(groups)))
 
+    def set_models(self, models: list[tuple[str, float, object, float]]) -> None:
+        """``(name, weight, RewardModelActor handle, wait_s)`` per run-time reward model."""
+
+        def submitter(handle, wait_s):
+            def submit(prompts, completions, metadata):
+                ref = handle.score.remote(prompts, completions, metadata)
+                return lambda: ray.get(ref, timeout=wait_s)
+
+            return submit
+
+        self.worker.set_models([(name, weight, submitter(h, wait_s)) for name, weight, h, wait_s in models])
+
+
+class RewardModelActor:
+    """Ray actor around one registered reward model (remote server or local checkpoint)."""
+
+    def __init__(self, spec):
+        from actors.remote_reward import make_reward_model
+
+        self.model = make_reward_model(spec)
+
+    def score(self, prompts, completions, metadata):
+        return self.model.score(prompts, completions, metadata)
+
+    def info(self) -> dict:
+        return self.model.info()
+
+    def close(self) -> None:
+        self.model.close()
+
 
 class CoordinatorActor(Coordinator):
     """The coordinator with its prompt stream built inside the actor (generators don't pickle)."""
@@ -161,6 +191,14 @@ def create_reward_group(cfg: RewardConfig) -> WorkerGroup:
                                           runtime_env=actor_env(1))
     names = [f"reward-{i}" for i in range(cfg.num_workers)]
     return WorkerGroup([cls.remote(cfg) for _ in names], names)
+
+
+def create_reward_model_actor(spec, *, num_cpus: float = 0.0):
+    """One actor per registered reward model; it may serve several reward workers at once.
+    0 CPUs by default: a gRPC client waits on the network, and a run's CPUs are all
+    reserved by its workers (the defaults add up to 2)."""
+    return ray.remote(RewardModelActor).options(num_cpus=num_cpus, max_concurrency=8,
+                                                runtime_env=actor_env(1)).remote(spec)
 
 
 def create_coordinator(task_name: str, task_kwargs: dict, **kwargs):

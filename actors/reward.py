@@ -84,18 +84,34 @@ def _validate_scores(name: str, scores, n: int) -> list[float | str]:
 
 
 class RewardWorker:
-    """Scores every sample of a list of groups; sets ``reward`` or ``excluded``."""
+    """Scores every sample of a list of groups; sets ``reward`` or ``excluded``.
+
+    ``functions`` are local callables; ``set_models`` adds reward models
+    registered at run time (remote servers, local checkpoints): each is
+    ``(name, weight, submit)`` where ``submit(prompts, completions, metadata)``
+    starts scoring and returns a zero-argument callable that waits for the
+    result, a list of one float or one reason string per sample. All models are
+    submitted before the local functions run, so they score concurrently.
+    """
 
     def __init__(self, functions: list[tuple[str, RewardFn, float]]):
         if not functions:
             raise ValueError("RewardWorker needs at least one reward function")
         self.functions = functions
+        self.models: list[tuple[str, float, Callable]] = []
         self.errors = 0
 
     @classmethod
     def from_config(cls, cfg: RewardConfig) -> "RewardWorker":
         weights = cfg.weights or [1.0] * len(cfg.functions)
         return cls([(spec, load_reward_fn(spec), w) for spec, w in zip(cfg.functions, weights)])
+
+    def set_models(self, models: list[tuple[str, float, Callable]]) -> None:
+        """Replace the run-time reward models; takes effect at the next ``score``."""
+        names = [m[0] for m in models] + [f[0] for f in self.functions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate reward names in {names}")
+        self.models = list(models)
 
     def score(self, groups: list[Group]) -> list[Group]:
         flat = [(g, s) for g in groups if g.excluded is None for s in g.samples if s.excluded is None]
@@ -105,19 +121,50 @@ class RewardWorker:
         completions = [s.completion_text for _, s in flat]
         keys = sorted({k for g, _ in flat for k in g.prompt.metadata})
         metadata = {k: [g.prompt.metadata.get(k) for g, _ in flat] for k in keys}
-        for name, fn, weight in self.functions:
+        models = list(self.models)  # a concurrent set_models must not change this batch
+        waiting = []
+        for name, _, submit in models:
+            try:
+                waiting.append((name, submit(prompts, completions, metadata)))
+            except Exception as e:  # noqa: BLE001
+                waiting.append((name, _raiser(e)))
+        for name, fn, _ in self.functions:
             try:
                 results = _validate_scores(name, fn(prompts, completions, **metadata), len(flat))
             except Exception as e:  # a user function may raise anything
                 results = [f"reward_error: {name!r} raised {type(e).__name__}: {e}"] * len(flat)
-            for (_, s), r in zip(flat, results):
-                if isinstance(r, str):
-                    if s.excluded is None:
-                        s.excluded = r
-                        self.errors += 1
-                else:
-                    s.rewards[name] = r
+            self._apply(name, flat, results)
+        for name, wait in waiting:
+            try:
+                results = _validate_model_results(name, wait(), len(flat))
+            except Exception as e:  # noqa: BLE001 - e.g. the model's actor died
+                results = [f"reward_error: {name!r} raised {type(e).__name__}: {e}"] * len(flat)
+            self._apply(name, flat, results)
+        weights = {name: w for name, _, w in self.functions} | {name: w for name, w, _ in models}
         for _, s in flat:
             if s.excluded is None:
-                s.reward = sum(w * s.rewards[name] for name, _, w in self.functions)
+                s.reward = sum(weights[name] * s.rewards[name] for name in weights)
         return groups
+
+    def _apply(self, name: str, flat, results) -> None:
+        for (_, s), r in zip(flat, results):
+            if isinstance(r, str):
+                if s.excluded is None:
+                    s.excluded = r
+                    self.errors += 1
+            else:
+                s.rewards[name] = r
+
+
+def _validate_model_results(name: str, raw, n: int) -> list[float | str]:
+    """A model's results: per sample a score (validated) or the reason it has none."""
+    if not isinstance(raw, (list, tuple)) or len(raw) != n:
+        return _validate_scores(name, raw, n)
+    return [r if isinstance(r, str) else _validate_scores(name, [r], 1)[0] for r in raw]
+
+
+def _raiser(e: Exception):
+    def wait():
+        raise e
+
+    return wait

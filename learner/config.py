@@ -113,6 +113,26 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class ControlConfig:
+    enabled: bool = True
+    """Serve the fleetrl.control.v1 Control service while training (reward add/remove/list, status)."""
+    host: str = "127.0.0.1"
+    """Address the Control server binds; non-loopback addresses need a token (FLEETRL_TOKEN or token_file)."""
+    port: int = 0
+    """Port of the Control server; 0 picks a free one (printed at start, written to control.json)."""
+    token_file: Optional[str] = None
+    """File with the bearer token clients must send; default: the FLEETRL_TOKEN environment variable."""
+    tls_cert: Optional[str] = None
+    """PEM certificate chain: serve TLS instead of plaintext (with tls_key)."""
+    tls_key: Optional[str] = None
+    """PEM private key for tls_cert."""
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ConfigError("control.port: must be in [0, 65535]")
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy."""
@@ -126,6 +146,8 @@ class Config:
     """Learner optimisation and placement."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop."""
+    control: ControlConfig = field(default_factory=ControlConfig)
+    """The Control gRPC service of the running trainer."""
 
 
 # --------------------------------------------------------------------------------------------

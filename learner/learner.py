@@ -202,6 +202,11 @@ class Learner:
         self.publisher.bump()
         num_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
         stale = [self.publisher.version - 1 - v for v in batch.versions]
+        per_name: dict[str, list[float]] = {}
+        for g in groups:
+            for s in g.trainable_samples():
+                for name, r in s.rewards.items():
+                    per_name.setdefault(name, []).append(r)
         return {
             "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped_step": skipped, **ratio_metrics,
             "reward_mean": float(batch.rewards.mean()),
@@ -212,6 +217,7 @@ class Learner:
             "response_len_mean": num_tokens / len(batch),
             "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
             "behaviour_versions": sorted(set(batch.versions)), "update_s": time.perf_counter() - t0,
+            "reward_by_name": {name: sum(v) / len(v) for name, v in per_name.items()},
         }
 
     def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool = True):

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +32,8 @@ from actors.group import create_coordinator, create_reward_group, create_rollout
 from actors.tasks import make_task
 from actors.tiny_model import prepare_builtin_policy
 from learner.config import Config, ConfigError
+from actors.serving import ServerConfig
+from learner.control import RewardRegistry, start_control_server
 from learner.learner import create_learner
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,10 @@ log = logging.getLogger(__name__)
 
 class RunFailed(RuntimeError):
     """The run cannot continue (a worker died, no samples arrive, ...)."""
+
+
+class StopRequested(Exception):
+    """``stop_requested`` was set while the driver waited for a batch."""
 
 
 def resolve_policy(cfg: Config) -> tuple[str, dict]:
@@ -68,6 +75,11 @@ class Trainer:
         self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.task.num_digits + 1
         self.step = 0
         self.loops: list = []
+        self.control = None
+        self.registry = None
+        self.stop_requested = threading.Event()  # set from another thread to end the run after this step
+        self.last_metrics: dict = {}
+        self.counters: dict = {}
         self.prefetched = None  # the next batch's request, when sampling runs ahead
         self.waiting = None  # a batch request the driver gave up on (run failing)
         self.history: list[dict] = []
@@ -100,6 +112,14 @@ class Trainer:
         self.rewards = create_reward_group(cfg.reward)
         self.rollouts = create_rollout_group(self.policy_path, cfg.rollout, default_max_new_tokens=self.max_new_tokens,
                                              seed=cfg.train.seed)
+        self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions)
+        if cfg.control.enabled:
+            c = cfg.control
+            self.control = start_control_server(self.registry, self.status, ServerConfig(
+                host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key))
+            (self.run_dir / "control.json").write_text(json.dumps({"address": self.control.address}))
+            self.say(f"control server listening on {self.control.address}"
+                     f"{'' if self.control.authenticated else ' (no token: loopback only)'}")
         placement = {"learner": ray.get(self.learner.where.remote()), "rollout": self.rollouts.where(),
                      "reward": self.rewards.where()}
         (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
@@ -125,7 +145,11 @@ class Trainer:
         ref, self.prefetched = self.prefetched or self._request_batch(self.step), None
         self.waiting = ref  # until it returns: stop_rollouts must let it finish before draining
         while True:
-            ready, _ = ray.wait([ref] + self.loops, num_returns=1)
+            ready, _ = ray.wait([ref] + self.loops, num_returns=1, timeout=1.0)
+            if not ready:
+                if self.stop_requested.is_set():
+                    raise StopRequested()
+                continue
             if ready[0] == ref:
                 try:
                     batch = ray.get(ref)
@@ -196,11 +220,18 @@ class Trainer:
             with metrics_path.open("w") as mf:
                 self.start_rollouts()
                 while self.step < cfg.train.steps:
+                    if self.stop_requested.is_set():
+                        self.say(f"stopping at step {self.step}: stop requested")
+                        break
                     if cfg.train.max_wall_s and time.perf_counter() - t_rl > cfg.train.max_wall_s:
                         self.say(f"stopping at step {self.step}: train.max_wall_s={cfg.train.max_wall_s} reached")
                         break
                     t0 = time.perf_counter()
-                    batch = self.sample()
+                    try:
+                        batch = self.sample()
+                    except StopRequested:
+                        self.say(f"stopping at step {self.step}: stop requested")
+                        break
                     t1 = time.perf_counter()
                     m = self.update(batch)
                     t2 = time.perf_counter()
@@ -217,6 +248,7 @@ class Trainer:
                     mf.write(json.dumps(row) + "\n")
                     mf.flush()
                     self.history.append(row)
+                    self.last_metrics = row
                     bar.update(1)
                     bar.set_postfix(reward=f"{m['reward_mean']:.3f}", v=version, sps=f"{row['samples_per_s']:.0f}",
                                     refresh=False)  # the bar itself redraws at most every mininterval
@@ -225,6 +257,7 @@ class Trainer:
         finally:
             bar.close()
             stats = self.stop_rollouts() if self.loops else ray.get(self.coordinator.stats.remote())
+            self.stop_control()
         rl_s = time.perf_counter() - t_rl
         eval_after = self.evaluate()
         self.say(f"held-out accuracy after RL (greedy): {eval_after:.3f} (before {eval_before:.3f})")
@@ -253,8 +286,25 @@ class Trainer:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def status(self) -> dict:
+        """What ``fleetrl status`` shows (fields of control.v1.GetStatusResponse)."""
+        c, m = self.counters or {}, self.last_metrics
+        return {"step": self.step, "policy_version": c.get("policy_version", 0),
+                "samples_per_s": m.get("samples_per_s", 0.0), "rollout_workers": len(self.rollouts.actors),
+                "reward_workers": len(self.rewards.actors), "reward_means": m.get("reward_by_name", {}),
+                "produced": c.get("produced", 0), "trained": c.get("trained", 0), "dropped": c.get("dropped", 0),
+                "dropped_by_reason": c.get("dropped_by_reason", {})}
+
+    def stop_control(self) -> None:
+        if self.control is not None:
+            self.control.stop(grace_s=2.0)
+            self.control = None
+        if self.registry is not None:
+            self.registry.close()
+
     def shutdown(self) -> None:
         """Kill this run's actors (a shared cluster keeps running)."""
+        self.stop_control()
         for a in [getattr(self, "learner", None), getattr(self, "coordinator", None),
                   *getattr(getattr(self, "rollouts", None), "actors", []),
                   *getattr(getattr(self, "rewards", None), "actors", [])]:

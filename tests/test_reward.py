@@ -87,3 +87,45 @@ def test_one_failing_function_excludes_even_if_another_succeeds():
 def test_bad_function_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):
         load_reward_fn(spec)
+
+
+def _ready(results):
+    return lambda prompts, completions, metadata: (lambda: results(prompts, completions, metadata))
+
+
+def test_run_time_models_join_the_weighted_sum_and_flag_failures():
+    w = RewardWorker.from_config(RewardConfig())
+    seen = {}
+
+    def rm(prompts, completions, metadata):
+        seen.update(metadata)
+        return [0.5, "reward_timeout: 'rm' DEADLINE_EXCEEDED", 2.0]
+
+    w.set_models([("rm", 2.0, _ready(rm))])
+    (g,) = w.score(make_groups([["4321", "4321", "1"]], ["4321"]))
+    a, b, c = g.samples
+    assert seen == {"answer": ["4321"] * 3}
+    assert a.reward == pytest.approx(1.0 + 2.0 * 0.5) and a.rewards == {"exact_match": 1.0, "rm": 0.5}
+    assert b.reward is None and b.excluded.startswith("reward_timeout")
+    assert c.reward == pytest.approx(0.0 + 2.0 * 2.0)
+    w.set_models([])  # removal takes effect at the next batch
+    (g,) = w.score(make_groups([["4321"]], ["4321"]))
+    assert g.samples[0].rewards == {"exact_match": 1.0}
+
+
+@pytest.mark.parametrize("results, reason", [
+    (lambda p, c, m: [float("nan")] * len(p), "reward_nonfinite"),
+    (lambda p, c, m: [1.0], "reward_count"),
+    (lambda p, c, m: 1 / 0, "reward_error"),
+])
+def test_bad_model_results_are_flagged(results, reason):
+    w = RewardWorker.from_config(RewardConfig())
+    w.set_models([("rm", 1.0, _ready(results))])
+    (g,) = w.score(make_groups([["4321", "1"]], ["4321"]))
+    assert all(s.reward is None and s.excluded.startswith(reason) for s in g.samples)
+
+
+def test_duplicate_model_name_is_refused():
+    w = RewardWorker.from_config(RewardConfig())
+    with pytest.raises(ValueError, match="duplicate"):
+        w.set_models([("exact_match", 1.0, _ready(lambda p, c, m: [0.0] * len(p)))])

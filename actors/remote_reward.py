@@ -1,0 +1,220 @@
+"""Clients of reward models registered while training runs.
+
+``RemoteRewardClient`` calls a ``fleetrl.reward.v1.RewardModel`` server:
+
+* batches samples into ``batch_size`` calls, each with a deadline (``timeout_s``);
+* retries only on UNAVAILABLE, with exponential backoff, inside the deadline;
+* validates every response: exactly one finite score per sample;
+* a **circuit breaker**: after ``failure_threshold`` consecutive failed calls
+  the model is *unhealthy* and calls fail fast for ``cooldown_s``; then one
+  trial call is let through, and a success closes the circuit again.
+
+A failure never becomes a score: the affected samples get a reason string
+(``reward_timeout: ...``, ``reward_unavailable: ...``, ``reward_unhealthy: ...``,
+``reward_count: ...``, ``reward_nonfinite: ...``) and are excluded upstream.
+
+``LocalRewardModel`` scores with a local HF sequence-classification folder
+(safetensors only) with the same interface and counters.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from actors.serving import channel, client_metadata, load_token
+
+Result = list  # list[float | str]: a score, or why the sample could not be scored
+
+
+@dataclass(kw_only=True)
+class RemoteRewardSpec:
+    """How to reach and use one registered reward model."""
+
+    name: str
+    endpoint: str = ""
+    """host:port of a fleetrl.reward.v1.RewardModel server."""
+    checkpoint_dir: str = ""
+    """Local HF sequence-classification folder (safetensors only)."""
+    weight: float = 1.0
+    timeout_s: float = 10.0
+    batch_size: int = 64
+    token_file: str | None = None
+    tls_ca: str | None = None
+    max_attempts: int = 3
+    failure_threshold: int = 3
+    cooldown_s: float = 2.0
+
+
+class _Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.scored = 0
+        self.failed = 0
+        self.total = 0.0
+        self.last_error = ""
+
+    def ok(self, scores: list[float]) -> None:
+        with self.lock:
+            self.scored += len(scores)
+            self.total += sum(scores)
+
+    def fail(self, n: int, reason: str, *, cause: bool = True) -> None:
+        """Count ``n`` flagged samples; ``cause=False`` keeps last_error (a fail-fast
+        while the circuit is open is not a new cause)."""
+        with self.lock:
+            self.failed += n
+            if cause:
+                self.last_error = reason
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"scored": self.scored, "failed": self.failed,
+                    "reward_mean": self.total / self.scored if self.scored else 0.0, "last_error": self.last_error}
+
+
+def validate(name: str, scores, n: int) -> Result:
+    """One finite float per sample, else a reason for every sample."""
+    values = list(scores)
+    if len(values) != n:
+        return [f"reward_count: {name!r} returned {len(values)} scores for {n} samples"] * n
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        return [v if math.isfinite(v) else f"reward_nonfinite: {name!r} returned {v}" for v in values]
+    return [float(v) for v in values]
+
+
+class CircuitBreaker:
+    """closed -> (threshold consecutive failures) -> open -> (cooldown) -> half-open trial."""
+
+    def __init__(self, threshold: int, cooldown_s: float, clock=time.monotonic):
+        self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.opened_at is None
+
+    def allow(self) -> bool:
+        return self.opened_at is None or self.clock() - self.opened_at >= self.cooldown_s
+
+    def record(self, success: bool) -> None:
+        if success:
+            self.failures, self.opened_at = 0, None
+            return
+        self.failures += 1
+        if self.failures >= self.threshold or self.opened_at is not None:  # a failed trial re-opens
+            self.opened_at = self.clock()
+
+
+class RemoteRewardClient:
+    """Scores samples with a remote RewardModel server (see module docstring)."""
+
+    def __init__(self, spec: RemoteRewardSpec):
+        from protos import reward_pb2_grpc
+
+        self.spec = spec
+        self.token = load_token(spec.token_file)
+        self.channel = channel(spec.endpoint, tls_ca=spec.tls_ca)
+        self.stub = reward_pb2_grpc.RewardModelStub(self.channel)
+        self.breaker = CircuitBreaker(spec.failure_threshold, spec.cooldown_s)
+        self.stats = _Stats()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def info(self) -> dict:
+        return {"healthy": self.breaker.healthy, **self.stats.snapshot()}
+
+    def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list]) -> Result:
+        out: Result = []
+        bs = max(1, self.spec.batch_size)
+        for i in range(0, len(prompts), bs):
+            sl = slice(i, i + bs)
+            out += self._score_batch(prompts[sl], completions[sl], {k: v[sl] for k, v in metadata.items()})
+        return out
+
+    def _request(self, prompts, completions, metadata):
+        from protos import reward_pb2
+
+        samples = []
+        for j, (p, c) in enumerate(zip(prompts, completions)):
+            md = {k: "" if v[j] is None else str(v[j]) for k, v in metadata.items()}
+            samples.append(reward_pb2.Sample(prompt=p, completion=c, metadata=md))
+        return reward_pb2.ScoreRequest(samples=samples)
+
+    def _score_batch(self, prompts, completions, metadata) -> Result:
+        name, n = self.spec.name, len(prompts)
+        if not self.breaker.allow():
+            reason = f"reward_unhealthy: {name!r} circuit open after {self.breaker.failures} failed calls, " \
+                     f"last: {self.stats.last_error}"
+            self.stats.fail(n, reason, cause=False)
+            return [reason] * n
+        request = self._request(prompts, completions, metadata)
+        deadline = time.monotonic() + self.spec.timeout_s
+        backoff = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            left = deadline - time.monotonic()
+            try:
+                response = self.stub.Score(request, timeout=max(left, 0.001),
+                                           metadata=client_metadata(self.token))
+                result = validate(name, response.scores, n)
+                break
+            except grpc.RpcError as e:
+                code = e.code()
+                retry = code == grpc.StatusCode.UNAVAILABLE and attempt < self.spec.max_attempts \
+                    and deadline - time.monotonic() > backoff
+                if retry:
+                    time.sleep(backoff)
+                    backoff *= 2
+                    continue
+                kind = {grpc.StatusCode.DEADLINE_EXCEEDED: "reward_timeout",
+                        grpc.StatusCode.UNAVAILABLE: "reward_unavailable"}.get(code, "reward_error")
+                result = [f"{kind}: {name!r} {code.name} after {attempt} attempt(s): {e.details()}"] * n
+                break
+        ok = all(not isinstance(r, str) for r in result)
+        self.breaker.record(ok)
+        if ok:
+            self.stats.ok(result)
+        else:
+            self.stats.fail(n, next(r for r in result if isinstance(r, str)))
+        return result
+
+
+class LocalRewardModel:
+    """A local HF sequence-classification reward model with the client's interface."""
+
+    def __init__(self, spec: RemoteRewardSpec):
+        from actors.hf_reward import HFRewardModel
+
+        self.spec = spec
+        self.model = HFRewardModel(spec.checkpoint_dir, batch_size=spec.batch_size)
+        self.stats = _Stats()
+
+    def close(self) -> None:
+        pass
+
+    def info(self) -> dict:
+        return {"healthy": True, **self.stats.snapshot()}
+
+    def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list]) -> Result:
+        try:
+            result = validate(self.spec.name, self.model.score(prompts, completions, **metadata), len(prompts))
+        except Exception as e:  # noqa: BLE001 - a model failure flags the samples
+            result = [f"reward_error: {self.spec.name!r} raised {type(e).__name__}: {e}"] * len(prompts)
+        if all(not isinstance(r, str) for r in result):
+            self.stats.ok(result)
+        else:
+            self.stats.fail(len(prompts), next(r for r in result if isinstance(r, str)))
+        return result
+
+
+def make_reward_model(spec: RemoteRewardSpec):
+    return LocalRewardModel(spec) if spec.checkpoint_dir else RemoteRewardClient(spec)

@@ -1,0 +1,241 @@
+"""Serve a reward model over gRPC (``fleetrl.reward.v1.RewardModel``).
+
+Two backends: a Python reward callable (``module:function``, the same
+contract as :mod:`actors.reward`) and a Hugging Face sequence-classification
+checkpoint (:class:`actors.hf_reward.HFRewardModel`). The request handling is
+plain functions (:func:`score_request`, :func:`metadata_response`); the gRPC
+servicer only maps their exceptions to status codes:
+
+* ``ValueError`` (a bad request, e.g. no samples) -> ``INVALID_ARGUMENT``;
+* anything else, including a backend that raises or returns the wrong number
+  of scores or a non-finite score -> ``INTERNAL``. A broken backend never
+  becomes a wrong answer.
+
+Auth, TLS, health, reflection, size limits and shutdown come from
+:mod:`actors.serving`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+
+from actors.reward import load_reward_fn
+from actors.serving import DEFAULT_MAX_MESSAGE_BYTES, RunningServer, ServerConfig, serve
+from protos import reward_pb2, reward_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardModel"].full_name
+PROG = "fleetrl reward serve"
+
+
+class BackendError(RuntimeError):
+    """The backend failed or broke its contract (maps to INTERNAL, never INVALID_ARGUMENT)."""
+
+
+class CallableBackend:
+    """A Python reward function ``fn(prompts, completions, **metadata) -> list[float]``.
+
+    Calls are serialised (as in the reward worker, the function is never run
+    concurrently with itself).
+    """
+
+    kind = "python-callable"
+
+    def __init__(self, spec: str, *, name: str | None = None, max_batch_size: int = 0):
+        self.spec = spec
+        self.fn = load_reward_fn(spec)
+        self.name = name or spec.rpartition(":")[2] or spec
+        self.max_batch_size = max_batch_size
+        self._lock = threading.Lock()
+
+    def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list[str]]) -> list[float]:
+        with self._lock:
+            return self.fn(prompts, completions, **metadata)
+
+    def metadata(self) -> tuple[str, str, int, str]:
+        module = sys.modules.get(getattr(self.fn, "__module__", None) or "")
+        return self.name, str(getattr(module, "__version__", "")), self.max_batch_size, self.kind
+
+
+class HFBackend:
+    """A Hugging Face sequence-classification checkpoint (see :class:`HFRewardModel`)."""
+
+    kind = "hf-sequence-classification"
+
+    def __init__(self, path, *, name: str | None = None, device: str = "cpu", batch_size: int = 32,
+                 max_length: int = 512):
+        from actors.hf_reward import HFRewardModel
+
+        self.model = HFRewardModel(path, device=device, batch_size=batch_size, max_length=max_length)
+        self.name = name or Path(path).resolve().name
+
+    def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list[str]]) -> list[float]:
+        return self.model.score(prompts, completions, **metadata)
+
+    def metadata(self) -> tuple[str, str, int, str]:
+        return self.name, self.model.version, self.model.batch_size, self.kind
+
+
+def request_to_lists(request: reward_pb2.ScoreRequest) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Prompts, completions and metadata (key -> list aligned to samples; a missing key -> "")."""
+    samples = list(request.samples)
+    keys = sorted({k for s in samples for k in s.metadata})
+    metadata = {k: [s.metadata.get(k, "") for s in samples] for k in keys}
+    return [s.prompt for s in samples], [s.completion for s in samples], metadata
+
+
+def validate_scores(scores, n: int) -> list[float]:
+    """Exactly ``n`` finite floats, or BackendError saying what is wrong."""
+    try:
+        values = list(scores)
+    except TypeError:
+        raise BackendError(f"backend returned {type(scores).__name__}, not a list of floats") from None
+    if len(values) != n:
+        raise BackendError(f"backend returned {len(values)} scores for {n} samples")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise BackendError(f"backend returned non-numeric score {v!r} for sample {i}") from None
+        if not math.isfinite(f):
+            raise BackendError(f"backend returned non-finite score {f} for sample {i}")
+        out.append(f)
+    return out
+
+
+def score_request(backend, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
+    """Score every sample of ``request`` with ``backend``; ValueError if the request is empty."""
+    if not request.samples:
+        raise ValueError("ScoreRequest has no samples")
+    prompts, completions, metadata = request_to_lists(request)
+    try:
+        raw = backend.score(prompts, completions, metadata)
+    except Exception as e:  # a backend may raise anything; it is never the client's fault
+        raise BackendError(f"backend raised {type(e).__name__}: {e}") from e
+    return reward_pb2.ScoreResponse(scores=validate_scores(raw, len(prompts)))
+
+
+def metadata_response(backend) -> reward_pb2.ModelMetadata:
+    name, version, max_batch_size, kind = backend.metadata()
+    return reward_pb2.ModelMetadata(name=name, version=version, max_batch_size=max_batch_size, kind=kind)
+
+
+def _abort(context, e: Exception):
+    if isinstance(e, ValueError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    log.error("reward request failed: %s", e, exc_info=not isinstance(e, BackendError))
+    context.abort(grpc.StatusCode.INTERNAL, str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}")
+
+
+class RewardModelServicer(reward_pb2_grpc.RewardModelServicer):
+    """Thin gRPC adapter over :func:`score_request` and :func:`metadata_response`."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def Score(self, request, context):
+        try:
+            return score_request(self.backend, request)
+        except Exception as e:
+            _abort(context, e)
+
+    def GetMetadata(self, request, context):
+        try:
+            return metadata_response(self.backend)
+        except Exception as e:
+            _abort(context, e)
+
+
+def start_reward_server(backend, cfg: ServerConfig) -> RunningServer:
+    """Serve ``backend`` as ``fleetrl.reward.v1.RewardModel`` (plus health and reflection)."""
+    servicer = RewardModelServicer(backend)
+    return serve(cfg, lambda server: reward_pb2_grpc.add_RewardModelServicer_to_server(servicer, server),
+                 [SERVICE_NAME])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Serve a reward model over gRPC (fleetrl.reward.v1).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="Hugging Face sequence-classification checkpoint (safetensors)")
+    src.add_argument("--function", metavar="MODULE:FUNCTION", help="Python reward function or built-in name")
+    p.add_argument("--name", help="name reported by GetMetadata (default: folder or function name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (without a token: loopback only)")
+    p.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (printed)")
+    p.add_argument("--token-file", help="bearer token file (default: $FLEETRL_TOKEN)")
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help="largest request/response accepted")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="model batch size (--model, default 32); advertised as max_batch_size")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device for --model")
+    p.add_argument("--grace-s", type=float, default=5.0, help="seconds in-flight calls get at shutdown")
+    return p
+
+
+def make_backend(args: argparse.Namespace):
+    """The backend the parsed arguments ask for; ValueError if it cannot be built."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if args.model:
+        return HFBackend(args.model, name=args.name, device=args.device, batch_size=args.batch_size or 32)
+    return CallableBackend(args.function, name=args.name, max_batch_size=args.batch_size or 0)
+
+
+@contextlib.contextmanager
+def _stop_on_signal():
+    """Yield an Event set by SIGTERM/SIGINT (main thread only); restores the previous handlers."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _fail(error) -> int:
+    print(f"{PROG}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def main_serve(argv: list[str]) -> int:
+    """``fleetrl reward serve``: start, print the address line, serve until SIGTERM/SIGINT."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage and the error
+        return int(e.code or 0)
+    if args.max_message_bytes < 1:
+        parser.print_usage(sys.stderr)
+        return _fail("--max-message-bytes must be >= 1")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    cfg = ServerConfig(host=args.host, port=args.port, token_file=args.token_file, tls_cert=args.tls_cert,
+                       tls_key=args.tls_key, max_message_bytes=args.max_message_bytes)
+    try:
+        backend = make_backend(args)  # may take long (a big checkpoint): Ctrl-C still interrupts it
+    except (ValueError, OSError, RuntimeError) as e:  # refused checkpoint, bad function spec
+        return _fail(e)
+    with _stop_on_signal() as stop:  # before the address line: a signal right after it must not kill us
+        try:
+            running = start_reward_server(backend, cfg)
+        except (ValueError, OSError, RuntimeError) as e:  # bind failure, unreadable token or TLS files
+            return _fail(e)
+        print(f"fleetrl reward server {backend.metadata()[0]} listening on {running.address}", flush=True)
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            running.stop(args.grace_s)
+    return 0

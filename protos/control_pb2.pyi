@@ -1,0 +1,113 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RewardModelSpec(_message.Message):
+    __slots__ = ("name", "endpoint", "checkpoint_dir", "weight", "timeout_s", "batch_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_DIR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    endpoint: str
+    checkpoint_dir: str
+    weight: float
+    timeout_s: float
+    batch_size: int
+    def __init__(self, name: _Optional[str] = ..., endpoint: _Optional[str] = ..., checkpoint_dir: _Optional[str] = ..., weight: _Optional[float] = ..., timeout_s: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class RewardModelInfo(_message.Message):
+    __slots__ = ("spec", "healthy", "scored", "failed", "reward_mean", "last_error")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    spec: RewardModelSpec
+    healthy: bool
+    scored: int
+    failed: int
+    reward_mean: float
+    last_error: str
+    def __init__(self, spec: _Optional[_Union[RewardModelSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., scored: _Optional[int] = ..., failed: _Optional[int] = ..., reward_mean: _Optional[float] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class RegisterRewardModelRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: RewardModelSpec
+    def __init__(self, spec: _Optional[_Union[RewardModelSpec, _Mapping]] = ...) -> None: ...
+
+class RegisterRewardModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: RewardModelInfo
+    def __init__(self, model: _Optional[_Union[RewardModelInfo, _Mapping]] = ...) -> None: ...
+
+class RemoveRewardModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveRewardModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRewardModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRewardModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[RewardModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[RewardModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("step", "policy_version", "samples_per_s", "rollout_workers", "reward_workers", "reward_means", "produced", "trained", "dropped", "dropped_by_reason")
+    class RewardMeansEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class DroppedByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MEANS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCED_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    policy_version: int
+    samples_per_s: float
+    rollout_workers: int
+    reward_workers: int
+    reward_means: _containers.ScalarMap[str, float]
+    produced: int
+    trained: int
+    dropped: int
+    dropped_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., rollout_workers: _Optional[int] = ..., reward_workers: _Optional[int] = ..., reward_means: _Optional[_Mapping[str, float]] = ..., produced: _Optional[int] = ..., trained: _Optional[int] = ..., dropped: _Optional[int] = ..., dropped_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...

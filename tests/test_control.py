@@ -1,0 +1,205 @@
+"""Reward models submitted over gRPC while a real training run goes on.
+
+One training run (tiny policy, real Ray, real Control server) runs in a
+background thread for the whole module; each test registers reward servers
+(real gRPC servers on 127.0.0.1) through the Control service and watches the
+run's metrics and counters react.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from actors.serving import ServerConfig, serve
+from learner.config import load_config
+from learner.trainer import Trainer
+from protos import control_pb2, control_pb2_grpc, reward_pb2, reward_pb2_grpc
+from tests.conftest import wait_for
+
+
+# -- reward servers with controllable behaviour ----------------------------------------------------
+class ScriptedRewardModel(reward_pb2_grpc.RewardModelServicer):
+    """mode: 'const' (score = value), 'nan', 'short' (one score too few), 'hang' (until released)."""
+
+    def __init__(self, mode="const", value=0.25):
+        self.mode, self.value = mode, value
+        self.calls = 0
+        self.release = threading.Event()
+
+    def Score(self, request, context):
+        self.calls += 1
+        n = len(request.samples)
+        if self.mode == "hang":
+            self.release.wait(30)
+        if self.mode == "nan":
+            return reward_pb2.ScoreResponse(scores=[math.nan] * n)
+        if self.mode == "short":
+            return reward_pb2.ScoreResponse(scores=[self.value] * (n - 1))
+        return reward_pb2.ScoreResponse(scores=[self.value] * n)
+
+    def GetMetadata(self, request, context):
+        return reward_pb2.ModelMetadata(name="scripted", version="1", kind=self.mode)
+
+
+def start_reward_server(servicer, port=0):
+    return serve(ServerConfig(port=port),
+                 lambda s: reward_pb2_grpc.add_RewardModelServicer_to_server(servicer, s),
+                 ["fleetrl.reward.v1.RewardModel"])
+
+
+# -- one training run for the module ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(ray_session, tiny_policy, tmp_path_factory):
+    cfg = load_config(None, [
+        "--model.path", tiny_policy, "--reward.functions", "['tests.test_pipeline:digit_reward']",
+        "--train.steps", "100000", "--train.prompts_per_step", "2", "--rollout.group_size", "4",
+        "--rollout.prompts_per_request", "1", "--rollout.max_new_tokens", "4", "--task.eval_size", "4",
+        "--learner.num_threads", "1", "--train.sample_timeout_s", "300", "--train.max_wall_s", "600"])
+    trainer = Trainer(cfg, tmp_path_factory.mktemp("control-run"), out=io.StringIO(), progress=False)
+    result = {}
+
+    def target():
+        try:
+            result["summary"] = trainer.train()
+        except BaseException as e:  # noqa: BLE001 - surfaced by the tests
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    wait_for(lambda: trainer.control is not None and trainer.step >= 2 or "error" in result, 120, what="training")
+    assert "error" not in result, result.get("error")
+    stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(trainer.control.address))
+    yield trainer, stub, result
+    trainer.stop_requested.set()
+    thread.join(120)
+    trainer.shutdown()
+    assert "error" not in result, result.get("error")
+    s = result["summary"]
+    assert s["produced"] == s["trained"] + s["dropped"]
+
+
+def register(stub, name, endpoint, weight=1.0, timeout_s=5.0):
+    return stub.RegisterRewardModel(control_pb2.RegisterRewardModelRequest(spec=control_pb2.RewardModelSpec(
+        name=name, endpoint=endpoint, weight=weight, timeout_s=timeout_s, batch_size=16)), timeout=60)
+
+
+def rows_after(trainer, step):
+    return [r for r in trainer.history if r["step"] > step]
+
+
+def info(stub, name):
+    models = {m.spec.name: m for m in stub.ListRewardModels(control_pb2.ListRewardModelsRequest(), timeout=30).models}
+    return models.get(name)
+
+
+def test_register_changes_the_combined_reward_then_remove(run):
+    trainer, stub, _ = run
+    servicer = ScriptedRewardModel("const", value=0.25)
+    server = start_reward_server(servicer)
+    try:
+        step0 = trainer.step
+        reply = register(stub, "judge", server.address, weight=2.0)
+        assert reply.model.healthy and reply.model.spec.endpoint == server.address
+        wait_for(lambda: any("judge" in r["reward_by_name"] for r in rows_after(trainer, step0)), 60,
+                 what="the registered model's score in the metrics")
+        first = next(r for r in rows_after(trainer, step0) if "judge" in r["reward_by_name"])["step"]
+        # groups scored before the registration may still be in flight for a few batches
+        wait_for(lambda: rows_after(trainer, first + 4), 60, what="batches scored entirely after registration")
+        row = rows_after(trainer, first + 4)[0]
+        by_name = row["reward_by_name"]
+        assert by_name["judge"] == pytest.approx(0.25)
+        # combined reward = weighted sum of every function's score, sample by sample
+        assert row["reward_mean"] == pytest.approx(by_name["tests.test_pipeline:digit_reward"] + 2.0 * 0.25, abs=1e-5)
+        status = stub.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
+        assert status.step >= row["step"] and status.rollout_workers == 2 and status.produced >= status.trained
+        assert info(stub, "judge").scored > 0
+        stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="judge"), timeout=30)
+        step1 = trainer.step
+        wait_for(lambda: len(rows_after(trainer, step1 + 1)) >= 2, 60, what="training to continue after removal")
+        assert all("judge" not in r["reward_by_name"] for r in rows_after(trainer, step1 + 1))
+        assert info(stub, "judge") is None
+    finally:
+        server.stop(0)
+
+
+def test_control_status_codes(run, tmp_path):
+    _, stub, _ = run
+    server = start_reward_server(ScriptedRewardModel())
+    try:
+        register(stub, "dup", server.address)
+        cases = [
+            (lambda: register(stub, "dup", server.address), grpc.StatusCode.ALREADY_EXISTS),
+            (lambda: stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="nope"), timeout=10),
+             grpc.StatusCode.NOT_FOUND),
+            (lambda: register(stub, "bad-endpoint", "no-port-here"), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: register(stub, "", server.address), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: stub.RegisterRewardModel(control_pb2.RegisterRewardModelRequest(spec=control_pb2.RewardModelSpec(
+                name="ckpt", checkpoint_dir=str(tmp_path / "missing"))), timeout=30), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: register(stub, "neg-timeout", server.address, timeout_s=-1), grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for call, code in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == code, e.value.details()
+        stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="dup"), timeout=30)
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("mode, reason", [("hang", "reward_timeout"), ("nan", "reward_nonfinite"),
+                                          ("short", "reward_count")])
+def test_bad_reward_server_flags_samples_and_training_resumes(run, mode, reason):
+    trainer, stub, _ = run
+    servicer = ScriptedRewardModel(mode)
+    server = start_reward_server(servicer)
+    try:
+        before = trainer.counters.get("dropped_by_reason", {}).get(reason, 0)
+        register(stub, f"bad-{mode}", server.address, timeout_s=1.0)
+        wait_for(lambda: trainer.counters.get("dropped_by_reason", {}).get(reason, 0) > before
+                 or ray.get(trainer.coordinator.stats.remote())["dropped_by_reason"].get(reason, 0) > before,
+                 90, what=f"samples dropped as {reason}")
+        # every sample is flagged while it is registered: no batch forms, the learner does not move
+        wait_for(lambda: info(stub, f"bad-{mode}").failed > 0, 30, what="failure counter")
+        step, digest = trainer.step, ray.get(trainer.learner.weights_digest.remote())
+        wait_for(lambda: ray.get(trainer.coordinator.stats.remote())["dropped_by_reason"].get(reason, 0)
+                 >= before + 8, 90, what="more flagged samples")
+        assert trainer.step <= step + 2  # at most the batches already assembled before it took effect
+        if trainer.step == step:
+            assert ray.get(trainer.learner.weights_digest.remote()) == digest
+        assert info(stub, f"bad-{mode}").last_error.startswith(reason)
+        servicer.release.set()
+        stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name=f"bad-{mode}"), timeout=60)
+        resumed = trainer.step
+        wait_for(lambda: trainer.step >= resumed + 3, 120, what="training to resume")
+    finally:
+        servicer.release.set()
+        server.stop(0)
+
+
+def test_crashed_reward_server_opens_the_circuit_and_recovers(run):
+    trainer, stub, _ = run
+    servicer = ScriptedRewardModel("const", value=0.5)
+    server = start_reward_server(servicer)
+    port = server.port
+    try:
+        register(stub, "flaky", server.address, timeout_s=2.0)
+        wait_for(lambda: info(stub, "flaky").scored > 0, 60, what="first scores")
+        server.stop(0)  # the server crashes mid-run
+        wait_for(lambda: not info(stub, "flaky").healthy, 120, what="circuit to open")
+        m = info(stub, "flaky")
+        assert m.failed > 0 and m.last_error.split(":")[0] in ("reward_unavailable", "reward_unhealthy")
+        server = start_reward_server(servicer, port=port)  # it comes back on the same address
+        wait_for(lambda: info(stub, "flaky").healthy, 120, what="circuit to close")
+        step = trainer.step
+        wait_for(lambda: any("flaky" in r["reward_by_name"] for r in rows_after(trainer, step)), 120,
+                 what="scores from the recovered server in training")
+        stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="flaky"), timeout=60)
+    finally:
+        server.stop(0)

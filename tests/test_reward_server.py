@@ -1,0 +1,303 @@
+"""The reward-model gRPC server: real servers on 127.0.0.1, real clients, no mocks.
+
+Reward functions served in these tests live in this module and are loaded by
+the server as ``tests.test_reward_server:<name>``, exactly as a user's would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import queue
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from actors.hf_reward import HFRewardModel, build_tiny_reward_model, check_checkpoint
+from actors.reward_server import SERVICE_NAME, CallableBackend, HFBackend, main_serve, start_reward_server
+from actors.serving import ServerConfig, channel, client_metadata
+from protos import reward_pb2, reward_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+GRPCURL = ROOT / ".venv" / "bin" / "grpcurl"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+# ---- reward functions served by the tests ------------------------------------------------------
+
+CALLS: list[dict] = []
+ENTERED, RELEASE = threading.Event(), threading.Event()
+
+
+def length_reward(prompts, completions, **metadata):
+    """Score = completion length."""
+    return [float(len(c)) for c in completions]
+
+
+def recording_reward(prompts, completions, **metadata):
+    """Records what it was called with; score = 1 if the completion equals metadata 'answer'."""
+    CALLS.append(dict(prompts=prompts, completions=completions, metadata=metadata))
+    return [float(c == a) for c, a in zip(completions, metadata.get("answer", [""] * len(completions)))]
+
+
+def nan_reward(prompts, completions, **metadata):
+    return [math.nan] * len(prompts)
+
+
+def short_reward(prompts, completions, **metadata):
+    return [1.0] * (len(prompts) - 1)
+
+
+def raising_reward(prompts, completions, **metadata):
+    raise ValueError("bug inside the reward function")
+
+
+def blocking_reward(prompts, completions, **metadata):
+    ENTERED.set()
+    RELEASE.wait(30)
+    return length_reward(prompts, completions)
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def spec(fn) -> str:
+    return f"{__name__}:{fn.__name__}"
+
+
+def request(*pairs, metadata=None) -> reward_pb2.ScoreRequest:
+    metadata = metadata or [{}] * len(pairs)
+    return reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(prompt=p, completion=c, metadata=m)
+                                            for (p, c), m in zip(pairs, metadata)])
+
+
+@contextlib.contextmanager
+def serving(backend, **cfg):
+    """A running reward server and a client channel to it; stopped afterwards."""
+    running = start_reward_server(backend, ServerConfig(**cfg))
+    ch = channel(running.address)
+    try:
+        yield running, ch
+    finally:
+        ch.close()
+        running.stop(grace_s=0)
+
+
+def score_stub(ch):
+    return reward_pb2_grpc.RewardModelStub(ch)
+
+
+def health_stub(ch):
+    return health_pb2_grpc.HealthStub(ch)
+
+
+def rpc_code(call, *args, **kwargs) -> grpc.StatusCode:
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+PAIRS = [("12+3=", "15"), ("1=", "1"), ("7*6=", "forty-two")]
+
+
+# ---- callable backend --------------------------------------------------------------------------
+
+def test_score_callable_in_order_with_metadata():
+    CALLS.clear()
+    meta = [{"answer": "15", "lang": "en"}, {}, {"answer": "42"}]
+    with serving(CallableBackend(spec(recording_reward))) as (_, ch):
+        resp = score_stub(ch).Score(request(*PAIRS, metadata=meta), timeout=10)
+        md = score_stub(ch).GetMetadata(reward_pb2.GetMetadataRequest(), timeout=10)
+    prompts, completions = [p for p, _ in PAIRS], [c for _, c in PAIRS]
+    expected_meta = {k: [m.get(k, "") for m in meta] for k in ("answer", "lang")}
+    assert CALLS == [dict(prompts=prompts, completions=completions, metadata=expected_meta)]
+    assert list(resp.scores) == recording_reward(prompts, completions, **expected_meta)
+    assert (md.name, md.kind) == ("recording_reward", CallableBackend.kind)
+
+
+def test_score_length_reward_one_per_sample():
+    with serving(CallableBackend(spec(length_reward))) as (_, ch):
+        resp = score_stub(ch).Score(request(*PAIRS), timeout=10)
+    assert list(resp.scores) == length_reward([p for p, _ in PAIRS], [c for _, c in PAIRS])
+
+
+def test_auth_contract(monkeypatch):
+    token = secrets.token_hex(16)
+    monkeypatch.setenv("FLEETRL_TOKEN", token)
+    with serving(CallableBackend(spec(length_reward))) as (running, ch):
+        stub, req = score_stub(ch), request(*PAIRS)
+        assert running.authenticated
+        assert rpc_code(stub.Score, req, timeout=10) == grpc.StatusCode.UNAUTHENTICATED
+        assert rpc_code(stub.Score, req, timeout=10,
+                        metadata=client_metadata(token + "x")) == grpc.StatusCode.UNAUTHENTICATED
+        assert rpc_code(stub.Score, req, timeout=10, metadata=client_metadata(token)) == grpc.StatusCode.OK
+        health = health_stub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+        assert health.status == SERVING
+
+
+def test_oversize_request_is_resource_exhausted():
+    with serving(CallableBackend(spec(length_reward)), max_message_bytes=1024) as (_, ch):
+        stub = score_stub(ch)
+        assert rpc_code(stub.Score, request(("1=", "1")), timeout=10) == grpc.StatusCode.OK
+        big = request(("1=", "x" * 10_000))
+        assert rpc_code(stub.Score, big, timeout=10) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize("fn, code", [(length_reward, grpc.StatusCode.INVALID_ARGUMENT),  # empty request
+                                      (nan_reward, grpc.StatusCode.INTERNAL),
+                                      (short_reward, grpc.StatusCode.INTERNAL),
+                                      (raising_reward, grpc.StatusCode.INTERNAL)])
+def test_error_status_codes(fn, code):
+    req = reward_pb2.ScoreRequest() if fn is length_reward else request(*PAIRS)
+    with serving(CallableBackend(spec(fn))) as (_, ch):
+        assert rpc_code(score_stub(ch).Score, req, timeout=10) == code
+
+
+def test_graceful_shutdown():
+    """Health goes NOT_SERVING while a call is in flight; that call finishes; later calls fail."""
+    ENTERED.clear()
+    RELEASE.clear()
+    running = start_reward_server(CallableBackend(spec(blocking_reward)), ServerConfig())
+    ch = channel(running.address)
+    result: dict = {}
+
+    def call():
+        try:
+            result["resp"] = score_stub(ch).Score(request(*PAIRS), timeout=30)
+        except grpc.RpcError as e:
+            result["error"] = e.code()
+
+    try:
+        # Check cannot see NOT_SERVING (stop() closes the listener at once), so watch the status stream
+        watch = health_stub(ch).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=20)
+        assert next(watch).status == SERVING
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert ENTERED.wait(10), "Score never reached the reward function"
+        stopper = threading.Thread(target=running.stop, kwargs=dict(grace_s=5))
+        stopper.start()
+        assert next(watch).status == NOT_SERVING  # bounded by the Watch deadline
+        assert caller.is_alive() and not result, "in-flight call ended before the status flipped"
+        watch.cancel()
+    finally:
+        RELEASE.set()
+    caller.join(10)
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert list(result["resp"].scores) == length_reward([p for p, _ in PAIRS], [c for _, c in PAIRS])
+    assert rpc_code(score_stub(ch).Score, request(*PAIRS), timeout=10) == grpc.StatusCode.UNAVAILABLE
+    ch.close()
+
+
+# ---- grpcurl -----------------------------------------------------------------------------------
+
+def grpcurl(*args) -> subprocess.CompletedProcess:
+    if not GRPCURL.exists() and not shutil.which("grpcurl"):
+        pytest.skip("grpcurl binary not installed")
+    exe = str(GRPCURL) if GRPCURL.exists() else shutil.which("grpcurl")
+    return subprocess.run([exe, "-plaintext", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_grpcurl_list_and_score():
+    with serving(CallableBackend(spec(length_reward))) as (running, _):
+        listed = grpcurl(running.address, "list")
+        scored = grpcurl("-d", '{"samples":[{"prompt":"1=","completion":"1"}]}', running.address,
+                         f"{SERVICE_NAME}/Score")
+    assert listed.returncode == 0, listed.stderr
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(listed.stdout.split())
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["scores"] == length_reward(["1="], ["1"])
+
+
+# ---- Hugging Face backend ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_reward(tmp_path_factory) -> Path:
+    return build_tiny_reward_model(tmp_path_factory.mktemp("tiny-reward"), seed=0)
+
+
+def copy_model(src: Path, dst: Path, *, skip: str = "") -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(skip) if skip else None)
+    return dst
+
+
+def test_hf_backend_matches_in_process(tiny_reward):
+    pairs = PAIRS + [("", "0123456789 " * 3)]
+    prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
+    with serving(HFBackend(tiny_reward, batch_size=2)) as (_, ch):
+        served = list(score_stub(ch).Score(request(*pairs), timeout=30).scores)
+        md = score_stub(ch).GetMetadata(reward_pb2.GetMetadataRequest(), timeout=10)
+    local = HFRewardModel(tiny_reward, batch_size=3)
+    alone = [local.score([p], [c])[0] for p, c in pairs]
+    assert len(served) == len(pairs) and all(math.isfinite(s) for s in served)
+    assert served == pytest.approx(local.score(prompts, completions), abs=1e-5)
+    assert served == pytest.approx(alone, abs=1e-5)  # padding does not change a sample's score
+    assert len(set(served)) > 1
+    assert (md.kind, md.max_batch_size, md.name) == (HFBackend.kind, 2, tiny_reward.name)
+
+
+@pytest.mark.parametrize("breakage, reason", [("pickle", "pickle"), ("no-safetensors", "no *.safetensors"),
+                                              ("auto_map", "remote code"), ("missing", "no such directory")])
+def test_check_checkpoint_refuses(tiny_reward, tmp_path, capsys, breakage, reason):
+    bad = tmp_path / "bad"
+    if breakage == "pickle":
+        (copy_model(tiny_reward, bad) / "pytorch_model.bin").write_bytes(b"not even loaded")
+    elif breakage == "no-safetensors":
+        copy_model(tiny_reward, bad, skip="*.safetensors")
+    elif breakage == "auto_map":
+        config = json.loads((copy_model(tiny_reward, bad) / "config.json").read_text())
+        config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+        (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        check_checkpoint(bad)
+    assert main_serve(["--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "fleetrl reward serve: error:" in err and reason in err
+
+
+def test_hf_refuses_multi_label_model(tiny_policy):
+    with pytest.raises(ValueError, match="exactly 1"):
+        HFRewardModel(tiny_policy)
+
+
+@pytest.mark.parametrize("argv", [[], ["--model", "m", "--function", f"{__name__}:length_reward"],
+                                  ["--function", "no_such_module:fn"]])
+def test_main_serve_bad_arguments(argv, capsys):
+    assert main_serve(argv) == 2
+    assert "fleetrl reward serve: error:" in capsys.readouterr().err
+
+
+# ---- the command as a real process -------------------------------------------------------------
+
+def test_main_serve_subprocess_sigterm():
+    code = "import sys; from actors.reward_server import main_serve; sys.exit(main_serve(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--function", spec(length_reward), "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        try:
+            line = lines.get(timeout=45)
+        except queue.Empty:
+            pytest.fail("the server printed no address line within 45 s")
+        m = re.fullmatch(r"fleetrl reward server length_reward listening on (\S+):(\d+)\n", line)
+        assert m, line
+        with channel(f"{m[1]}:{m[2]}") as ch:
+            resp = score_stub(ch).Score(request(*PAIRS), timeout=10)
+        assert list(resp.scores) == length_reward([p for p, _ in PAIRS], [c for _, c in PAIRS])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
