@@ -86,6 +86,75 @@ class HFBackend:
         return self.name, self.model.version, self.model.batch_size, self.kind
 
 
+class MainThreadRunner:
+    """Runs a backend's ``score`` on the thread that calls ``run`` (the main thread in
+    ``fleetrl reward serve``) and merges requests that wait at the same time into one
+    call (dynamic batching).
+
+    Why: torch's intra-op parallelism gave no speed-up when the model ran on a
+    gRPC worker thread here (a 32-sample forward of a 4-layer h256 reward model:
+    26 ms on a worker thread, 16 ms on the main thread, 24 ms single-threaded).
+    """
+
+    def __init__(self, backend, max_merge: int = 256):
+        import queue
+
+        self.backend = backend
+        self.max_merge = max_merge
+        self.jobs: "queue.Queue" = queue.Queue()
+
+    def metadata(self):
+        return self.backend.metadata()
+
+    def score(self, prompts, completions, metadata):
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self.jobs.put((prompts, completions, metadata, fut))
+        return fut.result()
+
+    def run(self, done) -> None:
+        """Serve queued calls until ``done()`` is true."""
+        import queue
+
+        while not done():
+            try:
+                first = self.jobs.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            batch, n = [first], len(first[0])
+            while n < self.max_merge:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(job)
+                n += len(job[0])
+            self._score(batch)
+
+    def _score(self, batch) -> None:
+        if len(batch) > 1:
+            keys = sorted({k for job in batch for k in job[2]})
+            prompts = [p for job in batch for p in job[0]]
+            completions = [c for job in batch for c in job[1]]
+            metadata = {k: [v for job in batch for v in job[2].get(k, [""] * len(job[0]))] for k in keys}
+            try:
+                scores = list(self.backend.score(prompts, completions, metadata))
+                if len(scores) == len(prompts):
+                    i = 0
+                    for job in batch:
+                        job[3].set_result(scores[i:i + len(job[0])])
+                        i += len(job[0])
+                    return
+            except Exception:  # noqa: BLE001 - retry one by one so one bad request fails alone
+                pass
+        for prompts, completions, metadata, fut in batch:
+            try:
+                fut.set_result(self.backend.score(prompts, completions, metadata))
+            except Exception as e:  # noqa: BLE001 - delivered to the waiting gRPC handler
+                fut.set_exception(e)
+
+
 def request_to_lists(request: reward_pb2.ScoreRequest) -> tuple[list[str], list[str], dict[str, list[str]]]:
     """Prompts, completions and metadata (key -> list aligned to samples; a missing key -> "")."""
     samples = list(request.samples)
@@ -227,15 +296,17 @@ def main_serve(argv: list[str]) -> int:
         backend = make_backend(args)  # may take long (a big checkpoint): Ctrl-C still interrupts it
     except (ValueError, OSError, RuntimeError) as e:  # refused checkpoint, bad function spec
         return _fail(e)
+    runner = MainThreadRunner(backend)
     with _stop_on_signal() as stop:  # before the address line: a signal right after it must not kill us
         try:
-            running = start_reward_server(backend, cfg)
+            running = start_reward_server(runner, cfg)
         except (ValueError, OSError, RuntimeError) as e:  # bind failure, unreadable token or TLS files
             return _fail(e)
         print(f"fleetrl reward server {backend.metadata()[0]} listening on {running.address}", flush=True)
+        stopper = threading.Thread(target=running.stop, args=(args.grace_s,))
         try:
-            while not stop.wait(1.0):
-                pass
+            runner.run(stop.is_set)
         finally:
-            running.stop(args.grace_s)
+            stopper.start()  # in-flight calls still need this thread to score them while the server drains
+            runner.run(lambda: not stopper.is_alive())
     return 0

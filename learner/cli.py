@@ -3,6 +3,16 @@
     fleetrl train [CONFIG.yaml] [--address ADDR] [--output-dir DIR] [--no-progress] [--section.key VALUE ...]
     fleetrl config [CONFIG.yaml] [--section.key VALUE ...]   # print the resolved config
     fleetrl config --reference                               # the configuration reference (Markdown)
+    fleetrl reward serve (--model DIR | --function MODULE:FN) [--port P] ...   # serve a reward model
+    fleetrl reward add NAME (--endpoint HOST:PORT | --checkpoint DIR) [--weight W] [--timeout S] [--batch-size N]
+    fleetrl reward remove NAME
+    fleetrl reward list
+    fleetrl status
+
+The live commands (reward add/remove/list, status) talk to a running trainer's
+Control service: --control HOST:PORT, or $FLEETRL_CONTROL, or --run-dir DIR
+(reads DIR/control.json); the bearer token comes from --token-file or
+$FLEETRL_TOKEN.
 """
 
 from __future__ import annotations
@@ -114,7 +124,107 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config}
+def _control_parser(prog: str):
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--control", help="HOST:PORT of the trainer's Control service ($FLEETRL_CONTROL)")
+    p.add_argument("--run-dir", help="run directory of the trainer (reads control.json)")
+    p.add_argument("--token-file", help="bearer token file (default: $FLEETRL_TOKEN)")
+    p.add_argument("--tls-ca", help="PEM CA certificate when the Control service uses TLS")
+    p.add_argument("--timeout", type=float, default=120.0, dest="rpc_timeout", help="RPC deadline in seconds")
+    return p
+
+
+def _control_stub(args):
+    from actors.serving import channel, load_token
+    from protos import control_pb2_grpc
+
+    address = args.control or os.environ.get("FLEETRL_CONTROL")
+    if not address and args.run_dir:
+        path = Path(args.run_dir) / "control.json"
+        if not path.is_file():
+            raise UsageError(f"{path} not found: is the run serving Control (control.enabled)?")
+        address = json.loads(path.read_text())["address"]
+    if not address:
+        raise UsageError("no Control address: pass --control HOST:PORT, --run-dir DIR or set FLEETRL_CONTROL")
+    token = load_token(args.token_file)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return control_pb2_grpc.ControlStub(channel(address, tls_ca=args.tls_ca)), metadata
+
+
+def _rpc(prog: str, fn):
+    import grpc
+
+    try:
+        return fn()
+    except grpc.RpcError as e:
+        print(f"{prog}: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_reward(argv: list[str]) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from protos import control_pb2
+
+    if not argv or argv[0] not in ("serve", "add", "remove", "list"):
+        raise UsageError("usage: fleetrl reward {serve,add,remove,list} ...")
+    sub, rest = argv[0], argv[1:]
+    if sub == "serve":
+        from actors.reward_server import main_serve
+
+        return main_serve(rest)
+    prog = f"fleetrl reward {sub}"
+    p = _control_parser(prog)
+    if sub in ("add", "remove"):
+        p.add_argument("name")
+    if sub == "add":
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("--endpoint", help="HOST:PORT of a fleetrl.reward.v1.RewardModel server")
+        target.add_argument("--checkpoint", help="local HF sequence-classification folder (safetensors)")
+        p.add_argument("--weight", type=float, default=1.0, help="weight in the combined reward")
+        p.add_argument("--score-timeout", type=float, default=10.0, help="deadline of one Score call (s)")
+        p.add_argument("--batch-size", type=int, default=64, help="samples per Score call")
+    args = p.parse_args(rest)
+    stub, md = _control_stub(args)
+    if sub == "add":
+        spec = control_pb2.RewardModelSpec(name=args.name, weight=args.weight, timeout_s=args.score_timeout,
+                                           batch_size=args.batch_size)
+        if args.endpoint:
+            spec.endpoint = args.endpoint
+        else:
+            spec.checkpoint_dir = str(Path(args.checkpoint).resolve())
+        reply = _rpc(prog, lambda: stub.RegisterRewardModel(control_pb2.RegisterRewardModelRequest(spec=spec),
+                                                            metadata=md, timeout=args.rpc_timeout))
+        print(json.dumps(MessageToDict(reply.model, preserving_proto_field_name=True), indent=2))
+    elif sub == "remove":
+        _rpc(prog, lambda: stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name=args.name),
+                                                  metadata=md, timeout=args.rpc_timeout))
+        print(f"removed {args.name}")
+    else:
+        reply = _rpc(prog, lambda: stub.ListRewardModels(control_pb2.ListRewardModelsRequest(), metadata=md,
+                                                         timeout=args.rpc_timeout))
+        print(json.dumps([MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                          for m in reply.models], indent=2))
+    return 0
+
+
+def cmd_status(argv: list[str]) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from protos import control_pb2
+
+    args = _control_parser("fleetrl status").parse_args(argv)
+    stub, md = _control_stub(args)
+    reply = _rpc("fleetrl status", lambda: stub.GetStatus(control_pb2.GetStatusRequest(), metadata=md,
+                                                          timeout=args.rpc_timeout))
+    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True,
+                                   always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:
