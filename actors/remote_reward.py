@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -44,6 +44,9 @@ class RemoteRewardSpec:
     timeout_s: float = 10.0
     batch_size: int = 64
     token_file: str | None = None
+    token: str | None = field(default=None, repr=False)
+    """Bearer token for the server, resolved by the driver (never sent anywhere but
+    in this call's metadata); default: read ``token_file`` / $FLEETRL_TOKEN here."""
     tls_ca: str | None = None
     max_attempts: int = 3
     failure_threshold: int = 3
@@ -119,7 +122,7 @@ class RemoteRewardClient:
         from protos import reward_pb2_grpc
 
         self.spec = spec
-        self.token = load_token(spec.token_file)
+        self.token = spec.token or load_token(spec.token_file)
         self.channel = channel(spec.endpoint, tls_ca=spec.tls_ca)
         self.stub = reward_pb2_grpc.RewardModelStub(self.channel)
         self.breaker = CircuitBreaker(spec.failure_threshold, spec.cooldown_s)

@@ -125,9 +125,13 @@ class RewardRegistry:
 
 # -- protobuf translation ------------------------------------------------------------------------
 def spec_from_proto(p: control_pb2.RewardModelSpec, token_file: str | None = None) -> RemoteRewardSpec:
+    """The token for calling the reward server is the driver's ($FLEETRL_REWARD_TOKEN_FILE or
+    $FLEETRL_TOKEN), resolved here so reward-model actors on other nodes have it too."""
+    from actors.serving import load_token
+
     return RemoteRewardSpec(name=p.name, endpoint=p.endpoint, checkpoint_dir=p.checkpoint_dir,
                             weight=p.weight or 1.0, timeout_s=p.timeout_s or 10.0, batch_size=p.batch_size or 64,
-                            token_file=token_file)
+                            token=load_token(token_file))
 
 
 def info_to_proto(info: dict) -> control_pb2.RewardModelInfo:

@@ -174,6 +174,8 @@ def test_bad_reward_server_flags_samples_and_training_resumes(run, mode, reason)
         if trainer.step == step:
             assert ray.get(trainer.learner.weights_digest.remote()) == digest
         assert info(stub, f"bad-{mode}").last_error.startswith(reason)
+        # no trained sample ever carried a score from the bad server: its batches never reached the learner
+        assert all(f"bad-{mode}" not in r["reward_by_name"] for r in trainer.history)
         servicer.release.set()
         stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name=f"bad-{mode}"), timeout=60)
         resumed = trainer.step
@@ -257,3 +259,23 @@ def test_hf_reward_model_served_by_the_cli_and_used_in_training(run, tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0
+
+
+def test_trainer_calls_an_authenticated_reward_server_with_its_token(run, monkeypatch):
+    trainer, stub, _ = run
+    monkeypatch.setenv("FLEETRL_TOKEN", "shared-secret")
+    servicer = ScriptedRewardModel("const", value=0.75)
+    server = start_reward_server(servicer)  # requires the token from now on
+    try:
+        assert server.authenticated
+        anonymous = reward_pb2_grpc.RewardModelStub(grpc.insecure_channel(server.address))
+        with pytest.raises(grpc.RpcError) as e:
+            anonymous.Score(reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(prompt="1=", completion="1")]),
+                            timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        register(stub, "authed", server.address)
+        wait_for(lambda: info(stub, "authed").scored > 0, 60, what="scores from the authenticated server")
+        assert info(stub, "authed").failed == 0
+        stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="authed"), timeout=60)
+    finally:
+        server.stop(0)

@@ -75,3 +75,49 @@ def test_grpcurl_lists_the_control_service():
         assert '"step": "3"' in call.stdout, call.stdout + call.stderr
     finally:
         server.stop(grace_s=1)
+
+
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls_server_accepts_tls_clients_only(tmp_path):
+    from actors.serving import ServerConfig, channel
+    from learner.control import RewardRegistry, start_control_server
+    from protos import control_pb2, control_pb2_grpc
+
+    cert, key = _self_signed(tmp_path)
+    server = start_control_server(RewardRegistry([], []), lambda: {"step": 5},
+                                  ServerConfig(port=0, tls_cert=cert, tls_key=key))
+    try:
+        tls = control_pb2_grpc.ControlStub(channel(f"localhost:{server.port}", tls_ca=cert))
+        assert tls.GetStatus(control_pb2.GetStatusRequest(), timeout=10).step == 5
+        plain = control_pb2_grpc.ControlStub(grpc.insecure_channel(server.address))
+        with pytest.raises(grpc.RpcError) as e:
+            plain.GetStatus(control_pb2.GetStatusRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace_s=1)
