@@ -56,6 +56,12 @@ class Coordinator:
         self.trained = 0
         self.trained_groups = 0
         self.handed: list[Group] = []  # given to the learner, not yet committed
+        self.in_flight: dict[str, dict[int, Prompt]] = {}  # worker -> prompts handed out, not yet put
+        self.requeue: deque[Prompt] = deque()  # prompts of lost workers, handed out first
+        self.retiring: set[str] = set()
+        self.reclaimed_prompts = 0
+        self.reclaimed_uids: set[int] = set()
+        self.reclaimed_done: set[int] = set()
         self.dropped: Counter[str] = Counter()
         self.last_error: dict[str, str] = {}
         self.produced_by_worker: Counter[str] = Counter()
@@ -79,18 +85,59 @@ class Coordinator:
         ``prompts`` is ``None`` once the run is stopping (the worker should exit)
         and ``[]`` when ``timeout_s`` passed with the gate closed (ask again).
         """
+        def ready():
+            return self.stopping or worker in self.retiring or bool(self.requeue) or self._live() < self._limit()
+
         async with self.cond:
             try:
-                await asyncio.wait_for(
-                    self.cond.wait_for(lambda: self.stopping or self._live() < self._limit()), timeout_s)
+                await asyncio.wait_for(self.cond.wait_for(ready), timeout_s)
             except asyncio.TimeoutError:
                 return [], self.weights.version
-            if self.stopping:
+            if self.stopping or worker in self.retiring:
                 return None, self.weights.version
-            n = min(self.prompts_per_request, self._limit() - self._live())
-            batch = [next(self.prompts) for _ in range(n)]
-            self.issued_groups += n
+            batch = []
+            while self.requeue and len(batch) < self.prompts_per_request:  # a lost worker's prompts first
+                batch.append(self.requeue.popleft())
+            if not batch:
+                n = min(self.prompts_per_request, self._limit() - self._live())
+                batch = [next(self.prompts) for _ in range(n)]
+                self.issued_groups += n
+            self.in_flight.setdefault(worker, {}).update({p.uid: p for p in batch})
             return batch, self.weights.version
+
+    async def reclaim(self, worker: str) -> int:
+        """``worker`` is gone: its prompts in flight go back out, first in line, to the
+        other workers (they were counted as issued once; they stay counted once)."""
+        async with self.cond:
+            lost = self.in_flight.pop(worker, {})
+            self.requeue.extend(lost.values())
+            self.reclaimed_uids.update(lost)
+            self.reclaimed_prompts += len(lost)
+            self.cond.notify_all()
+            return len(lost)
+
+    async def retire(self, worker: str) -> None:
+        """Let ``worker`` finish what it holds, then hand it no more prompts (scale down)."""
+        async with self.cond:
+            self.retiring.add(worker)
+            self.cond.notify_all()
+
+    def _settle(self, g: Group) -> bool:
+        """Mark ``g``'s prompt as returned. False for a duplicate: a reclaimed prompt can
+        come back twice (late from the lost worker's reward call, and from the worker it
+        was handed to again); the first one to arrive counts, the other is dropped."""
+        uid = g.prompt.uid
+        self.in_flight.get(g.worker, {}).pop(uid, None)
+        if uid not in self.reclaimed_uids:
+            return True
+        for i, p in enumerate(self.requeue):  # not handed out again yet: it is settled now
+            if p.uid == uid:
+                del self.requeue[i]
+                break
+        if uid in self.reclaimed_done:
+            return False
+        self.reclaimed_done.add(uid)
+        return True
 
     async def put(self, groups: list[Group]) -> None:
         """Add scored groups; fully excluded groups are counted and dropped here.
@@ -103,6 +150,9 @@ class Coordinator:
             for g in groups:
                 self.produced += g.size
                 self.produced_by_worker[g.worker] += g.size
+                if not self._settle(g):
+                    self.dropped["duplicate"] += g.size
+                    continue
                 usable = g.trainable_samples()
                 for s in g.samples:
                     if not any(s is u for u in usable):
@@ -207,6 +257,9 @@ class Coordinator:
             "in_flight_groups": self._live() - len(self.buffer) - len(self.handed) - self.trained_groups,
             "produced_by_worker": dict(self.produced_by_worker),
             "last_error": dict(self.last_error),
+            "reclaimed_prompts": self.reclaimed_prompts,
+            "requeued_prompts": len(self.requeue),
+            "in_flight_by_worker": {w: len(p) for w, p in self.in_flight.items() if p},
         }
 
     def _count_excluded(self, g: Group, s) -> None:

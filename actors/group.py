@@ -176,14 +176,11 @@ class WorkerGroup:
         return [dict(name=n, **w) for n, w in zip(self.names, ray.get([a.where.remote() for a in self.actors]))]
 
 
-def create_rollout_group(model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, seed: int) -> WorkerGroup:
+def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
         runtime_env=actor_env(cfg.num_threads), max_concurrency=2)
-    names = [f"rollout-{i}" for i in range(cfg.num_workers)]
-    actors = [cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=n, seed=seed + 1000 * i)
-              for i, n in enumerate(names)]
-    return WorkerGroup(actors, names)
+    return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed)
 
 
 def create_reward_group(cfg: RewardConfig) -> WorkerGroup:

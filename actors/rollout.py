@@ -41,6 +41,10 @@ class RolloutConfig:
     """Nucleus sampling mass (1.0 disables it)."""
     max_new_tokens: int = 0
     """Completion length cap; 0 means the task's default (answer length + EOS)."""
+    max_replacements: int = 10
+    """Rollout workers that may die and be replaced during a run before it fails."""
+    replace_timeout_s: float = 120.0
+    """How long a replacement worker may take to start; with no worker alive, the run then fails."""
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
@@ -52,6 +56,8 @@ class RolloutConfig:
         _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 0, "rollout.max_new_tokens", "must be >= 0")
+        _check(self.max_replacements >= 0, "rollout.max_replacements", "must be >= 0")
+        _check(self.replace_timeout_s > 0, "rollout.replace_timeout_s", "must be > 0")
 
 
 def _check(ok: bool, key: str, msg: str) -> None:

@@ -8,6 +8,7 @@
     fleetrl reward remove NAME
     fleetrl reward list
     fleetrl status
+    fleetrl scale --rollout N
 
 The live commands (reward add/remove/list, status) talk to a running trainer's
 Control service: --control HOST:PORT, or $FLEETRL_CONTROL, or --run-dir DIR
@@ -224,7 +225,20 @@ def cmd_status(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "status": cmd_status}
+def cmd_scale(argv: list[str]) -> int:
+    from protos import control_pb2
+
+    p = _control_parser("fleetrl scale")
+    p.add_argument("--rollout", type=int, required=True, help="number of rollout workers to run")
+    args = p.parse_args(argv)
+    stub, md = _control_stub(args)
+    reply = _rpc("fleetrl scale", lambda: stub.ScaleRollout(control_pb2.ScaleRolloutRequest(num_workers=args.rollout),
+                                                            metadata=md, timeout=args.rpc_timeout))
+    print(f"rollout workers: {reply.previous} -> {reply.target}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "status": cmd_status, "scale": cmd_scale}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,9 +149,10 @@ def info_to_proto(info: dict) -> control_pb2.RewardModelInfo:
 class ControlServicer(control_pb2_grpc.ControlServicer):
     """Thin: protobuf in, registry/status call, protobuf out, ControlError -> status code."""
 
-    def __init__(self, registry: RewardRegistry, status_fn, client_token_file: str | None = None):
+    def __init__(self, registry: RewardRegistry, status_fn, client_token_file: str | None = None, scale_fn=None):
         self.registry = registry
         self.status_fn = status_fn
+        self.scale_fn = scale_fn
         self.client_token_file = client_token_file
 
     def _call(self, context, fn, *args):
@@ -174,10 +175,19 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def GetStatus(self, request, context):
         return control_pb2.GetStatusResponse(**self.status_fn())
 
+    def ScaleRollout(self, request, context):
+        if self.scale_fn is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server cannot scale rollout workers")
+        if request.num_workers < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_workers must be >= 1, got {request.num_workers}")
+        previous = self.status_fn().get("rollout_workers", 0)
+        return control_pb2.ScaleRolloutResponse(previous=previous, target=self.scale_fn(request.num_workers))
 
-def start_control_server(registry: RewardRegistry, status_fn, cfg):
+
+def start_control_server(registry: RewardRegistry, status_fn, cfg, scale_fn=None):
     """Serve Control with the common server setup (auth, health, reflection, limits)."""
     from actors.serving import serve
 
-    servicer = ControlServicer(registry, status_fn, client_token_file=os.environ.get("FLEETRL_REWARD_TOKEN_FILE"))
+    servicer = ControlServicer(registry, status_fn, client_token_file=os.environ.get("FLEETRL_REWARD_TOKEN_FILE"),
+                               scale_fn=scale_fn)
     return serve(cfg, lambda server: control_pb2_grpc.add_ControlServicer_to_server(servicer, server), [SERVICE_NAME])

@@ -28,12 +28,13 @@ import yaml
 
 from actors.coordinator import SampleTimeout
 from actors.reward import load_reward_fn
-from actors.group import create_coordinator, create_reward_group, create_rollout_group
+from actors.group import create_coordinator, create_reward_group
 from actors.tasks import make_task
 from actors.tiny_model import prepare_builtin_policy
 from learner.config import Config, ConfigError
 from actors.serving import ServerConfig
 from learner.control import RewardRegistry, start_control_server
+from learner.fleet import FleetError, RolloutFleet
 from learner.learner import create_learner
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,6 @@ class Trainer:
         self.task = make_task(cfg.task.name, num_digits=cfg.task.num_digits, seed=cfg.task.seed)
         self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.task.num_digits + 1
         self.step = 0
-        self.loops: list = []
         self.control = None
         self.registry = None
         self.stop_requested = threading.Event()  # set from another thread to end the run after this step
@@ -110,13 +110,16 @@ class Trainer:
         self.learner = create_learner(self.policy_path, cfg.learner, total_steps=cfg.train.steps,
                                       temperature=cfg.rollout.temperature, seed=cfg.train.seed)
         self.rewards = create_reward_group(cfg.reward)
-        self.rollouts = create_rollout_group(self.policy_path, cfg.rollout, default_max_new_tokens=self.max_new_tokens,
-                                             seed=cfg.train.seed)
+        self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
+                                     reward_actors=self.rewards.actors, default_max_new_tokens=self.max_new_tokens,
+                                     seed=cfg.train.seed, say=self.say)
+        self.rollouts.create(cfg.rollout.num_workers)
         self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions)
         if cfg.control.enabled:
             c = cfg.control
             self.control = start_control_server(self.registry, self.status, ServerConfig(
-                host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key))
+                host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key),
+                scale_fn=self.rollouts.request_scale)
             (self.run_dir / "control.json").write_text(json.dumps({"address": self.control.address}))
             self.say(f"control server listening on {self.control.address}"
                      f"{'' if self.control.authenticated else ' (no token: loopback only)'}")
@@ -145,7 +148,8 @@ class Trainer:
         ref, self.prefetched = self.prefetched or self._request_batch(self.step), None
         self.waiting = ref  # until it returns: stop_rollouts must let it finish before draining
         while True:
-            ready, _ = ray.wait([ref] + self.loops, num_returns=1, timeout=1.0)
+            self.rollouts.tick()  # apply a pending scale request
+            ready, _ = ray.wait([ref] + self.rollouts.loop_refs(), num_returns=1, timeout=1.0)
             if not ready:
                 if self.stop_requested.is_set():
                     raise StopRequested()
@@ -161,12 +165,10 @@ class Trainer:
                     if isinstance(e.as_instanceof_cause(), SampleTimeout):
                         raise RunFailed(str(e.as_instanceof_cause())) from None
                     raise
-            i = self.loops.index(ready[0])
-            try:
-                result = ray.get(ready[0])
-                raise RunFailed(f"{self.rollouts.names[i]} stopped unexpectedly: {result}")
-            except ray.exceptions.RayError as e:
-                raise RunFailed(f"{self.rollouts.names[i]} failed: {e}") from None
+            try:  # a rollout loop ended: a retired worker leaves, a lost one is replaced
+                self.rollouts.handle_done(ready[0])
+            except FleetError as e:
+                raise RunFailed(str(e)) from None
 
     def update(self, batch: list) -> dict:
         """Phase 2: one optimizer step on the learner."""
@@ -186,19 +188,12 @@ class Trainer:
         return ray.get(self.learner.evaluate.remote(examples, self.max_new_tokens))
 
     def start_rollouts(self) -> None:
-        self.loops = [a.run.remote(self.coordinator, self.rewards.actors) for a in self.rollouts.actors]
+        self.rollouts.start()
 
     def stop_rollouts(self, timeout_s: float = 60.0) -> dict:
         """Stop generation, let in-flight groups land, drop what was not trained."""
         ray.get(self.coordinator.stop.remote())
-        done, pending = ray.wait(self.loops, num_returns=len(self.loops), timeout=timeout_s)
-        for ref in done:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as e:
-                log.warning("rollout worker ended with an error: %s", e)
-        if pending:
-            log.warning("%d rollout workers did not stop within %.0fs", len(pending), timeout_s)
+        self.rollouts.wait_stopped(timeout_s)
         # a batch request still open returns its groups to the buffer (or hands them out)
         # once it sees the stop; let it, so that drain() accounts for them
         open_requests = [r for r in (self.prefetched, self.waiting) if r is not None]
@@ -256,7 +251,7 @@ class Trainer:
                         self.say(f"step {self.step} reward {m['reward_mean']:.3f} samples/s {row['samples_per_s']:.0f}")
         finally:
             bar.close()
-            stats = self.stop_rollouts() if self.loops else ray.get(self.coordinator.stats.remote())
+            stats = self.stop_rollouts() if self.rollouts.started else ray.get(self.coordinator.stats.remote())
             self.stop_control()
         rl_s = time.perf_counter() - t_rl
         eval_after = self.evaluate()
@@ -282,6 +277,8 @@ class Trainer:
             "max_staleness": cfg.train.max_staleness,
             "policy_dir": policy_dir,
             "run_dir": str(self.run_dir.resolve()),
+            "rollout_replacements": self.rollouts.replacements,
+            "reclaimed_prompts": stats.get("reclaimed_prompts", 0),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -290,7 +287,7 @@ class Trainer:
         """What ``fleetrl status`` shows (fields of control.v1.GetStatusResponse)."""
         c, m = self.counters or {}, self.last_metrics
         return {"step": self.step, "policy_version": c.get("policy_version", 0),
-                "samples_per_s": m.get("samples_per_s", 0.0), "rollout_workers": len(self.rollouts.actors),
+                "samples_per_s": m.get("samples_per_s", 0.0), "rollout_workers": len(self.rollouts.live),
                 "reward_workers": len(self.rewards.actors), "reward_means": m.get("reward_by_name", {}),
                 "produced": c.get("produced", 0), "trained": c.get("trained", 0), "dropped": c.get("dropped", 0),
                 "dropped_by_reason": c.get("dropped_by_reason", {})}

@@ -74,6 +74,20 @@ class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ScaleRolloutRequest(_message.Message):
+    __slots__ = ("num_workers",)
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    num_workers: int
+    def __init__(self, num_workers: _Optional[int] = ...) -> None: ...
+
+class ScaleRolloutResponse(_message.Message):
+    __slots__ = ("previous", "target")
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    previous: int
+    target: int
+    def __init__(self, previous: _Optional[int] = ..., target: _Optional[int] = ...) -> None: ...
+
 class GetStatusResponse(_message.Message):
     __slots__ = ("step", "policy_version", "samples_per_s", "rollout_workers", "reward_workers", "reward_means", "produced", "trained", "dropped", "dropped_by_reason")
     class RewardMeansEntry(_message.Message):

@@ -54,6 +54,11 @@ class ControlStub:
                 request_serializer=protos_dot_control__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_control__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.ScaleRollout = channel.unary_unary(
+                '/fleetrl.control.v1.Control/ScaleRollout',
+                request_serializer=protos_dot_control__pb2.ScaleRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_control__pb2.ScaleRolloutResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -83,6 +88,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScaleRollout(self, request, context):
+        """Change the number of rollout workers while training runs (new workers start
+        from the current weights; removed ones finish what they hold first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +118,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=protos_dot_control__pb2.GetStatusRequest.FromString,
                     response_serializer=protos_dot_control__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'ScaleRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleRollout,
+                    request_deserializer=protos_dot_control__pb2.ScaleRolloutRequest.FromString,
+                    response_serializer=protos_dot_control__pb2.ScaleRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +233,33 @@ class Control:
             '/fleetrl.control.v1.Control/GetStatus',
             protos_dot_control__pb2.GetStatusRequest.SerializeToString,
             protos_dot_control__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetrl.control.v1.Control/ScaleRollout',
+            protos_dot_control__pb2.ScaleRolloutRequest.SerializeToString,
+            protos_dot_control__pb2.ScaleRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,10 +15,10 @@ def stream():
         yield Prompt(uid=i, text=f"{i}=", metadata={})
 
 
-def group(prompt: Prompt, version: int, n: int = 2, reward=1.0, excluded=None) -> Group:
+def group(prompt: Prompt, version: int, n: int = 2, reward=1.0, excluded=None, worker="w") -> Group:
     samples = [Sample(completion_ids=[1], completion_text="x", logprobs=[-1.0], policy_version=version,
                       reward=reward, excluded=excluded) for _ in range(n)]
-    return Group(prompt=prompt, prompt_ids=[1], samples=samples, worker="w")
+    return Group(prompt=prompt, prompt_ids=[1], samples=samples, worker=worker)
 
 
 async def acquire_now(c: Coordinator):
@@ -154,4 +154,35 @@ def test_weight_versions_never_go_back():
         with pytest.raises(ValueError, match="backwards"):
             await c.publish(Payload(version=1, fingerprint="f"))
         assert c.latest_weights().version == 2
+    run(body())
+
+
+def test_lost_worker_prompts_are_redispatched_once():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=4, prompts_per_request=2, max_staleness=0)
+        a, _ = await c.acquire("a", timeout_s=0.05)
+        b, _ = await c.acquire("b", timeout_s=0.05)
+        assert await c.reclaim("a") == 2  # worker a died holding two prompts
+        again, _ = await c.acquire("b", timeout_s=0.05)
+        assert [p.uid for p in again] == [p.uid for p in a], "lost prompts go out first, unchanged"
+        assert c.issued_groups == 4, "re-dispatch is not a new prompt"
+        # a's reward call still lands one of its groups late, then b returns both copies
+        await c.put([group(a[0], 0, worker="a")])
+        await c.put([group(p, 0, worker="b") for p in b + again])
+        s = c.stats()
+        assert s["dropped_by_reason"] == {"duplicate": 2}
+        batch = await c.get_batch(0, timeout_s=1)
+        assert sorted(g.prompt.uid for g in batch) == sorted(p.uid for p in a + b)
+        s = await c.publish(Payload(version=1, fingerprint="f"), commit_groups=4)
+        assert s["produced"] == s["trained"] + s["dropped"] == 10
+    run(body())
+
+
+def test_retired_worker_gets_no_more_prompts():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=4, prompts_per_request=1, max_staleness=1)
+        assert (await c.acquire("a", timeout_s=0.05))[0]
+        await c.retire("a")
+        assert (await c.acquire("a", timeout_s=0.05))[0] is None
+        assert (await c.acquire("b", timeout_s=0.05))[0]
     run(body())

@@ -128,20 +128,6 @@ def test_reward_that_always_fails_ends_the_run_with_a_clear_error(ray_session, t
         t.shutdown()
 
 
-class KillingTrainer(Trainer):
-    def update(self, batch):
-        m = super().update(batch)
-        if self.step == 1:
-            ray.kill(self.rollouts.actors[0], no_restart=True)
-        return m
-
-
-def test_dead_rollout_worker_fails_clearly_instead_of_hanging(ray_session, tiny_policy, tmp_path):
-    cfg = small_config(tiny_policy, "--train.steps", "30")
-    with pytest.raises(RunFailed, match="rollout-0"):
-        run_trainer(cfg, tmp_path, trainer_cls=KillingTrainer)
-
-
 def test_missing_model_path_is_a_config_error(ray_session, tmp_path):
     cfg = small_config(str(tmp_path / "no-such-model"))
     with pytest.raises(ConfigError, match="model.path"):

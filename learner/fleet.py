@@ -1,0 +1,183 @@
+"""The rollout workers of a run, managed from the driver: start, scale, replace.
+
+* **Scale up**: new workers are created and started; a worker's loop loads the
+  coordinator's newest weights before its first generate, so it never
+  generates with stale weights.
+* **Scale down**: the newest workers are *retired*: the coordinator hands them
+  no more prompts, they finish and hand in what they hold, their loops end.
+  Nothing is lost or duplicated.
+* **Replacement**: a worker whose loop fails (process killed, node lost) is
+  replaced by a new one, and the prompts it held go back out first, to any
+  worker (``Coordinator.reclaim``). After ``rollout.max_replacements``, or
+  when no worker is alive and none can start within
+  ``rollout.replace_timeout_s``, the run fails with a clear error.
+
+Scale requests may come from another thread (the Control service); they are
+applied by the driver thread in ``tick()``, between its waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import ray
+
+from actors.group import create_rollout_actor
+from actors.rollout import RolloutConfig
+
+log = logging.getLogger(__name__)
+
+
+class FleetError(RuntimeError):
+    """The rollout fleet cannot continue."""
+
+
+@dataclass
+class _Worker:
+    actor: object
+    loop: object = None
+    retiring: bool = False
+
+
+class RolloutFleet:
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, coordinator, reward_actors: list,
+                 default_max_new_tokens: int, seed: int, say=print):
+        self.model_path, self.cfg = model_path, cfg
+        self.coordinator, self.reward_actors = coordinator, reward_actors
+        self.default_max_new_tokens, self.seed, self.say = default_max_new_tokens, seed, say
+        self.workers: dict[str, _Worker] = {}
+        self.next_id = 0
+        self.replacements = 0
+        self._target: int | None = None
+        self._lock = threading.Lock()
+        self.started = False
+
+    # -- membership -----------------------------------------------------------------------------
+    def _new(self, n: int) -> list[str]:
+        names = []
+        for _ in range(n):
+            name = f"rollout-{self.next_id}"
+            actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed + 1000 * self.next_id,
+                                         default_max_new_tokens=self.default_max_new_tokens)
+            self.workers[name] = _Worker(actor)
+            self.next_id += 1
+            names.append(name)
+        return names
+
+    def create(self, n: int) -> list[str]:
+        return self._new(n)
+
+    def _start(self, names) -> None:
+        for name in names:
+            w = self.workers[name]
+            w.loop = w.actor.run.remote(self.coordinator, self.reward_actors)
+
+    def start(self) -> None:
+        self.started = True
+        self._start([n for n, w in self.workers.items() if w.loop is None])
+
+    @property
+    def live(self) -> list[str]:
+        return [n for n, w in self.workers.items() if not w.retiring]
+
+    @property
+    def actors(self) -> list:
+        return [w.actor for w in self.workers.values()]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.workers)
+
+    def where(self) -> list[dict]:
+        names = list(self.workers)
+        return [dict(name=n, **w) for n, w in zip(names, ray.get([self.workers[n].actor.where.remote()
+                                                                  for n in names]))]
+
+    def loop_refs(self) -> list:
+        return [w.loop for w in self.workers.values() if w.loop is not None]
+
+    # -- scaling ---------------------------------------------------------------------------------
+    def request_scale(self, n: int) -> int:
+        """Ask for ``n`` live workers (thread-safe); applied at the next ``tick``."""
+        if n < 1:
+            raise ValueError(f"rollout workers must be >= 1, got {n}")
+        with self._lock:
+            self._target = n
+        return n
+
+    def tick(self) -> None:
+        with self._lock:
+            target, self._target = self._target, None
+        if target is None or not self.started:
+            return
+        live = self.live
+        if target > len(live):
+            names = self._new(target - len(live))
+            self._start(names)
+            self.say(f"scaled rollout workers {len(live)} -> {target}: started {', '.join(names)}")
+        elif target < len(live):
+            retire = live[target - len(live):]  # the newest ones
+            for name in retire:
+                self.workers[name].retiring = True
+                ray.get(self.coordinator.retire.remote(name))
+            self.say(f"scaled rollout workers {len(live)} -> {target}: retiring {', '.join(retire)}")
+
+    # -- loops that ended ------------------------------------------------------------------------
+    def owner(self, ref) -> str | None:
+        return next((n for n, w in self.workers.items() if w.loop == ref), None)
+
+    def handle_done(self, ref) -> None:
+        """A worker's loop returned or failed: retire it cleanly or replace it."""
+        name = self.owner(ref)
+        if name is None:
+            return
+        w = self.workers[name]
+        error = None
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            error = e
+        if w.retiring and error is None:
+            del self.workers[name]
+            ray.kill(w.actor)
+            return
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "its loop ended"
+        n = ray.get(self.coordinator.reclaim.remote(name))
+        del self.workers[name]
+        ray.kill(w.actor, no_restart=True)
+        if w.retiring:  # died while retiring: its prompts are reclaimed, nothing to replace
+            return
+        if self.replacements >= self.cfg.max_replacements:
+            raise FleetError(f"{name} failed ({reason}) and rollout.max_replacements="
+                             f"{self.cfg.max_replacements} replacements are used up")
+        self.replacements += 1
+        (new,) = self._new(1)
+        try:
+            ray.get(self.workers[new].actor.where.remote(), timeout=self.cfg.replace_timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
+            ray.kill(self.workers.pop(new).actor)
+            if not self.live:
+                raise FleetError(f"{name} failed ({reason}); no rollout worker is alive and no replacement "
+                                 f"started within rollout.replace_timeout_s={self.cfg.replace_timeout_s}s: "
+                                 f"{type(e).__name__}") from None
+            self.say(f"{name} failed ({reason}); a replacement did not start, continuing with {len(self.live)}")
+            return
+        self._start([new])
+        self.say(f"{name} failed ({reason}); replaced by {new}, {n} prompts re-dispatched")
+
+    def wait_stopped(self, timeout_s: float) -> None:
+        refs = self.loop_refs()
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.warning("%s ended with an error: %s", self.owner(ref), e)
+        if pending:
+            log.warning("%d rollout workers did not stop within %.0fs", len(pending), timeout_s)
+
+    def kill_all(self) -> None:
+        for w in self.workers.values():
+            ray.kill(w.actor)

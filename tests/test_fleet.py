@@ -1,0 +1,97 @@
+"""Rollout workers come and go while training runs: scaling and replacement."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import ray
+
+from learner.trainer import RunFailed, Trainer
+from tests.test_pipeline import read_metrics, run_trainer, small_config
+
+
+class ScalingTrainer(Trainer):
+    """Through the Control RPC: 2 -> 4 workers at step 3; once both new workers have
+    delivered groups, 4 -> 1; then a few more steps and stop."""
+
+    def scale(self, n: int) -> None:
+        import grpc
+
+        from protos import control_pb2, control_pb2_grpc
+
+        stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(self.control.address))
+        reply = stub.ScaleRollout(control_pb2.ScaleRolloutRequest(num_workers=n), timeout=30)
+        self.scaled_at[reply.target] = self.step
+
+    def update(self, batch):
+        for g in batch:
+            self.seen.append((g.worker, g.policy_version, self.step))
+        m = super().update(batch)
+        workers = {w for w, _, _ in self.seen}
+        if self.step == 3:
+            self.scale(4)
+        elif 4 in self.scaled_at and 1 not in self.scaled_at and {"rollout-2", "rollout-3"} <= workers:
+            self.scale(1)
+        elif 1 in self.scaled_at and len(self.rollouts.workers) == 1 and self.step >= self.scaled_at[1] + 15:
+            self.stop_requested.set()
+        return m
+
+    def setup(self):
+        self.seen, self.scaled_at = [], {}
+        super().setup()
+
+
+def test_scale_up_then_down_during_a_run(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--train.steps", "100000", "--train.max_wall_s", "240",
+                       "--rollout.num_cpus", "0.2")
+    t, summary = run_trainer(cfg, tmp_path, trainer_cls=ScalingTrainer)
+    assert 1 in t.scaled_at, f"never scaled down: {t.scaled_at}, workers {set(w for w, _, _ in t.seen)}"
+    assert summary["produced"] == summary["trained"] + summary["dropped"]
+    up, down = t.scaled_at[4], t.scaled_at[1]
+    for w, version, _ in t.seen:
+        if w in ("rollout-2", "rollout-3"):  # started after version `up`: never older weights than that
+            assert version >= up - 1, (w, version, up)
+    late = {w for w, _, step in t.seen if step >= down + 8}
+    assert late == {"rollout-0"}, f"after scaling to 1 only rollout-0 should deliver: {late}"
+    assert list(t.rollouts.workers) == ["rollout-0"] and summary["dropped_by_reason"].get("duplicate", 0) == 0
+    assert "retiring rollout-1, rollout-2, rollout-3" in t.out.getvalue()
+
+
+class KillingTrainer(Trainer):
+    def update(self, batch):
+        m = super().update(batch)
+        if self.step == 1:
+            ray.kill(self.rollouts.workers["rollout-0"].actor, no_restart=True)
+        return m
+
+
+def test_killed_rollout_worker_is_replaced_and_accounting_is_exact(ray_session, tiny_policy, tmp_path):
+    t, summary = run_trainer(small_config(tiny_policy, "--train.steps", "20"), tmp_path, trainer_cls=KillingTrainer)
+    assert summary["steps"] == 20
+    assert summary["rollout_replacements"] == 1
+    assert summary["produced"] == summary["trained"] + summary["dropped"]
+    assert "rollout-0 failed" in t.out.getvalue() and "replaced by rollout-2" in t.out.getvalue()
+    assert len(read_metrics(tmp_path)) == 20
+
+
+def test_run_fails_clearly_when_no_replacement_is_allowed(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--train.steps", "30", "--rollout.max_replacements", "0")
+    with pytest.raises(RunFailed, match="rollout-0 failed .*max_replacements"):
+        run_trainer(cfg, tmp_path, trainer_cls=KillingTrainer)
+
+
+def test_scale_request_is_validated(ray_session, tiny_policy, tmp_path):
+    import grpc
+
+    from protos import control_pb2, control_pb2_grpc
+
+    t = Trainer(small_config(tiny_policy), tmp_path / "run", out=io.StringIO(), progress=False)
+    try:
+        t.setup()
+        stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(t.control.address))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ScaleRollout(control_pb2.ScaleRolloutRequest(num_workers=0), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        t.shutdown()
