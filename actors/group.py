@@ -127,17 +127,20 @@ class RewardActor:
     def score_and_put(self, groups: list[Group], coordinator) -> None:
         ray.get(coordinator.put.remote(self.worker.score(groups)))
 
-    def set_models(self, models: list[tuple[str, float, object, float]]) -> None:
-        """``(name, weight, RewardModelActor handle, wait_s)`` per run-time reward model."""
+    def set_models(self, models: list[tuple[str, float, object, float, int]]) -> None:
+        """``(name, weight, RewardModelActor handle, seconds per call, batch size)`` per
+        run-time reward model; a score waits at most calls x seconds per call + 30 s."""
 
-        def submitter(handle, wait_s):
+        def submitter(handle, per_call_s, batch_size):
             def submit(prompts, completions, metadata):
+                calls = -(-len(prompts) // max(1, batch_size))
                 ref = handle.score.remote(prompts, completions, metadata)
-                return lambda: ray.get(ref, timeout=wait_s)
+                return lambda: ray.get(ref, timeout=calls * per_call_s + 30.0)
 
             return submit
 
-        self.worker.set_models([(name, weight, submitter(h, wait_s)) for name, weight, h, wait_s in models])
+        self.worker.set_models([(name, weight, submitter(h, per_call_s, bs))
+                                for name, weight, h, per_call_s, bs in models])
 
 
 class RewardModelActor:
@@ -153,6 +156,9 @@ class RewardModelActor:
 
     def info(self) -> dict:
         return self.model.info()
+
+    def probe(self) -> dict:
+        return self.model.probe()
 
     def close(self) -> None:
         self.model.close()

@@ -45,8 +45,8 @@ class RemoteRewardSpec:
     batch_size: int = 64
     token_file: str | None = None
     token: str | None = field(default=None, repr=False)
-    """Bearer token for the server, resolved by the driver (never sent anywhere but
-    in this call's metadata); default: read ``token_file`` / $FLEETRL_TOKEN here."""
+    """Bearer token for the reward server, resolved by the driver from
+    $FLEETRL_REWARD_TOKEN / $FLEETRL_REWARD_TOKEN_FILE (never the Control token)."""
     tls_ca: str | None = None
     max_attempts: int = 3
     failure_threshold: int = 3
@@ -98,21 +98,32 @@ class CircuitBreaker:
         self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
         self.failures = 0
         self.opened_at: float | None = None
+        self.trial = False  # one caller is testing the server while the circuit is open
+        self.lock = threading.Lock()
 
     @property
     def healthy(self) -> bool:
         return self.opened_at is None
 
     def allow(self) -> bool:
-        return self.opened_at is None or self.clock() - self.opened_at >= self.cooldown_s
+        """Closed: yes. Open: no, except one trial call per cooldown."""
+        with self.lock:
+            if self.opened_at is None:
+                return True
+            if not self.trial and self.clock() - self.opened_at >= self.cooldown_s:
+                self.trial = True
+                return True
+            return False
 
     def record(self, success: bool) -> None:
-        if success:
-            self.failures, self.opened_at = 0, None
-            return
-        self.failures += 1
-        if self.failures >= self.threshold or self.opened_at is not None:  # a failed trial re-opens
-            self.opened_at = self.clock()
+        with self.lock:
+            self.trial = False
+            if success:
+                self.failures, self.opened_at = 0, None
+                return
+            self.failures += 1
+            if self.failures >= self.threshold or self.opened_at is not None:  # a failed trial re-opens
+                self.opened_at = self.clock()
 
 
 class RemoteRewardClient:
@@ -122,7 +133,7 @@ class RemoteRewardClient:
         from protos import reward_pb2_grpc
 
         self.spec = spec
-        self.token = spec.token or load_token(spec.token_file)
+        self.token = spec.token or (load_token(spec.token_file, env="FLEETRL_REWARD_TOKEN") if spec.token_file else None)
         self.channel = channel(spec.endpoint, tls_ca=spec.tls_ca)
         self.stub = reward_pb2_grpc.RewardModelStub(self.channel)
         self.breaker = CircuitBreaker(spec.failure_threshold, spec.cooldown_s)
@@ -133,6 +144,15 @@ class RemoteRewardClient:
 
     def info(self) -> dict:
         return {"healthy": self.breaker.healthy, **self.stats.snapshot()}
+
+    def probe(self) -> dict:
+        """GetMetadata with the call deadline; raises ``grpc.RpcError`` if the server
+        cannot be reached, refuses our token, or does not serve RewardModel."""
+        from protos import reward_pb2
+
+        md = self.stub.GetMetadata(reward_pb2.GetMetadataRequest(), timeout=min(self.spec.timeout_s, 30.0),
+                                   metadata=client_metadata(self.token))
+        return {"name": md.name, "version": md.version, "kind": md.kind, "max_batch_size": md.max_batch_size}
 
     def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list]) -> Result:
         out: Result = []
@@ -206,6 +226,10 @@ class LocalRewardModel:
 
     def info(self) -> dict:
         return {"healthy": True, **self.stats.snapshot()}
+
+    def probe(self) -> dict:
+        return {"name": self.spec.name, "version": self.model.version, "kind": self.model.kind,
+                "max_batch_size": self.spec.batch_size}
 
     def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list]) -> Result:
         try:

@@ -132,6 +132,17 @@ class MainThreadRunner:
                 n += len(job[0])
             self._score(batch)
 
+    def fail_pending(self, error: Exception) -> None:
+        """Fail every call still queued (after shutdown), so no handler waits forever."""
+        import queue
+
+        while True:
+            try:
+                *_, fut = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            fut.set_exception(error)
+
     def _score(self, batch) -> None:
         if len(batch) > 1:
             keys = sorted({k for job in batch for k in job[2]})
@@ -309,4 +320,5 @@ def main_serve(argv: list[str]) -> int:
         finally:
             stopper.start()  # in-flight calls still need this thread to score them while the server drains
             runner.run(lambda: not stopper.is_alive())
+            runner.fail_pending(RuntimeError("server shut down before this call was scored"))
     return 0

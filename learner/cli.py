@@ -133,7 +133,7 @@ def _control_parser(prog: str):
     p.add_argument("--run-dir", help="run directory of the trainer (reads control.json)")
     p.add_argument("--token-file", help="bearer token file (default: $FLEETRL_TOKEN)")
     p.add_argument("--tls-ca", help="PEM CA certificate when the Control service uses TLS")
-    p.add_argument("--timeout", type=float, default=120.0, dest="rpc_timeout", help="RPC deadline in seconds")
+    p.add_argument("--timeout", type=float, default=300.0, dest="rpc_timeout", help="RPC deadline in seconds")
     return p
 
 

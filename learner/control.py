@@ -25,6 +25,9 @@ from protos import control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "fleetrl.control.v1.Control"
+MAX_WEIGHT = 1e6
+MAX_TIMEOUT_S = 600.0
+PUSH_TIMEOUT_S = 60.0
 
 
 class ControlError(Exception):
@@ -54,10 +57,10 @@ def validate_spec(spec: RemoteRewardSpec) -> RemoteRewardSpec:
             check_checkpoint(spec.checkpoint_dir)
         except ValueError as e:
             raise ControlError(bad, str(e)) from None
-    if not math.isfinite(spec.weight):
-        raise ControlError(bad, f"weight {spec.weight} is not finite")
-    if not (math.isfinite(spec.timeout_s) and spec.timeout_s > 0):
-        raise ControlError(bad, f"timeout_s {spec.timeout_s} must be > 0")
+    if not (math.isfinite(spec.weight) and abs(spec.weight) <= MAX_WEIGHT):
+        raise ControlError(bad, f"weight {spec.weight} must be finite and within +-{MAX_WEIGHT:g}")
+    if not (math.isfinite(spec.timeout_s) and 0 < spec.timeout_s <= MAX_TIMEOUT_S):
+        raise ControlError(bad, f"timeout_s {spec.timeout_s} must be in (0, {MAX_TIMEOUT_S:g}]")
     if spec.batch_size < 1:
         raise ControlError(bad, f"batch_size {spec.batch_size} must be >= 1")
     return spec
@@ -73,9 +76,10 @@ class RewardRegistry:
         self.lock = threading.Lock()
 
     def _push(self) -> None:
-        models = [(name, spec.weight, handle, spec.timeout_s * spec.max_attempts + 30.0)
+        """Hand the model list to every reward worker (they apply it at their next batch)."""
+        models = [(name, spec.weight, handle, spec.timeout_s * spec.max_attempts, spec.batch_size)
                   for name, (spec, handle) in self.models.items()]
-        ray.get([a.set_models.remote(models) for a in self.reward_actors])
+        ray.get([a.set_models.remote(models) for a in self.reward_actors], timeout=PUSH_TIMEOUT_S)
 
     def register(self, spec: RemoteRewardSpec) -> dict:
         validate_spec(spec)
@@ -83,13 +87,25 @@ class RewardRegistry:
             if spec.name in self.models or spec.name in self.reserved:
                 raise ControlError(grpc.StatusCode.ALREADY_EXISTS, f"reward model {spec.name!r} already exists")
             handle = create_reward_model_actor(spec)
-            try:
-                ray.get(handle.info.remote(), timeout=120)  # constructed (a checkpoint loads here)
-            except Exception as e:  # noqa: BLE001
+            try:  # the server answers GetMetadata with our token / the checkpoint loads
+                ray.get(handle.probe.remote(), timeout=spec.timeout_s + 120)
+            except ray.exceptions.RayTaskError as e:
                 ray.kill(handle)
-                raise ControlError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot start {spec.name!r}: {e}") from None
+                cause = e.as_instanceof_cause()
+                detail = f"{cause.code().name}: {cause.details()}" if isinstance(cause, grpc.RpcError) else str(cause)
+                raise ControlError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"reward model {spec.name!r} is not usable: {detail}") from None
+            except Exception as e:  # noqa: BLE001 - actor died, timed out
+                ray.kill(handle)
+                raise ControlError(grpc.StatusCode.UNAVAILABLE, f"cannot start {spec.name!r}: {e}") from None
             self.models[spec.name] = (spec, handle)
-            self._push()
+            try:
+                self._push()
+            except Exception as e:  # noqa: BLE001 - roll back: the model is not registered
+                self.models.pop(spec.name)
+                ray.kill(handle)
+                raise ControlError(grpc.StatusCode.UNAVAILABLE, f"reward workers did not take {spec.name!r}: {e}") \
+                    from None
         log.info("reward model %s registered (%s, weight %s)", spec.name, spec.endpoint or spec.checkpoint_dir,
                  spec.weight)
         return self.info(spec.name)
@@ -99,12 +115,19 @@ class RewardRegistry:
             if name not in self.models:
                 raise ControlError(grpc.StatusCode.NOT_FOUND, f"no reward model named {name!r}")
             _, handle = self.models.pop(name)
-            self._push()
-        ray.kill(handle)
+            ray.kill(handle)  # first: a reward worker waiting on it is released now
+            try:
+                self._push()
+            except Exception as e:  # noqa: BLE001 - its calls already fail fast; report the push failure
+                raise ControlError(grpc.StatusCode.UNAVAILABLE, f"{name!r} removed, but reward workers did "
+                                   f"not confirm: {e}") from None
         log.info("reward model %s removed", name)
 
     def info(self, name: str) -> dict:
-        spec, handle = self.models[name]
+        try:
+            spec, handle = self.models[name]
+        except KeyError:
+            raise ControlError(grpc.StatusCode.NOT_FOUND, f"no reward model named {name!r}") from None
         try:
             stats = ray.get(handle.info.remote(), timeout=10)
         except Exception as e:  # noqa: BLE001
@@ -114,7 +137,13 @@ class RewardRegistry:
     def list(self) -> list[dict]:
         with self.lock:
             names = list(self.models)
-        return [self.info(n) for n in names if n in self.models]
+        out = []
+        for n in names:
+            try:
+                out.append(self.info(n))
+            except ControlError:  # removed meanwhile
+                pass
+        return out
 
     def close(self) -> None:
         with self.lock:
@@ -125,13 +154,18 @@ class RewardRegistry:
 
 # -- protobuf translation ------------------------------------------------------------------------
 def spec_from_proto(p: control_pb2.RewardModelSpec, token_file: str | None = None) -> RemoteRewardSpec:
-    """The token for calling the reward server is the driver's ($FLEETRL_REWARD_TOKEN_FILE or
-    $FLEETRL_TOKEN), resolved here so reward-model actors on other nodes have it too."""
+    """The token for calling reward servers is the driver's $FLEETRL_REWARD_TOKEN_FILE or
+    $FLEETRL_REWARD_TOKEN (never the Control token: a reward server must not be able to
+    control the run), resolved here so reward-model actors on other nodes have it too."""
     from actors.serving import load_token
 
+    try:
+        token = load_token(token_file, env="FLEETRL_REWARD_TOKEN")
+    except (OSError, ValueError) as e:
+        raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"reward token file: {e}") from None
     return RemoteRewardSpec(name=p.name, endpoint=p.endpoint, checkpoint_dir=p.checkpoint_dir,
-                            weight=p.weight or 1.0, timeout_s=p.timeout_s or 10.0, batch_size=p.batch_size or 64,
-                            token=load_token(token_file))
+                            weight=p.weight if p.HasField("weight") else 1.0, timeout_s=p.timeout_s or 10.0,
+                            batch_size=p.batch_size or 64, token=token)
 
 
 def info_to_proto(info: dict) -> control_pb2.RewardModelInfo:
@@ -162,7 +196,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             context.abort(e.code, str(e))
 
     def RegisterRewardModel(self, request, context):
-        info = self._call(context, self.registry.register, spec_from_proto(request.spec, self.client_token_file))
+        spec = self._call(context, spec_from_proto, request.spec, self.client_token_file)
+        info = self._call(context, self.registry.register, spec)
         return control_pb2.RegisterRewardModelResponse(model=info_to_proto(info))
 
     def RemoveRewardModel(self, request, context):

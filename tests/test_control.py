@@ -132,9 +132,13 @@ def test_register_changes_the_combined_reward_then_remove(run):
 def test_control_status_codes(run, tmp_path):
     _, stub, _ = run
     server = start_reward_server(ScriptedRewardModel())
+    dead = start_reward_server(ScriptedRewardModel())
+    dead_address = dead.address
+    dead.stop(0)
     try:
         register(stub, "dup", server.address)
         cases = [
+            (lambda: register(stub, "unreachable", dead_address, timeout_s=2), grpc.StatusCode.FAILED_PRECONDITION),
             (lambda: register(stub, "dup", server.address), grpc.StatusCode.ALREADY_EXISTS),
             (lambda: stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="nope"), timeout=10),
              grpc.StatusCode.NOT_FOUND),
@@ -148,9 +152,13 @@ def test_control_status_codes(run, tmp_path):
             with pytest.raises(grpc.RpcError) as e:
                 call()
             assert e.value.code() == code, e.value.details()
-        stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="dup"), timeout=30)
+        assert [m.spec.name for m in stub.ListRewardModels(control_pb2.ListRewardModelsRequest(), timeout=30).models] \
+            == ["dup"], "a refused registration must leave nothing behind"
     finally:
-        server.stop(0)
+        try:
+            stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="dup"), timeout=30)
+        finally:
+            server.stop(0)
 
 
 @pytest.mark.parametrize("mode, reason", [("hang", "reward_timeout"), ("nan", "reward_nonfinite"),
@@ -196,7 +204,7 @@ def test_crashed_reward_server_opens_the_circuit_and_recovers(run):
         server.stop(0)  # the server crashes mid-run
         wait_for(lambda: not info(stub, "flaky").healthy, 120, what="circuit to open")
         m = info(stub, "flaky")
-        assert m.failed > 0 and m.last_error.split(":")[0] in ("reward_unavailable", "reward_unhealthy")
+        assert m.failed > 0 and m.last_error.split(":")[0] in ("reward_unavailable", "reward_timeout")
         server = start_reward_server(servicer, port=port)  # it comes back on the same address
         wait_for(lambda: info(stub, "flaky").healthy, 120, what="circuit to close")
         step = trainer.step
@@ -207,7 +215,7 @@ def test_crashed_reward_server_opens_the_circuit_and_recovers(run):
         server.stop(0)
 
 
-def _cli(*args, timeout=120):
+def _cli(*args, timeout=400):
     import subprocess
     import sys
 
@@ -227,11 +235,15 @@ def test_hf_reward_model_served_by_the_cli_and_used_in_training(run, tmp_path):
     trainer, stub, _ = run
     model_dir = build_tiny_reward_model(tmp_path / "rm")
     server = subprocess.Popen([sys.executable, "-m", "learner.cli", "reward", "serve", "--model", str(model_dir),
-                               "--port", "0", "--name", "tiny-rm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                               "--port", "0", "--name", "tiny-rm"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
     try:
-        line = server.stdout.readline()  # the server prints its address once it is serving
-        assert "listening on" in line, line + server.stderr.read()
+        lines = []
+        reader = threading.Thread(target=lambda: lines.append(server.stdout.readline()), daemon=True)
+        reader.start()  # the server prints its address once it is serving
+        reader.join(120)
+        line = lines[0] if lines else ""
+        assert "listening on" in line, f"no address line within 120 s: {line!r}"
         address = line.split()[-1]
         control = trainer.control.address
         r = _cli("reward", "add", "hf", "--endpoint", address, "--weight", "0.5", "--control", control)
@@ -263,11 +275,16 @@ def test_hf_reward_model_served_by_the_cli_and_used_in_training(run, tmp_path):
 
 def test_trainer_calls_an_authenticated_reward_server_with_its_token(run, monkeypatch):
     trainer, stub, _ = run
-    monkeypatch.setenv("FLEETRL_TOKEN", "shared-secret")
+    monkeypatch.setenv("FLEETRL_TOKEN", "shared-secret")  # the reward server requires it from now on
     servicer = ScriptedRewardModel("const", value=0.75)
-    server = start_reward_server(servicer)  # requires the token from now on
+    server = start_reward_server(servicer)
     try:
         assert server.authenticated
+        # the trainer does not hand out its own Control token: without a reward token, registration fails
+        with pytest.raises(grpc.RpcError) as e:
+            register(stub, "authed", server.address)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "UNAUTHENTICATED" in e.value.details()
+        monkeypatch.setenv("FLEETRL_REWARD_TOKEN", "shared-secret")
         anonymous = reward_pb2_grpc.RewardModelStub(grpc.insecure_channel(server.address))
         with pytest.raises(grpc.RpcError) as e:
             anonymous.Score(reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(prompt="1=", completion="1")]),
