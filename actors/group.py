@@ -178,8 +178,9 @@ class WorkerGroup:
     actors: list
     names: list[str]
 
-    def where(self) -> list[dict]:
-        return [dict(name=n, **w) for n, w in zip(self.names, ray.get([a.where.remote() for a in self.actors]))]
+    def where(self, timeout_s: float | None = None) -> list[dict]:
+        found = ray.get([a.where.remote() for a in self.actors], timeout=timeout_s)
+        return [dict(name=n, **w) for n, w in zip(self.names, found)]
 
 
 def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int):

@@ -81,7 +81,9 @@ def init_ray(address: str | None):
         ray.init(address=address, log_to_driver=True)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.2", include_dashboard=False,
+    # address="local": always a new instance, never a stale "current cluster" left by `ray start`
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.2",
+             include_dashboard=False,
              object_store_memory=int(os.environ.get("FLEETRL_OBJECT_STORE_BYTES", 1_000_000_000)),
              log_to_driver=True)
     return True

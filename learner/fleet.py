@@ -90,10 +90,10 @@ class RolloutFleet:
     def names(self) -> list[str]:
         return list(self.workers)
 
-    def where(self) -> list[dict]:
+    def where(self, timeout_s: float | None = None) -> list[dict]:
         names = list(self.workers)
-        return [dict(name=n, **w) for n, w in zip(names, ray.get([self.workers[n].actor.where.remote()
-                                                                  for n in names]))]
+        found = ray.get([self.workers[n].actor.where.remote() for n in names], timeout=timeout_s)
+        return [dict(name=n, **w) for n, w in zip(names, found)]
 
     def loop_refs(self) -> list:
         return [w.loop for w in self.workers.values() if w.loop is not None]

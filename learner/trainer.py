@@ -123,8 +123,7 @@ class Trainer:
             (self.run_dir / "control.json").write_text(json.dumps({"address": self.control.address}))
             self.say(f"control server listening on {self.control.address}"
                      f"{'' if self.control.authenticated else ' (no token: loopback only)'}")
-        placement = {"learner": ray.get(self.learner.where.remote()), "rollout": self.rollouts.where(),
-                     "reward": self.rewards.where()}
+        placement = self.place(timeout_s=cfg.rollout.replace_timeout_s)
         (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
         self.say(f"learner on node {placement['learner']['node_ip']} pid {placement['learner']['pid']}")
         for kind in ("rollout", "reward"):
@@ -132,6 +131,21 @@ class Trainer:
                 self.say(f"{w['name']} on node {w['node_ip']} pid {w['pid']}")
         self.sync_weights()  # version 0: every worker starts from the learner's weights
         self.setup_s = time.perf_counter() - t0
+
+    def place(self, timeout_s: float) -> dict:
+        """Wait until every actor runs; fail naming the resources if the cluster cannot place them."""
+        try:
+            return {"learner": ray.get(self.learner.where.remote(), timeout=timeout_s),
+                    "rollout": self.rollouts.where(timeout_s), "reward": self.rewards.where(timeout_s)}
+        except ray.exceptions.GetTimeoutError:
+            c = self.cfg
+            raise RunFailed(
+                f"actors not placed within {timeout_s:.0f}s: does the cluster offer what they ask for? "
+                f"learner: num_cpus={c.learner.num_cpus} num_gpus={c.learner.num_gpus} resources={c.learner.resources}; "
+                f"each of {c.rollout.num_workers} rollout workers: num_cpus={c.rollout.num_cpus} "
+                f"num_gpus={c.rollout.num_gpus} resources={c.rollout.resources}; each of {c.reward.num_workers} "
+                f"reward workers: num_cpus={c.reward.num_cpus} resources={c.reward.resources}; "
+                f"cluster: {ray.cluster_resources()}") from None
 
     # -- the three phases ------------------------------------------------------------------------
     def _request_batch(self, step: int):

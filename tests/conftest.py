@@ -39,7 +39,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.2", include_dashboard=False,
+        ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.2", include_dashboard=False,
                  object_store_memory=300_000_000, log_to_driver=False)
     yield ray
     ray.shutdown()

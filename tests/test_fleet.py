@@ -95,3 +95,13 @@ def test_scale_request_is_validated(ray_session, tiny_policy, tmp_path):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         t.shutdown()
+
+
+def test_unplaceable_workers_fail_with_the_resources_named(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--rollout.resources", "{gpu_node: 1}", "--rollout.replace_timeout_s", "3")
+    t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
+    try:
+        with pytest.raises(RunFailed, match=r"not placed within 3s.*resources=\{'gpu_node': 1.0\}"):
+            t.setup()
+    finally:
+        t.shutdown()

@@ -77,6 +77,10 @@ def cluster(tmp_path):
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        # `ray start` records the cluster as the machine's "current" one; leave no stale pointer behind
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip() == f"127.0.0.2:{gcs}":
+            current.unlink()
 
 
 def test_ray_job_submit_places_rollout_workers_on_the_resource_node(cluster, tiny_policy, tmp_path):

@@ -96,7 +96,7 @@ def main():
 
     from actors.tiny_model import prepare_builtin_policy
 
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=2_000_000_000,
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=2_000_000_000,
              log_to_driver=False)
     policy = str(prepare_builtin_policy()[0])
     bench_rollout_scaling(policy)

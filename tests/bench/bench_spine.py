@@ -276,7 +276,8 @@ def main():
     import ray
 
     which = [a for a in sys.argv[1:] if not a.startswith("--")] or ["rollout", "async", "sync", "control"]
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=2_000_000_000,
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.2", include_dashboard=False,
+             object_store_memory=2_000_000_000,
              log_to_driver=False)
     policy = warm_policy()
     for name in which:
