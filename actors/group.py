@@ -43,8 +43,25 @@ def actor_env(num_threads: int, *, passive_omp: bool = True) -> dict:
 
 def where() -> dict:
     ctx = ray.get_runtime_context()
+    pg = ray.util.get_current_placement_group()
     return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-            "node_ip": ray.util.get_node_ip_address()}
+            "node_ip": ray.util.get_node_ip_address(), "placement_group": pg.id.hex() if pg else None}
+
+
+def bundle(num_cpus: float, num_gpus: float = 0.0, resources: dict | None = None) -> dict:
+    """The placement-group bundle an actor with these requirements occupies."""
+    b = {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}
+    return {k: v for k, v in b.items() if v > 0} or {"CPU": 0.01}
+
+
+def in_bundle(pg, index: int | None) -> dict:
+    """Actor options that schedule it into bundle ``index`` of ``pg`` (nothing if no pg)."""
+    if pg is None or index is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                    placement_group_bundle_index=index)}
 
 
 def weights_digest(flat) -> str:
@@ -183,18 +200,20 @@ class WorkerGroup:
         return [dict(name=n, **w) for n, w in zip(self.names, found)]
 
 
-def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int):
+def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int,
+                         placement: dict | None = None):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
-        runtime_env=actor_env(cfg.num_threads), max_concurrency=2)
+        runtime_env=actor_env(cfg.num_threads), max_concurrency=2, **(placement or {}))
     return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed)
 
 
-def create_reward_group(cfg: RewardConfig) -> WorkerGroup:
-    cls = ray.remote(RewardActor).options(num_cpus=cfg.num_cpus, resources=cfg.resources or None,
-                                          runtime_env=actor_env(1))
+def create_reward_group(cfg: RewardConfig, placements: list[dict] | None = None) -> WorkerGroup:
     names = [f"reward-{i}" for i in range(cfg.num_workers)]
-    return WorkerGroup([cls.remote(cfg) for _ in names], names)
+    placements = placements or [{}] * len(names)
+    actors = [ray.remote(RewardActor).options(num_cpus=cfg.num_cpus, resources=cfg.resources or None,
+                                              runtime_env=actor_env(1), **p).remote(cfg) for p in placements]
+    return WorkerGroup(actors, names)
 
 
 def create_reward_model_actor(spec, *, num_cpus: float = 0.0):

@@ -94,6 +94,9 @@ class TrainConfig:
     """Fail the run if no scored group arrives for this long."""
     seed: int = 0
     """Seed for the learner and the rollout workers' samplers."""
+    placement: Literal["none", "pack", "strict_pack", "spread"] = "none"
+    """Put the learner, rollout and reward workers in one Ray placement group: pack (together
+    where possible), strict_pack (all on one node), spread (across nodes); none = each by its resources."""
     log_every: int = 10
     """With ``--no-progress``: print a progress line every N steps instead of the progress bar."""
 

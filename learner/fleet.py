@@ -12,6 +12,10 @@
   when no worker is alive and none can start within
   ``rollout.replace_timeout_s``, the run fails with a clear error.
 
+With ``train.placement`` set, the first ``rollout.num_workers`` workers occupy
+bundles of the run's placement group; workers added later (scale-up,
+replacements) are scheduled by their resources alone.
+
 Scale requests may come from another thread (the Control service); they are
 applied by the driver thread in ``tick()``, between its waits.
 """
@@ -53,14 +57,16 @@ class RolloutFleet:
         self._target: int | None = None
         self._lock = threading.Lock()
         self.started = False
+        self.bundles: list[dict] = []  # placement options for the first workers (a placement group's bundles)
 
     # -- membership -----------------------------------------------------------------------------
     def _new(self, n: int) -> list[str]:
         names = []
         for _ in range(n):
             name = f"rollout-{self.next_id}"
+            placement = self.bundles[self.next_id] if self.next_id < len(self.bundles) else None
             actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed + 1000 * self.next_id,
-                                         default_max_new_tokens=self.default_max_new_tokens)
+                                         default_max_new_tokens=self.default_max_new_tokens, placement=placement)
             self.workers[name] = _Worker(actor)
             self.next_id += 1
             names.append(name)

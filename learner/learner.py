@@ -292,10 +292,11 @@ def _fraction_all_equal(rewards: torch.Tensor, group_index: torch.Tensor) -> flo
     return same / max(1, len(groups))
 
 
-def create_learner(model_path: str, cfg: LearnerConfig, **kwargs):
+def create_learner(model_path: str, cfg: LearnerConfig, placement: dict | None = None, **kwargs):
     import ray
 
     from actors.group import actor_env
 
     return ray.remote(Learner).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
-                                       runtime_env=actor_env(cfg.num_threads, passive_omp=False)).remote(model_path, cfg, **kwargs)
+                                       runtime_env=actor_env(cfg.num_threads, passive_omp=False),
+                                       **(placement or {})).remote(model_path, cfg, **kwargs)

@@ -77,6 +77,7 @@ class Trainer:
         self.step = 0
         self.control = None
         self.registry = None
+        self.pg = None
         self.stop_requested = threading.Event()  # set from another thread to end the run after this step
         self.last_metrics: dict = {}
         self.counters: dict = {}
@@ -107,12 +108,15 @@ class Trainer:
             cfg.task.name, dict(num_digits=cfg.task.num_digits, seed=cfg.task.seed),
             groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
             max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
-        self.learner = create_learner(self.policy_path, cfg.learner, total_steps=cfg.train.steps,
+        bundles = self.placement_group()
+        self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=cfg.train.steps,
                                       temperature=cfg.rollout.temperature, seed=cfg.train.seed)
-        self.rewards = create_reward_group(cfg.reward)
+        n_roll = cfg.rollout.num_workers
+        self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
         self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
                                      reward_actors=self.rewards.actors, default_max_new_tokens=self.max_new_tokens,
                                      seed=cfg.train.seed, say=self.say)
+        self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
         self.rollouts.create(cfg.rollout.num_workers)
         self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions)
         if cfg.control.enabled:
@@ -131,6 +135,29 @@ class Trainer:
                 self.say(f"{w['name']} on node {w['node_ip']} pid {w['pid']}")
         self.sync_weights()  # version 0: every worker starts from the learner's weights
         self.setup_s = time.perf_counter() - t0
+
+    def placement_group(self) -> list[dict]:
+        """With ``train.placement``: one placement group, bundle 0 the learner, then the
+        rollout workers, then the reward workers; returns each one's actor options."""
+        from actors.group import bundle, in_bundle
+
+        c = self.cfg
+        n = 1 + c.rollout.num_workers + c.reward.num_workers
+        if c.train.placement == "none":
+            return [{}] * n
+        from ray.util.placement_group import placement_group
+
+        bundles = ([bundle(c.learner.num_cpus, c.learner.num_gpus, c.learner.resources)]
+                   + [bundle(c.rollout.num_cpus, c.rollout.num_gpus, c.rollout.resources)] * c.rollout.num_workers
+                   + [bundle(c.reward.num_cpus, 0, c.reward.resources)] * c.reward.num_workers)
+        self.pg = placement_group(bundles, strategy=c.train.placement.upper(), name=f"fleetrl-{self.run_dir.name}")
+        self.pg_id = self.pg.id.hex()
+        try:
+            ray.get(self.pg.ready(), timeout=c.rollout.replace_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RunFailed(f"placement group ({c.train.placement}) of {bundles} not ready within "
+                            f"{c.rollout.replace_timeout_s:.0f}s; cluster: {ray.cluster_resources()}") from None
+        return [in_bundle(self.pg, i) for i in range(n)]
 
     def place(self, timeout_s: float) -> dict:
         """Wait until every actor runs; fail naming the resources if the cluster cannot place them."""
@@ -314,8 +341,13 @@ class Trainer:
             self.registry.close()
 
     def shutdown(self) -> None:
-        """Kill this run's actors (a shared cluster keeps running)."""
+        """Kill this run's actors and placement group (a shared cluster keeps running)."""
         self.stop_control()
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+            self.pg = None
         for a in [getattr(self, "learner", None), getattr(self, "coordinator", None),
                   *getattr(getattr(self, "rollouts", None), "actors", []),
                   *getattr(getattr(self, "rewards", None), "actors", [])]:

@@ -105,3 +105,16 @@ def test_unplaceable_workers_fail_with_the_resources_named(ray_session, tiny_pol
             t.setup()
     finally:
         t.shutdown()
+
+
+def test_placement_group_holds_every_actor(ray_session, tiny_policy, tmp_path):
+    import json
+
+    cfg = small_config(tiny_policy, "--train.placement", "strict_pack", "--train.steps", "4")
+    t, summary = run_trainer(cfg, tmp_path)
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())
+    actors = [placement["learner"], *placement["rollout"], *placement["reward"]]
+    assert len(actors) == 4
+    assert len({a["placement_group"] for a in actors}) == 1 and actors[0]["placement_group"] == t.pg_id
+    assert len({a["node_id"] for a in actors}) == 1  # strict_pack: one node
+    assert summary["steps"] == 4
