@@ -19,13 +19,13 @@ A failure never becomes a score: the affected samples get a reason string
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
+from actors.reward import validate_scores
 from actors.serving import channel, client_metadata, load_token
 
 Result = list  # list[float | str]: a score, or why the sample could not be scored
@@ -78,17 +78,6 @@ class _Stats:
         with self.lock:
             return {"scored": self.scored, "failed": self.failed,
                     "reward_mean": self.total / self.scored if self.scored else 0.0, "last_error": self.last_error}
-
-
-def validate(name: str, scores, n: int) -> Result:
-    """One finite float per sample, else a reason for every sample."""
-    values = list(scores)
-    if len(values) != n:
-        return [f"reward_count: {name!r} returned {len(values)} scores for {n} samples"] * n
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        return [v if math.isfinite(v) else f"reward_nonfinite: {name!r} returned {v}" for v in values]
-    return [float(v) for v in values]
 
 
 class CircuitBreaker:
@@ -188,7 +177,7 @@ class RemoteRewardClient:
             try:
                 response = self.stub.Score(request, timeout=max(left, 0.001),
                                            metadata=client_metadata(self.token))
-                result = validate(name, response.scores, n)
+                result = validate_scores(name, response.scores, n)
                 break
             except grpc.RpcError as e:
                 code = e.code()
@@ -233,7 +222,7 @@ class LocalRewardModel:
 
     def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list]) -> Result:
         try:
-            result = validate(self.spec.name, self.model.score(prompts, completions, **metadata), len(prompts))
+            result = validate_scores(self.spec.name, self.model.score(prompts, completions, **metadata), len(prompts))
         except Exception as e:  # noqa: BLE001 - a model failure flags the samples
             result = [f"reward_error: {self.spec.name!r} raised {type(e).__name__}: {e}"] * len(prompts)
         if all(not isinstance(r, str) for r in result):

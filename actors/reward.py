@@ -64,8 +64,9 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def _validate_scores(name: str, scores, n: int) -> list[float | str]:
-    """Per sample: a finite float, or a string saying why it is unusable."""
+def validate_scores(name: str, scores, n: int) -> list[float | str]:
+    """Per sample: a finite float, or a string saying why it is unusable (the one
+    check every reward source goes through: functions, remote and local models)."""
     try:
         values = list(scores)
     except TypeError:
@@ -130,7 +131,7 @@ class RewardWorker:
                 waiting.append((name, _raiser(e)))
         for name, fn, _ in self.functions:
             try:
-                results = _validate_scores(name, fn(prompts, completions, **metadata), len(flat))
+                results = validate_scores(name, fn(prompts, completions, **metadata), len(flat))
             except Exception as e:  # a user function may raise anything
                 results = [f"reward_error: {name!r} raised {type(e).__name__}: {e}"] * len(flat)
             self._apply(name, flat, results)
@@ -159,8 +160,8 @@ class RewardWorker:
 def _validate_model_results(name: str, raw, n: int) -> list[float | str]:
     """A model's results: per sample a score (validated) or the reason it has none."""
     if not isinstance(raw, (list, tuple)) or len(raw) != n:
-        return _validate_scores(name, raw, n)
-    return [r if isinstance(r, str) else _validate_scores(name, [r], 1)[0] for r in raw]
+        return validate_scores(name, raw, n)
+    return [r if isinstance(r, str) else validate_scores(name, [r], 1)[0] for r in raw]
 
 
 def _raiser(e: Exception):
