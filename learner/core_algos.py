@@ -127,3 +127,96 @@ def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor
             "approx_kl": float((torch.exp(-lr) - 1 + lr).mean()) if lr.numel() else 0.0,
         }
     return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# More estimators (issue 5). Pure functions; the learner does not select them yet.
+# ------------------------------------------------------------------------------------------------
+def rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """RLOO: ``A_i = r_i - mean_{j != i, j in g(i)} r_j`` (leave-one-out baseline).
+
+    Unbiased: the baseline does not depend on the sample it scores. A group of
+    one sample has advantage 0.
+
+    Args:
+        rewards: ``[B]``; group_index: ``[B]`` long.
+    Returns:
+        ``[B]``.
+    """
+    rewards = rewards.to(torch.float32)
+    num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
+    count = torch.zeros(num_groups).index_add_(0, group_index, torch.ones_like(rewards))[group_index]
+    total = torch.zeros(num_groups).index_add_(0, group_index, rewards)[group_index]
+    others = (total - rewards) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, rewards - others, torch.zeros_like(rewards))
+
+
+def reinforce_baseline_advantages(rewards: torch.Tensor, baseline: float, *, decay: float = 0.9
+                                  ) -> tuple[torch.Tensor, float]:
+    """REINFORCE with a moving-average baseline: ``A = r - b``, then
+    ``b <- decay * b + (1 - decay) * mean(r)`` (the update uses this batch only
+    after the advantages are computed, so they stay unbiased).
+
+    Returns ``([B] advantages, new baseline)``.
+    """
+    rewards = rewards.to(torch.float32)
+    adv = rewards - baseline
+    return adv, decay * baseline + (1.0 - decay) * float(rewards.mean())
+
+
+def batch_normalized_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++: ``A = (r - mean_batch(r)) / (std_batch(r) + eps)`` over the whole
+    batch (no groups). ``[B] -> [B]``."""
+    rewards = rewards.to(torch.float32)
+    if rewards.numel() < 2:
+        return torch.zeros_like(rewards)
+    centred = rewards - rewards.mean()
+    std = rewards.std()
+    return centred / (std + eps) if std > 0 else torch.zeros_like(rewards)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: Literal["k1", "k2", "k3"] = "k3"
+                ) -> torch.Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` from tokens sampled from ``pi``.
+
+    With ``d = log pi - log pi_ref``: ``k1 = d`` (unbiased, high variance, can be
+    negative), ``k2 = d^2 / 2`` (biased, low variance), ``k3 = exp(-d) - 1 + d``
+    (unbiased, non-negative; Schulman's estimator). Shapes ``[B, T] -> [B, T]``.
+    """
+    d = logprobs - ref_logprobs
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.exp(-d) - 1.0 + d
+    raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per position: ``[B, T, V] -> [B, T]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def truncated_importance_weights(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, *,
+                                 cap: float = 2.0) -> torch.Tensor:
+    """Truncated IS weight ``min(pi_prox / pi_behaviour, cap)`` per token, no gradient.
+    ``[B, T] -> [B, T]``."""
+    return torch.exp(proximal_logprobs - behaviour_logprobs).clamp(max=cap).detach()
+
+
+def dual_clip_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                          mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float = 3.0,
+                          loss_agg: LossAgg = "token-mean", num_tokens: float | None = None,
+                          num_seqs: float | None = None) -> torch.Tensor:
+    """PPO-clip with dual clip: for ``A < 0`` the per-token loss is further bounded by
+    ``-A * dual_clip``, so a huge ratio on a bad sample cannot blow up the update.
+    Same shapes as :func:`clipped_policy_loss`; returns the scalar loss."""
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logprobs)
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs)).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    per_token = torch.where(advantages < 0, torch.minimum(clipped, -advantages * dual_clip), clipped)
+    return aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
