@@ -19,7 +19,9 @@ from actors.rollout import load_policy, resolve_device
 from actors.tasks import Example
 from actors.types import Group
 from actors.weight_sync import FlatParams, Payload, WeightPublisher
-from learner.core_algos import clipped_policy_loss, group_advantages, token_logprobs
+from learner.core_algos import (aggregate, batch_normalized_advantages, clipped_policy_loss, entropy_from_logits,
+                                group_advantages, kl_estimate, reinforce_baseline_advantages, rloo_advantages,
+                                token_logprobs)
 
 
 @dataclass(kw_only=True)
@@ -44,8 +46,17 @@ class LearnerConfig:
     """PPO clip: ratio is clipped below at ``1 - clip_low``."""
     clip_high: float = 0.28
     """PPO clip: ratio is clipped above at ``1 + clip_high`` (clip-higher)."""
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce", "reinforce++"] = "grpo"
+    """Advantage estimator: grpo (group mean, /std if norm_adv_by_std), drgrpo (group mean, no std),
+    rloo (leave-one-out group mean), reinforce (moving-average baseline), reinforce++ (batch-normalised)."""
     norm_adv_by_std: bool = True
-    """Divide group-centred rewards by the group std (GRPO); false = Dr.GRPO."""
+    """grpo only: divide group-centred rewards by the group std."""
+    kl_coef: float = 0.0
+    """Weight of KL(policy || frozen initial policy) in the loss (0 = no reference model is loaded)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator for kl_coef."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-sum"
     """How per-token losses are reduced to the batch loss."""
     num_cpus: float = 1.0
@@ -72,6 +83,8 @@ class LearnerConfig:
             (0 <= self.clip_low < 1, "learner.clip_low", "must be in [0, 1)"),
             (self.clip_high >= 0, "learner.clip_high", "must be >= 0"),
             (self.num_threads >= 1, "learner.num_threads", "must be >= 1"),
+            (self.kl_coef >= 0, "learner.kl_coef", "must be >= 0"),
+            (self.entropy_coef >= 0, "learner.entropy_coef", "must be >= 0"),
         ]
         for ok, key, msg in checks:
             if not ok:
@@ -172,6 +185,11 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.temperature = temperature if temperature > 0 else 1.0
         self.pad_id = self.tokenizer.pad_token_id
+        self.baseline = 0.0  # advantage="reinforce": moving average of rewards
+        self.ref_model = None
+        if cfg.kl_coef > 0:  # frozen copy of the initial policy
+            self.ref_model, _ = load_policy(model_path, device=self.device, dtype="float32")
+            self.ref_model.eval().requires_grad_(False)
 
     # -- phase 2 of a training step: update ------------------------------------------------
     @property
@@ -184,7 +202,7 @@ class Learner:
         batch = TrainBatch.from_groups(groups)
         if len(batch) == 0:
             raise ValueError("train_step got no trainable samples")
-        adv = group_advantages(batch.rewards, batch.group_index, norm_by_std=self.cfg.norm_adv_by_std)
+        adv = self.advantages(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss, active, ratio_metrics = self.accumulate_gradients(batch, adv)
         grads = [p for p in self.model.parameters() if p.grad is not None]
@@ -220,7 +238,21 @@ class Learner:
             "reward_by_name": {name: sum(v) / len(v) for name, v in per_name.items()},
         }
 
-    def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool = True):
+    def advantages(self, batch: TrainBatch) -> torch.Tensor:
+        """``[B]`` advantages of the batch with the configured estimator."""
+        kind, r, g = self.cfg.advantage, batch.rewards, batch.group_index
+        if kind == "grpo":
+            return group_advantages(r, g, norm_by_std=self.cfg.norm_adv_by_std)
+        if kind == "drgrpo":
+            return group_advantages(r, g, norm_by_std=False)
+        if kind == "rloo":
+            return rloo_advantages(r, g)
+        if kind == "reinforce":
+            adv, self.baseline = reinforce_baseline_advantages(r, self.baseline)
+            return adv
+        return batch_normalized_advantages(r)
+
+    def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool | None = None):
         """Backward the batch loss over micro-batches into ``.grad``.
 
         Returns ``(loss, active_samples, ratio_metrics)``; ratio metrics
@@ -236,6 +268,8 @@ class Learner:
         """
         num_tokens = float(sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)))
         num_seqs = float(len(batch))
+        if skip_zero_advantage is None:  # KL and entropy terms do not vanish with the advantage
+            skip_zero_advantage = self.cfg.kl_coef == 0 and self.cfg.entropy_coef == 0
         rows = [i for i in range(len(batch)) if adv[i] != 0 or not skip_zero_advantage]
         sums: dict[str, float] = {}
         loss_total = 0.0
@@ -249,12 +283,26 @@ class Learner:
             loss, m = clipped_policy_loss(
                 logp, old, adv[idx].to(self.device), cmask, clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
                 loss_agg=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+            agg = dict(mask=cmask, mode=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    ref = self.ref_model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+                    ref = ref.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+                    ref_logp = token_logprobs(ref, targets, temperature=self.temperature)
+                kl = aggregate(kl_estimate(logp, ref_logp, self.cfg.kl_estimator), **agg)
+                loss = loss + self.cfg.kl_coef * kl
+                m["kl"] = float(kl.detach())
+            if self.cfg.entropy_coef > 0:
+                ent = aggregate(entropy_from_logits(pred / self.temperature), **agg)
+                loss = loss - self.cfg.entropy_coef * ent
+                m["entropy"] = float(ent.detach())
             loss.backward()
             loss_total += float(loss.detach())
             w = len(idx) / len(rows)
             for k, v in m.items():
                 sums[k] = max(sums.get(k, v), v) if k == "ratio_max" else sums.get(k, 0.0) + w * v
-        metrics = {k: sums.get(k) for k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl")}
+        metrics = {k: sums.get(k) for k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "entropy")
+                   if k in sums or k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl")}
         return loss_total, len(rows), metrics
 
     # -- phase 3: sync weights ----------------------------------------------------------------
