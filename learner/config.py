@@ -94,6 +94,8 @@ class TrainConfig:
     """Fail the run if no scored group arrives for this long."""
     seed: int = 0
     """Seed for the learner and the rollout workers' samplers."""
+    eval_every: int = 0
+    """Greedy held-out evaluation every N steps, logged as eval_accuracy (0 = only before and after)."""
     placement: Literal["none", "pack", "strict_pack", "spread"] = "none"
     """Put the learner, rollout and reward workers in one Ray placement group: pack (together
     where possible), strict_pack (all on one node), spread (across nodes); none = each by its resources."""
@@ -107,6 +109,8 @@ class TrainConfig:
             raise ConfigError("train.max_wall_s: must be >= 0 (0 = no limit)")
         if self.log_every < 0:
             raise ConfigError("train.log_every: must be >= 0")
+        if self.eval_every < 0:
+            raise ConfigError("train.eval_every: must be >= 0")
         if self.prompts_per_step < 1:
             raise ConfigError("train.prompts_per_step: must be >= 1")
         if self.max_staleness < 0:

@@ -277,6 +277,8 @@ class Trainer:
                     trained += m["samples"]
                     elapsed = t3 - t_rl
                     stats = self.counters
+                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                        m["eval_accuracy"] = self.evaluate()  # the learner's weights after this step
                     row = {"step": self.step, "policy_version": version, "time_s": round(elapsed, 3),
                            "sample_s": t1 - t0, "update_wall_s": t2 - t1, "sync_s": t3 - t2,
                            "samples_per_s": trained / elapsed, **m,

@@ -49,3 +49,11 @@ def test_kl_term_pulls_towards_the_reference(tiny_policy):
     kls = [learner.train_step(groups)["kl"] for _ in range(8)]
     assert kls[0] > 1e-3, "the perturbation should show as KL"
     assert kls[-1] < 0.5 * kls[0], kls
+
+
+def test_periodic_evaluation_is_logged(ray_session, tiny_policy, tmp_path):
+    _, summary = run_trainer(small_config(tiny_policy, "--train.steps", "6", "--train.eval_every", "2"), tmp_path)
+    rows = read_metrics(tmp_path)
+    evals = {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}
+    assert sorted(evals) == [2, 4, 6] and all(0.0 <= a <= 1.0 for a in evals.values())
+    assert evals[6] == pytest.approx(summary["eval_after"])  # same weights, same greedy decoding
