@@ -38,7 +38,8 @@ class SampleTimeout(RuntimeError):
 
 class Coordinator:
     def __init__(self, prompts: Iterator[Prompt], *, groups_per_step: int, prompts_per_request: int,
-                 max_staleness: int, total_groups: int | None = None):
+                 max_staleness: int, total_groups: int | None = None, start_step: int = 0, start_uid: int = 0,
+                 committed_uids: list[int] = ()):
         if max_staleness < 0:
             raise ValueError("train.max_staleness: must be >= 0")
         self.prompts = prompts
@@ -61,6 +62,11 @@ class Coordinator:
         self.retiring: set[str] = set()
         self.reclaimed_prompts = 0
         self.reclaimed_uids: set[int] = set()
+        self.start_uid = start_uid  # prompts before it were trained on before a resume
+        self.committed_uids: set[int] = set(committed_uids)
+        self.next_uid = start_uid  # one past the largest prompt uid handed out
+        # a resumed run continues at version start_step: count its batches as issued and trained
+        self.issued_groups = self.trained_groups = start_step * groups_per_step
         self.reclaimed_done: set[int] = set()
         self.dropped: Counter[str] = Counter()
         self.last_error: dict[str, str] = {}
@@ -102,6 +108,7 @@ class Coordinator:
                 n = min(self.prompts_per_request, self._limit() - self._live())
                 batch = [next(self.prompts) for _ in range(n)]
                 self.issued_groups += n
+                self.next_uid = max([self.next_uid] + [p.uid + 1 for p in batch])
             self.in_flight.setdefault(worker, {}).update({p.uid: p for p in batch})
             return batch, self.weights.version
 
@@ -220,9 +227,18 @@ class Coordinator:
             # excluded samples of partly usable groups were counted at put()
             self.trained += sum(len(g.trainable_samples()) for g in done)
             self.trained_groups += len(done)
+            self.committed_uids.update(g.prompt.uid for g in done)
             self.weights.put(payload)
             self.cond.notify_all()
             return self.stats()
+
+    def resume_point(self) -> dict:
+        """Where a resumed run picks up the prompt stream: the first prompt not trained
+        on, and the prompts after it that were (so none is trained twice)."""
+        cursor = self.start_uid
+        while cursor in self.committed_uids:
+            cursor += 1
+        return {"cursor": cursor, "skip": sorted(u for u in self.committed_uids if u > cursor)}
 
     # -- shutdown ------------------------------------------------------------------------
     async def stop(self) -> None:

@@ -184,8 +184,10 @@ class RewardModelActor:
 class CoordinatorActor(Coordinator):
     """The coordinator with its prompt stream built inside the actor (generators don't pickle)."""
 
-    def __init__(self, task_name: str, task_kwargs: dict, *, start: int = 0, **kwargs):
-        super().__init__(make_task(task_name, **task_kwargs).prompt_stream(start), **kwargs)
+    def __init__(self, task_name: str, task_kwargs: dict, *, start: int = 0, skip: list[int] = (), **kwargs):
+        skip = set(skip)
+        stream = (p for p in make_task(task_name, **task_kwargs).prompt_stream(start) if p.uid not in skip)
+        super().__init__(stream, start_uid=start, committed_uids=sorted(skip), **kwargs)
 
 
 @dataclass

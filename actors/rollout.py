@@ -104,6 +104,7 @@ class RolloutWorker:
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         torch.manual_seed(seed)
         self.generated_samples = 0
+        self.seed = seed
 
     @property
     def policy_version(self) -> int:
@@ -140,6 +141,9 @@ class RolloutWorker:
 
     def _generate_ids(self, prompt_ids: list[list[int]], prompts: list[Prompt], version: int) -> list[Group]:
         tok, n, cfg = self.tokenizer, self.cfg.group_size, self.cfg
+        # sampling depends only on (run seed, prompts, weights), not on which worker got them
+        # or what it generated before: a resumed run draws the same samples
+        torch.manual_seed((self.seed * 1_000_003 + prompts[0].uid) % (2**63))
         width = max(len(x) for x in prompt_ids)
         pad = tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompt_ids], device=self.device)

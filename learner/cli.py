@@ -1,6 +1,6 @@
 """``fleetrl`` command line.
 
-    fleetrl train [CONFIG.yaml] [--address ADDR] [--output-dir DIR] [--no-progress] [--section.key VALUE ...]
+    fleetrl train [CONFIG.yaml] [--address ADDR] [--output-dir DIR] [--resume DIR|auto] [--no-progress] [--section.key VALUE ...]
     fleetrl config [CONFIG.yaml] [--section.key VALUE ...]   # print the resolved config
     fleetrl config --reference                               # the configuration reference (Markdown)
     fleetrl reward serve (--model DIR | --function MODULE:FN) [--port P] ...   # serve a reward model
@@ -92,7 +92,9 @@ def init_ray(address: str | None):
 def cmd_train(argv: list[str]) -> int:
     from learner.config import load_config
 
-    path, opts, overrides = split_args(argv, {"--address", "--output-dir"}, {"--no-progress"})
+    path, opts, overrides = split_args(argv, {"--address", "--output-dir", "--resume"}, {"--no-progress"})
+    if "--resume" in opts:
+        overrides += ["--train.resume", opts["--resume"]]
     cfg = load_config(path, overrides)
     run_dir = Path(opts.get("--output-dir") or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     import ray

@@ -94,6 +94,11 @@ class TrainConfig:
     """Fail the run if no scored group arrives for this long."""
     seed: int = 0
     """Seed for the learner and the rollout workers' samplers."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every N steps (0 = only at the end of the run)."""
+    resume: str = ""
+    """Continue from the newest complete checkpoint in this run directory or checkpoint folder
+    ("auto" = the run's own output directory); --resume DIR on the command line."""
     eval_every: int = 0
     """Greedy held-out evaluation every N steps, logged as eval_accuracy (0 = only before and after)."""
     placement: Literal["none", "pack", "strict_pack", "spread"] = "none"
@@ -109,6 +114,8 @@ class TrainConfig:
             raise ConfigError("train.max_wall_s: must be >= 0 (0 = no limit)")
         if self.log_every < 0:
             raise ConfigError("train.log_every: must be >= 0")
+        if self.checkpoint_every < 0:
+            raise ConfigError("train.checkpoint_every: must be >= 0")
         if self.eval_every < 0:
             raise ConfigError("train.eval_every: must be >= 0")
         if self.prompts_per_step < 1:

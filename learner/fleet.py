@@ -65,7 +65,7 @@ class RolloutFleet:
         for _ in range(n):
             name = f"rollout-{self.next_id}"
             placement = self.bundles[self.next_id] if self.next_id < len(self.bundles) else None
-            actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed + 1000 * self.next_id,
+            actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed,
                                          default_max_new_tokens=self.default_max_new_tokens, placement=placement)
             self.workers[name] = _Worker(actor)
             self.next_id += 1

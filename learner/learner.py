@@ -199,7 +199,9 @@ class Learner:
     def train_step(self, groups: list[Group]) -> dict:
         """One optimizer step on the trainable samples of ``groups``; bumps the version."""
         t0 = time.perf_counter()
-        batch = TrainBatch.from_groups(groups)
+        # a fixed order (by prompt uid), whatever order the groups arrived in: the same
+        # batch always gives the same update (exact resume depends on it)
+        batch = TrainBatch.from_groups(sorted(groups, key=lambda g: g.prompt.uid))
         if len(batch) == 0:
             raise ValueError("train_step got no trainable samples")
         adv = self.advantages(batch)
@@ -318,6 +320,38 @@ class Learner:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
+
+    def save_state(self, path: str) -> None:
+        """Policy (safetensors via save_pretrained) + optimizer, scheduler, RNG, version."""
+        import random
+
+        self.save_policy(os.path.join(path, "policy"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "policy_version": self.publisher.version, "baseline": self.baseline,
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+                   os.path.join(path, "learner_state.pt"))
+
+    def load_state(self, path: str) -> int:
+        """Load what ``save_state`` wrote (our own file: weights_only=False is safe here)."""
+        import random
+
+        from safetensors.torch import load_file
+
+        weights = {}
+        for f in sorted(os.listdir(os.path.join(path, "policy"))):
+            if f.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(path, "policy", f)))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+            raise ValueError(f"checkpoint {path} does not match the policy: missing {missing}, unexpected {unexpected}")
+        state = torch.load(os.path.join(path, "learner_state.pt"), weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.baseline = state["baseline"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.publisher.version = state["policy_version"]
+        return self.publisher.version
 
     def param_vector(self) -> torch.Tensor:
         """A copy of all parameters (tests compare weights across components)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -42,6 +43,25 @@ log = logging.getLogger(__name__)
 
 class RunFailed(RuntimeError):
     """The run cannot continue (a worker died, no samples arrive, ...)."""
+
+
+CHECKPOINT_MARKER = "COMPLETE"
+
+
+def find_checkpoint(where: str, run_dir: Path, say=print) -> tuple[Path, dict]:
+    """The newest complete checkpoint under ``where`` ("auto" = ``run_dir``): a
+    checkpoint folder itself, or a run directory / its ``checkpoints`` folder."""
+    base = run_dir if where == "auto" else Path(where)
+    if (base / CHECKPOINT_MARKER).exists():
+        candidates = [base]
+    else:
+        root = base / "checkpoints" if (base / "checkpoints").is_dir() else base
+        candidates = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
+    for c in candidates:
+        if (c / CHECKPOINT_MARKER).exists():
+            return c, json.loads((c / "trainer_state.json").read_text())
+        say(f"warning: skipping incomplete checkpoint {c} (no {CHECKPOINT_MARKER} marker)")
+    raise ConfigError(f"train.resume: no complete checkpoint under {base}")
 
 
 class StopRequested(Exception):
@@ -104,8 +124,11 @@ class Trainer:
             took = "cached" if ws["cached"] else f"{ws['seconds']}s"
             self.say(f"built-in policy: {self.policy_path} (warm start: {ws['steps']} supervised steps on "
                      f"{ws['labelled']} labelled examples, validation accuracy {ws['val_accuracy']:.2f}, {took})")
+        self.resume = find_checkpoint(cfg.train.resume, self.run_dir, self.say) if cfg.train.resume else None
+        point = self.resume[1] if self.resume else {"step": 0, "cursor": 0, "skip": []}
         self.coordinator = create_coordinator(
             cfg.task.name, dict(num_digits=cfg.task.num_digits, seed=cfg.task.seed),
+            start=point["cursor"], skip=point["skip"], start_step=point["step"],
             groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
             max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
         bundles = self.placement_group()
@@ -133,7 +156,10 @@ class Trainer:
         for kind in ("rollout", "reward"):
             for w in placement[kind]:
                 self.say(f"{w['name']} on node {w['node_ip']} pid {w['pid']}")
-        self.sync_weights()  # version 0: every worker starts from the learner's weights
+        if self.resume:
+            self.step = ray.get(self.learner.load_state.remote(str(self.resume[0])))
+            self.say(f"resumed from {self.resume[0]} at step {self.step} (prompt cursor {point['cursor']})")
+        self.sync_weights()  # every worker starts from the learner's weights (version 0, or the resumed one)
         self.setup_s = time.perf_counter() - t0
 
     def placement_group(self) -> list[dict]:
@@ -253,7 +279,7 @@ class Trainer:
         t_rl = time.perf_counter()
         trained = 0
         try:
-            with metrics_path.open("w") as mf:
+            with metrics_path.open("a" if self.resume else "w") as mf:
                 self.start_rollouts()
                 while self.step < cfg.train.steps:
                     if self.stop_requested.is_set():
@@ -292,6 +318,10 @@ class Trainer:
                                     refresh=False)  # the bar itself redraws at most every mininterval
                     if self.progress is False and cfg.train.log_every and self.step % cfg.train.log_every == 0:
                         self.say(f"step {self.step} reward {m['reward_mean']:.3f} samples/s {row['samples_per_s']:.0f}")
+                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                        self.save_checkpoint()
+            if not cfg.train.checkpoint_every or self.step % cfg.train.checkpoint_every:
+                self.save_checkpoint()  # the end of the run
         finally:
             bar.close()
             stats = self.stop_rollouts() if self.rollouts.started else ray.get(self.coordinator.stats.remote())
@@ -325,6 +355,22 @@ class Trainer:
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def save_checkpoint(self) -> Path:
+        """Atomically: write into ``step-N.tmp``, marker file last, then rename."""
+        import shutil
+
+        root = self.run_dir / "checkpoints"
+        final, tmp = root / f"step-{self.step:06d}", root / f"step-{self.step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ray.get(self.learner.save_state.remote(str(tmp.resolve())))
+        point = ray.get(self.coordinator.resume_point.remote())
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, **point}))
+        (tmp / CHECKPOINT_MARKER).write_text("complete\n")  # written last: the checkpoint is whole
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        return final
 
     def status(self) -> dict:
         """What ``fleetrl status`` shows (fields of control.v1.GetStatusResponse)."""
