@@ -88,7 +88,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: LossAgg, *, num_to
 def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
                         loss_agg: LossAgg = "token-mean", num_tokens: float | None = None,
-                        num_seqs: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                        num_seqs: float | None = None, dual_clip: float = 0.0,
+                        token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip policy-gradient loss with asymmetric bounds (clip-higher).
 
     ``ratio = exp(logp - logp_behaviour)`` importance-corrects samples drawn by
@@ -101,6 +102,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor
         behaviour_logprobs: ``[B, T]`` log-probs recorded at generation time.
         advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
         mask: ``[B, T]`` 1 on completion tokens.
+        dual_clip: > 1 bounds the loss of negative-advantage tokens by ``-A * dual_clip``.
+        token_weights: ``[B, T]`` per-token multipliers without gradient (or None).
     Returns:
         ``(loss, metrics)``; metrics has ``clip_frac``, ``ratio_mean``,
         ``ratio_max`` and ``approx_kl`` (k3 estimate of KL(behaviour || current)).
@@ -114,6 +117,10 @@ def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if dual_clip > 0:  # negative advantages: bound the loss by -A * dual_clip
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    if token_weights is not None:  # e.g. truncated importance weights of decoupled PPO (no gradient)
+        per_token = per_token * token_weights
     loss = aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
         m = mask.bool()

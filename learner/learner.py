@@ -21,7 +21,7 @@ from actors.types import Group
 from actors.weight_sync import FlatParams, Payload, WeightPublisher
 from learner.core_algos import (aggregate, batch_normalized_advantages, clipped_policy_loss, entropy_from_logits,
                                 group_advantages, kl_estimate, reinforce_baseline_advantages, rloo_advantages,
-                                token_logprobs)
+                                token_logprobs, truncated_importance_weights)
 
 
 @dataclass(kw_only=True)
@@ -57,6 +57,17 @@ class LearnerConfig:
     """Per-token KL estimator for kl_coef."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (subtracted from the loss)."""
+    ppo_epochs: int = 1
+    """Passes over each batch (each pass = mini_batches optimizer steps; one policy_version per batch)."""
+    mini_batches: int = 1
+    """Optimizer steps per pass over a batch (the batch split in this many parts)."""
+    dual_clip: float = 0.0
+    """Dual clip: for negative advantages bound the per-token loss by -A * dual_clip (0 = off; > 1)."""
+    off_policy: Literal["behaviour", "decoupled"] = "behaviour"
+    """Ratio against the behaviour policy (PPO/IS), or decoupled PPO: clip against the learner's policy at
+    consumption time and weight by the truncated ratio proximal / behaviour (capped at is_cap)."""
+    is_cap: float = 2.0
+    """decoupled: cap of the importance weight proximal / behaviour."""
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-sum"
     """How per-token losses are reduced to the batch loss."""
     num_cpus: float = 1.0
@@ -84,6 +95,10 @@ class LearnerConfig:
             (self.clip_high >= 0, "learner.clip_high", "must be >= 0"),
             (self.num_threads >= 1, "learner.num_threads", "must be >= 1"),
             (self.kl_coef >= 0, "learner.kl_coef", "must be >= 0"),
+            (self.ppo_epochs >= 1, "learner.ppo_epochs", "must be >= 1"),
+            (self.mini_batches >= 1, "learner.mini_batches", "must be >= 1"),
+            (self.dual_clip == 0 or self.dual_clip > 1, "learner.dual_clip", "must be 0 (off) or > 1"),
+            (self.is_cap > 0, "learner.is_cap", "must be > 0"),
             (self.entropy_coef >= 0, "learner.entropy_coef", "must be >= 0"),
         ]
         for ok, key, msg in checks:
@@ -205,19 +220,30 @@ class Learner:
         if len(batch) == 0:
             raise ValueError("train_step got no trainable samples")
         adv = self.advantages(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, active, ratio_metrics = self.accumulate_gradients(batch, adv)
-        grads = [p for p in self.model.parameters() if p.grad is not None]
-        if not grads:  # every group had all-equal rewards: nothing to learn from this batch
-            grad_norm = 0.0
-        elif self.cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
+        proximal = self.proximal_logprobs(batch) if self.cfg.off_policy == "decoupled" else None
+        parts = [list(range(len(batch)))[i::self.cfg.mini_batches] for i in range(self.cfg.mini_batches)]
+        parts = [p for p in parts if p]
         lr = self.scheduler.get_last_lr()[0]
-        skipped = 0 if math.isfinite(grad_norm) else 1
-        if not skipped:  # never let a non-finite gradient touch the weights
-            self.optimizer.step()
+        losses, skipped, active = [], 0, 0
+        for _ in range(self.cfg.ppo_epochs):
+            for part in parts:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, n_active, ratio_metrics = self.accumulate_gradients(batch, adv, rows=part, proximal=proximal)
+                losses.append(loss)
+                active = max(active, n_active)
+                grads = [p for p in self.model.parameters() if p.grad is not None]
+                if not grads:  # every group had all-equal rewards: nothing to learn from this part
+                    grad_norm = 0.0
+                elif self.cfg.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
+                if math.isfinite(grad_norm):  # never let a non-finite gradient touch the weights
+                    if grads:
+                        self.optimizer.step()
+                else:
+                    skipped += 1
+        loss = sum(losses) / len(losses)
         self.scheduler.step()
         self.publisher.bump()
         num_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
@@ -254,7 +280,22 @@ class Learner:
             return adv
         return batch_normalized_advantages(r)
 
-    def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool | None = None):
+    @torch.no_grad()
+    def proximal_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Log-probs of every completion token under the learner's current weights."""
+        out: list[list[float]] = []
+        mb = self.cfg.micro_batch_size
+        for start in range(0, len(batch), mb):
+            idx = list(range(start, min(start + mb, len(batch))))
+            ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
+            logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+            pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            logp = token_logprobs(pred, targets, temperature=self.temperature)
+            out += [row[: int(m.sum())] for row, m in zip(logp.cpu().tolist(), cmask.cpu())]
+        return out
+
+    def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool | None = None,
+                             rows: list[int] | None = None, proximal: list[list[float]] | None = None):
         """Backward the batch loss over micro-batches into ``.grad``.
 
         Returns ``(loss, active_samples, ratio_metrics)``; ratio metrics
@@ -268,11 +309,12 @@ class Learner:
         in training). A per-sample term that does not vanish with A (KL, entropy)
         must pass ``skip_zero_advantage=False``.
         """
-        num_tokens = float(sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)))
-        num_seqs = float(len(batch))
+        part = list(range(len(batch))) if rows is None else rows
+        num_tokens = float(sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in part))
+        num_seqs = float(len(part))
         if skip_zero_advantage is None:  # KL and entropy terms do not vanish with the advantage
             skip_zero_advantage = self.cfg.kl_coef == 0 and self.cfg.entropy_coef == 0
-        rows = [i for i in range(len(batch)) if adv[i] != 0 or not skip_zero_advantage]
+        rows = [i for i in part if adv[i] != 0 or not skip_zero_advantage]
         sums: dict[str, float] = {}
         loss_total = 0.0
         mb = self.cfg.micro_batch_size
@@ -282,9 +324,17 @@ class Learner:
             logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
             pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
             logp = token_logprobs(pred, targets, temperature=self.temperature)
+            weights = None
+            if proximal is not None:  # decoupled PPO: clip against the proximal policy, IS-weight to behaviour
+                prox = torch.zeros_like(old)
+                for b, i in enumerate(idx):
+                    prox[b, : len(proximal[i])] = torch.tensor(proximal[i])
+                weights = truncated_importance_weights(prox, old, cap=self.cfg.is_cap) * cmask
+                old = prox
             loss, m = clipped_policy_loss(
                 logp, old, adv[idx].to(self.device), cmask, clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
-                loss_agg=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+                loss_agg=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                dual_clip=self.cfg.dual_clip, token_weights=weights)
             agg = dict(mask=cmask, mode=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
             if self.ref_model is not None:
                 with torch.no_grad():

@@ -17,7 +17,10 @@ from tests.test_pipeline import read_metrics, run_trainer, small_config
     ["--learner.advantage", "reinforce++", "--learner.loss_agg", "token-mean"],
     ["--learner.advantage", "grpo", "--learner.kl_coef", "0.1", "--learner.kl_estimator", "k3",
      "--learner.entropy_coef", "0.01"],
-], ids=["grpo", "drgrpo", "rloo", "reinforce", "reinforce++", "grpo+kl+entropy"])
+    ["--learner.ppo_epochs", "2", "--learner.mini_batches", "2", "--learner.dual_clip", "3"],
+    ["--learner.off_policy", "decoupled", "--learner.is_cap", "2", "--train.max_staleness", "1"],
+], ids=["grpo", "drgrpo", "rloo", "reinforce", "reinforce++", "grpo+kl+entropy", "ppo-epochs+dual-clip",
+        "decoupled"])
 def test_algorithm_runs_end_to_end(ray_session, tiny_policy, tmp_path, extra):
     _, summary = run_trainer(small_config(tiny_policy, "--train.steps", "3", *extra), tmp_path)
     rows = read_metrics(tmp_path)
@@ -57,3 +60,47 @@ def test_periodic_evaluation_is_logged(ray_session, tiny_policy, tmp_path):
     evals = {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}
     assert sorted(evals) == [2, 4, 6] and all(0.0 <= a <= 1.0 for a in evals.values())
     assert evals[6] == pytest.approx(summary["eval_after"])  # same weights, same greedy decoding
+
+
+def test_second_ppo_epoch_sees_the_updated_policy(ray_session, tiny_policy, tmp_path):
+    """On-policy data: the first pass has ratio 1; a second pass over the same batch must not."""
+    cfg = small_config(tiny_policy, "--train.steps", "4", "--train.max_staleness", "0", "--learner.ppo_epochs", "2",
+                       "--learner.lr", "1e-2")
+    run_trainer(cfg, tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if r["ratio_max"] is not None]
+    assert rows and any(abs(r["ratio_max"] - 1.0) > 1e-4 or r["clip_frac"] > 0 for r in rows)
+
+
+def test_decoupled_equals_behaviour_ratio_when_on_policy(tiny_policy):
+    """With fresh samples the proximal policy is the behaviour policy: same gradient."""
+    from actors.rollout import RolloutConfig, RolloutWorker
+    from actors.types import Prompt
+    from learner.learner import Learner, LearnerConfig, TrainBatch
+
+    w = RolloutWorker(tiny_policy, RolloutConfig(group_size=4, max_new_tokens=4), seed=5)
+    groups = w.generate([Prompt(uid=i, text=f"{i}{i}=") for i in range(3)])
+    for g in groups:
+        for k, s in enumerate(g.samples):
+            s.reward = float(k % 2)
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1, off_policy="decoupled"), total_steps=1)
+    batch = TrainBatch.from_groups(groups)
+    adv = learner.advantages(batch)
+    grads = []
+    for prox in (None, learner.proximal_logprobs(batch)):
+        learner.optimizer.zero_grad(set_to_none=True)
+        learner.accumulate_gradients(batch, adv, proximal=prox)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in learner.model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_dual_clip_option_matches_the_reference_function():
+    from learner.core_algos import clipped_policy_loss, dual_clip_policy_loss
+
+    logp = torch.tensor([[math.log(10.0), math.log(0.5)]])
+    old, adv, mask = torch.zeros(1, 2), torch.tensor([-1.0]), torch.ones(1, 2)
+    a, _ = clipped_policy_loss(logp, old, adv, mask, dual_clip=3.0)
+    b = dual_clip_policy_loss(logp, old, adv, mask, dual_clip=3.0)
+    assert float(a) == pytest.approx(float(b))
+    weighted, _ = clipped_policy_loss(logp, old, adv, mask, token_weights=torch.tensor([[0.0, 1.0]]))
+    single, _ = clipped_policy_loss(logp[:, 1:], old[:, 1:], adv, mask[:, 1:])
+    assert float(weighted) == pytest.approx(float(single) / 2)  # token-mean over 2 tokens, one weighted 0
