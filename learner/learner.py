@@ -68,6 +68,10 @@ class LearnerConfig:
     consumption time and weight by the truncated ratio proximal / behaviour (capped at is_cap)."""
     is_cap: float = 2.0
     """decoupled: cap of the importance weight proximal / behaviour."""
+    filter_equal_groups: bool = False
+    """Leave out groups whose rewards are all equal (no group-relative signal; DAPO-style filtering)."""
+    overlong_penalty: float = 0.0
+    """Subtracted from the reward of completions cut at max_new_tokens without EOS."""
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-sum"
     """How per-token losses are reduced to the batch loss."""
     num_cpus: float = 1.0
@@ -99,6 +103,7 @@ class LearnerConfig:
             (self.mini_batches >= 1, "learner.mini_batches", "must be >= 1"),
             (self.dual_clip == 0 or self.dual_clip > 1, "learner.dual_clip", "must be 0 (off) or > 1"),
             (self.is_cap > 0, "learner.is_cap", "must be > 0"),
+            (self.overlong_penalty >= 0, "learner.overlong_penalty", "must be >= 0"),
             (self.entropy_coef >= 0, "learner.entropy_coef", "must be >= 0"),
         ]
         for ok, key, msg in checks:
@@ -132,18 +137,23 @@ class TrainBatch:
     versions: list[int]
 
     @classmethod
-    def from_groups(cls, groups: list[Group]) -> "TrainBatch":
+    def from_groups(cls, groups: list[Group], *, overlong_penalty: float = 0.0,
+                    filter_equal_groups: bool = False) -> "TrainBatch":
+        """``overlong_penalty`` is subtracted from the reward of samples cut at
+        max_new_tokens (no EOS); ``filter_equal_groups`` leaves out groups whose
+        rewards (after the penalty) are all equal: they carry no group-relative signal."""
         seqs, plens, lps, rewards, gidx, versions = [], [], [], [], [], []
         gi = 0
         for g in groups:
             samples = g.trainable_samples()
-            if not samples:
+            rs = [float(s.reward) - (0.0 if s.finished else overlong_penalty) for s in samples]
+            if not samples or (filter_equal_groups and len(set(rs)) == 1):
                 continue
-            for s in samples:
+            for s, r in zip(samples, rs):
                 seqs.append(list(g.prompt_ids) + list(s.completion_ids))
                 plens.append(len(g.prompt_ids))
                 lps.append(list(s.logprobs))
-                rewards.append(float(s.reward))
+                rewards.append(r)
                 gidx.append(gi)
                 versions.append(s.policy_version)
             gi += 1
@@ -216,8 +226,21 @@ class Learner:
         t0 = time.perf_counter()
         # a fixed order (by prompt uid), whatever order the groups arrived in: the same
         # batch always gives the same update (exact resume depends on it)
-        batch = TrainBatch.from_groups(sorted(groups, key=lambda g: g.prompt.uid))
+        batch = TrainBatch.from_groups(sorted(groups, key=lambda g: g.prompt.uid),
+                                       overlong_penalty=self.cfg.overlong_penalty,
+                                       filter_equal_groups=self.cfg.filter_equal_groups)
         if len(batch) == 0:
+            if self.cfg.filter_equal_groups:  # every group filtered: a step without an update
+                self.scheduler.step()
+                self.publisher.bump()
+                return {"loss": 0.0, "grad_norm": 0.0, "lr": self.scheduler.get_last_lr()[0], "skipped_step": 0,
+                        "clip_frac": None, "ratio_mean": None, "ratio_max": None, "approx_kl": None,
+                        "reward_mean": _mean_reward(groups), "reward_std": 0.0, "adv_abs_mean": 0.0,
+                        "zero_adv_group_frac": 1.0, "samples": sum(len(g.trainable_samples()) for g in groups),
+                        "active_samples": 0, "tokens": 0,
+                        "response_len_mean": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
+                        "behaviour_versions": [], "update_s": time.perf_counter() - t0, "reward_by_name": {},
+                        "filtered_groups": len(groups)}
             raise ValueError("train_step got no trainable samples")
         adv = self.advantages(batch)
         proximal = self.proximal_logprobs(batch) if self.cfg.off_policy == "decoupled" else None
@@ -259,7 +282,10 @@ class Learner:
             "reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
             "adv_abs_mean": float(adv.abs().mean()),
             "zero_adv_group_frac": _fraction_all_equal(batch.rewards, batch.group_index),
-            "samples": len(batch), "active_samples": active, "tokens": num_tokens,
+            # samples consumed (trained on, or filtered out by filter_equal_groups)
+            "samples": sum(len(g.trainable_samples()) for g in groups), "active_samples": active,
+            "filtered_groups": len(groups) - int(batch.group_index.max()) - 1 if len(batch) else len(groups),
+            "tokens": num_tokens,
             "response_len_mean": num_tokens / len(batch),
             "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
             "behaviour_versions": sorted(set(batch.versions)), "update_s": time.perf_counter() - t0,
@@ -416,6 +442,11 @@ class Learner:
         from actors.group import weights_digest
 
         return weights_digest(self.flat)
+
+
+def _mean_reward(groups: list[Group]) -> float:
+    rs = [s.reward for g in groups for s in g.trainable_samples()]
+    return sum(rs) / len(rs) if rs else 0.0
 
 
 def _fraction_all_equal(rewards: torch.Tensor, group_index: torch.Tensor) -> float:

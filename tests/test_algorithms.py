@@ -104,3 +104,30 @@ def test_dual_clip_option_matches_the_reference_function():
     weighted, _ = clipped_policy_loss(logp, old, adv, mask, token_weights=torch.tensor([[0.0, 1.0]]))
     single, _ = clipped_policy_loss(logp[:, 1:], old[:, 1:], adv, mask[:, 1:])
     assert float(weighted) == pytest.approx(float(single) / 2)  # token-mean over 2 tokens, one weighted 0
+
+
+def test_overlong_penalty_and_group_filter():
+    from actors.types import Group, Prompt, Sample
+    from learner.learner import TrainBatch
+
+    def group(uid, rewards, finished):
+        return Group(prompt=Prompt(uid=uid, text="1="), prompt_ids=[3], samples=[
+            Sample(completion_ids=[4, 1], completion_text="x", logprobs=[-1.0, -1.0], policy_version=0, reward=r,
+                   finished=f) for r, f in zip(rewards, finished)])
+
+    groups = [group(0, [1.0, 1.0], [True, False]),  # equal rewards, one cut at max_new_tokens
+              group(1, [0.0, 0.0], [True, True])]  # equal, both finished
+    b = TrainBatch.from_groups(groups, overlong_penalty=0.5)
+    assert b.rewards.tolist() == [1.0, 0.5, 0.0, 0.0]
+    f = TrainBatch.from_groups(groups, overlong_penalty=0.5, filter_equal_groups=True)
+    assert len(f) == 2 and f.rewards.tolist() == [1.0, 0.5]  # the penalty made group 0 informative
+
+
+def test_group_filter_runs_end_to_end_with_exact_accounting(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--train.steps", "4", "--learner.filter_equal_groups", "true",
+                       "--learner.overlong_penalty", "0.1")
+    _, summary = run_trainer(cfg, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert summary["produced"] == summary["trained"] + summary["dropped"]
+    assert summary["trained"] == sum(r["samples"] for r in rows)
+    assert all("filtered_groups" in r for r in rows)
