@@ -55,6 +55,9 @@ class LearnerConfig:
     """Weight of KL(policy || frozen initial policy) in the loss (0 = no reference model is loaded)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """Per-token KL estimator for kl_coef."""
+    kl_in_reward: bool = False
+    """Apply kl_coef as a reward penalty (reward -= kl_coef * summed per-token KL of the sample,
+    before advantages) instead of as a loss term."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (subtracted from the loss)."""
     ppo_epochs: int = 1
@@ -242,6 +245,8 @@ class Learner:
                         "behaviour_versions": [], "update_s": time.perf_counter() - t0, "reward_by_name": {},
                         "filtered_groups": len(groups)}
             raise ValueError("train_step got no trainable samples")
+        if self.ref_model is not None and self.cfg.kl_in_reward:
+            batch.rewards = batch.rewards - self.cfg.kl_coef * self.sequence_kl(batch)
         adv = self.advantages(batch)
         proximal = self.proximal_logprobs(batch) if self.cfg.off_policy == "decoupled" else None
         parts = [list(range(len(batch)))[i::self.cfg.mini_batches] for i in range(self.cfg.mini_batches)]
@@ -307,6 +312,22 @@ class Learner:
         return batch_normalized_advantages(r)
 
     @torch.no_grad()
+    def sequence_kl(self, batch: TrainBatch) -> torch.Tensor:
+        """``[B]``: each sample's summed per-token KL estimate to the reference policy."""
+        out = []
+        mb = self.cfg.micro_batch_size
+        for start in range(0, len(batch), mb):
+            idx = list(range(start, min(start + mb, len(batch))))
+            ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
+            lp = []
+            for model in (self.model, self.ref_model):
+                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+                pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+                lp.append(token_logprobs(pred, targets, temperature=self.temperature))
+            out.append((kl_estimate(lp[0], lp[1], self.cfg.kl_estimator) * cmask).sum(-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
     def proximal_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Log-probs of every completion token under the learner's current weights."""
         out: list[list[float]] = []
@@ -338,8 +359,8 @@ class Learner:
         part = list(range(len(batch))) if rows is None else rows
         num_tokens = float(sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in part))
         num_seqs = float(len(part))
-        if skip_zero_advantage is None:  # KL and entropy terms do not vanish with the advantage
-            skip_zero_advantage = self.cfg.kl_coef == 0 and self.cfg.entropy_coef == 0
+        if skip_zero_advantage is None:  # KL-loss and entropy terms do not vanish with the advantage
+            skip_zero_advantage = (self.cfg.kl_coef == 0 or self.cfg.kl_in_reward) and self.cfg.entropy_coef == 0
         rows = [i for i in part if adv[i] != 0 or not skip_zero_advantage]
         sums: dict[str, float] = {}
         loss_total = 0.0
@@ -362,7 +383,7 @@ class Learner:
                 loss_agg=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
                 dual_clip=self.cfg.dual_clip, token_weights=weights)
             agg = dict(mask=cmask, mode=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
-            if self.ref_model is not None:
+            if self.ref_model is not None and not self.cfg.kl_in_reward:
                 with torch.no_grad():
                     ref = self.ref_model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
                     ref = ref.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, ref.shape[-1]))

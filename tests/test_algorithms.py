@@ -18,9 +18,10 @@ from tests.test_pipeline import read_metrics, run_trainer, small_config
     ["--learner.advantage", "grpo", "--learner.kl_coef", "0.1", "--learner.kl_estimator", "k3",
      "--learner.entropy_coef", "0.01"],
     ["--learner.ppo_epochs", "2", "--learner.mini_batches", "2", "--learner.dual_clip", "3"],
+    ["--learner.kl_coef", "0.1", "--learner.kl_in_reward", "true", "--learner.kl_estimator", "k1"],
     ["--learner.off_policy", "decoupled", "--learner.is_cap", "2", "--train.max_staleness", "1"],
 ], ids=["grpo", "drgrpo", "rloo", "reinforce", "reinforce++", "grpo+kl+entropy", "ppo-epochs+dual-clip",
-        "decoupled"])
+        "decoupled", "kl-in-reward"])
 def test_algorithm_runs_end_to_end(ray_session, tiny_policy, tmp_path, extra):
     _, summary = run_trainer(small_config(tiny_policy, "--train.steps", "3", *extra), tmp_path)
     rows = read_metrics(tmp_path)
@@ -131,3 +132,20 @@ def test_group_filter_runs_end_to_end_with_exact_accounting(ray_session, tiny_po
     assert summary["produced"] == summary["trained"] + summary["dropped"]
     assert summary["trained"] == sum(r["samples"] for r in rows)
     assert all("filtered_groups" in r for r in rows)
+
+
+def test_kl_reward_penalty_lowers_rewards_of_a_drifted_policy(tiny_policy):
+    from actors.rollout import RolloutConfig, RolloutWorker
+    from actors.types import Prompt
+    from learner.learner import Learner, LearnerConfig, TrainBatch
+
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1, kl_coef=1.0, kl_in_reward=True, kl_estimator="k3"),
+                      total_steps=1)
+    w = RolloutWorker(tiny_policy, RolloutConfig(group_size=2, max_new_tokens=4), seed=0)
+    batch = TrainBatch.from_groups([g for g in w.generate([Prompt(uid=0, text="12=")]) if
+                                    [setattr(s, "reward", 1.0) for s in g.samples]])
+    assert torch.allclose(learner.sequence_kl(batch), torch.zeros(2), atol=1e-6)  # policy == reference
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert bool((learner.sequence_kl(batch) > 0).all())  # k3 >= 0, and > 0 once the policy moved
