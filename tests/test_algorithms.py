@@ -21,13 +21,13 @@ from tests.test_pipeline import read_metrics, run_trainer, small_config
     ["--learner.kl_coef", "0.1", "--learner.kl_in_reward", "true", "--learner.kl_estimator", "k1"],
     ["--learner.off_policy", "decoupled", "--learner.is_cap", "2", "--train.max_staleness", "1"],
 ], ids=["grpo", "drgrpo", "rloo", "reinforce", "reinforce++", "grpo+kl+entropy", "ppo-epochs+dual-clip",
-        "decoupled", "kl-in-reward"])
+        "kl-in-reward", "decoupled"])
 def test_algorithm_runs_end_to_end(ray_session, tiny_policy, tmp_path, extra):
     _, summary = run_trainer(small_config(tiny_policy, "--train.steps", "3", *extra), tmp_path)
     rows = read_metrics(tmp_path)
     assert summary["steps"] == 3 and summary["produced"] == summary["trained"] + summary["dropped"]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
-    if "--learner.kl_coef" in extra:
+    if "--learner.entropy_coef" in extra:  # KL as a loss term + entropy: every sample contributes
         assert all(r["active_samples"] == r["samples"] for r in rows), "KL/entropy need every sample"
         assert all(r["kl"] >= 0 and r["entropy"] > 0 for r in rows)
         assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
