@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
 def group_advantages(rewards: torch.Tensor, group_index: torch.Tensor, *, norm_by_std: bool = True,
@@ -60,13 +60,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: LossAgg, *, num_tokens: float | None = None,
-              num_seqs: float | None = None) -> torch.Tensor:
+              num_seqs: float | None = None, norm_constant: float | None = None) -> torch.Tensor:
     """Reduce per-token ``values [B, T]`` to a scalar.
 
     - ``token-mean``: ``sum(values * mask) / num_tokens``
     - ``seq-mean-token-sum``: ``sum(values * mask) / num_seqs`` (each sequence's
       token sum, averaged over sequences)
     - ``seq-mean-token-mean``: ``sum_b(mean_t(values_b)) / num_seqs``
+    - ``seq-mean-token-sum-norm`` (Dr.GRPO): ``sum(values * mask) / (num_seqs * norm_constant)``,
+      a constant such as the maximum completion length, so no sequence's tokens
+      weigh more or less because of its own length
 
     ``num_tokens``/``num_seqs`` default to this tensor's own counts; pass the
     counts of the *whole* batch when accumulating gradients over micro-batches
@@ -76,12 +79,16 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: LossAgg, *, num_to
     if mode == "token-mean":
         denom = mask.sum() if num_tokens is None else num_tokens
         return (values * mask).sum() / max(float(denom), 1.0)
-    denom = values.shape[0] if num_seqs is None else num_seqs
+    denom = max(float(values.shape[0] if num_seqs is None else num_seqs), 1.0)
     if mode == "seq-mean-token-sum":
-        return (values * mask).sum() / max(float(denom), 1.0)
+        return (values * mask).sum() / denom
     if mode == "seq-mean-token-mean":
         per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        return per_seq.sum() / max(float(denom), 1.0)
+        return per_seq.sum() / denom
+    if mode == "seq-mean-token-sum-norm":
+        if not norm_constant or norm_constant <= 0:
+            raise ValueError("seq-mean-token-sum-norm needs norm_constant > 0 (e.g. the max completion length)")
+        return (values * mask).sum() / (denom * float(norm_constant))
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
@@ -89,7 +96,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor
                         mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
                         loss_agg: LossAgg = "token-mean", num_tokens: float | None = None,
                         num_seqs: float | None = None, dual_clip: float = 0.0,
-                        token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                        token_weights: torch.Tensor | None = None,
+                        norm_constant: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip policy-gradient loss with asymmetric bounds (clip-higher).
 
     ``ratio = exp(logp - logp_behaviour)`` importance-corrects samples drawn by
@@ -104,6 +112,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor
         mask: ``[B, T]`` 1 on completion tokens.
         dual_clip: > 1 bounds the loss of negative-advantage tokens by ``-A * dual_clip``.
         token_weights: ``[B, T]`` per-token multipliers without gradient (or None).
+        norm_constant: for ``loss_agg="seq-mean-token-sum-norm"`` (see :func:`aggregate`).
     Returns:
         ``(loss, metrics)``; metrics has ``clip_frac``, ``ratio_mean``,
         ``ratio_max`` and ``approx_kl`` (k3 estimate of KL(behaviour || current)).
@@ -121,23 +130,64 @@ def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
     if token_weights is not None:  # e.g. truncated importance weights of decoupled PPO (no gradient)
         per_token = per_token * token_weights
-    loss = aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    loss = aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                     norm_constant=norm_constant)
+    return loss, _ratio_metrics(log_ratio, mask, clipped=clipped.detach() > unclipped.detach())
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor,
+                         mask: torch.Tensor, *, loss_agg: LossAgg = "token-mean", num_tokens: float | None = None,
+                         num_seqs: float | None = None, norm_constant: float | None = None,
+                         is_cap: float | None = None, is_level: Literal["token", "sequence"] = "token"
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Vanilla policy gradient, optionally with truncated importance sampling.
+
+    Per token the loss is ``-w * A * logp`` with ``w = 1`` (plain REINFORCE:
+    on-policy samples assumed) or, with ``is_cap``, the truncated importance
+    weight ``w = min(pi / pi_behaviour, is_cap)`` (no gradient), per token or
+    per sequence (the product of the token ratios, which is the unbiased
+    weight of a whole completion when the cap is not hit). Its gradient is
+    ``-w * A * grad logp``: the REINFORCE gradient re-weighted to the current
+    policy for samples a stale policy drew.
+
+    Args:
+        logprobs: ``[B, T]`` current-policy log-probs (require grad).
+        behaviour_logprobs: ``[B, T]`` log-probs recorded at generation time.
+        advantages: ``[B]`` or ``[B, T]``; mask: ``[B, T]``.
+    Returns:
+        ``(loss, metrics)`` with the metrics of :func:`clipped_policy_loss`;
+        ``clip_frac`` is the fraction of tokens whose weight hit ``is_cap``.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logprobs)
+    log_ratio = torch.where(mask.bool(), logprobs - behaviour_logprobs, torch.zeros_like(logprobs)).clamp(-20.0, 20.0)
+    per_token = -advantages * logprobs
+    capped = torch.zeros_like(mask, dtype=torch.bool)
+    if is_cap is not None:
+        w = truncated_importance_weights(logprobs, behaviour_logprobs, cap=is_cap, mask=mask, level=is_level)
+        capped = w >= is_cap
+        per_token = per_token * w
+    loss = aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                     norm_constant=norm_constant)
+    return loss, _ratio_metrics(log_ratio, mask, clipped=capped)
+
+
+def _ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, *, clipped: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
         m = mask.bool()
         n = max(int(m.sum()), 1)
         lr = log_ratio.detach()[m]
-        r = ratio.detach()[m]
-        metrics = {
-            "clip_frac": float((clipped.detach() > unclipped.detach())[m].float().sum() / n),
+        r = torch.exp(lr)
+        return {
+            "clip_frac": float(clipped[m].float().sum() / n),
             "ratio_mean": float(r.mean()) if r.numel() else 1.0,
             "ratio_max": float(r.max()) if r.numel() else 1.0,
             "approx_kl": float((torch.exp(-lr) - 1 + lr).mean()) if lr.numel() else 0.0,
         }
-    return loss, metrics
 
 
 # ------------------------------------------------------------------------------------------------
-# More estimators (issue 5). Pure functions; the learner does not select them yet.
+# More advantage estimators, KL and entropy terms, importance weights
 # ------------------------------------------------------------------------------------------------
 def rloo_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
     """RLOO: ``A_i = r_i - mean_{j != i, j in g(i)} r_j`` (leave-one-out baseline).
@@ -207,23 +257,19 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def truncated_importance_weights(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, *,
-                                 cap: float = 2.0) -> torch.Tensor:
-    """Truncated IS weight ``min(pi_prox / pi_behaviour, cap)`` per token, no gradient.
-    ``[B, T] -> [B, T]``."""
-    return torch.exp(proximal_logprobs - behaviour_logprobs).clamp(max=cap).detach()
+                                 cap: float = 2.0, mask: torch.Tensor | None = None,
+                                 level: Literal["token", "sequence"] = "token") -> torch.Tensor:
+    """Truncated IS weight ``min(pi_prox / pi_behaviour, cap)``, no gradient. ``[B, T] -> [B, T]``.
 
-
-def dual_clip_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                          mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float = 3.0,
-                          loss_agg: LossAgg = "token-mean", num_tokens: float | None = None,
-                          num_seqs: float | None = None) -> torch.Tensor:
-    """PPO-clip with dual clip: for ``A < 0`` the per-token loss is further bounded by
-    ``-A * dual_clip``, so a huge ratio on a bad sample cannot blow up the update.
-    Same shapes as :func:`clipped_policy_loss`; returns the scalar loss."""
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1).expand_as(logprobs)
-    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs)).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    clipped = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
-    per_token = torch.where(advantages < 0, torch.minimum(clipped, -advantages * dual_clip), clipped)
-    return aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    ``level="token"`` uses each token's own ratio; ``"sequence"`` uses the
+    product of the ratios over the masked tokens of each row (``mask`` needed),
+    broadcast to all of its tokens.
+    """
+    log_ratio = (proximal_logprobs - behaviour_logprobs).detach()
+    if level == "sequence":
+        if mask is None:
+            raise ValueError("sequence-level importance weights need the mask")
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True).expand_as(log_ratio)
+    elif level != "token":
+        raise ValueError(f"unknown importance-weight level {level!r}")
+    return torch.exp(log_ratio.clamp(max=20.0)).clamp(max=cap)

@@ -20,8 +20,8 @@ from actors.tasks import Example
 from actors.types import Group
 from actors.weight_sync import FlatParams, Payload, WeightPublisher
 from learner.core_algos import (aggregate, batch_normalized_advantages, clipped_policy_loss, entropy_from_logits,
-                                group_advantages, kl_estimate, reinforce_baseline_advantages, rloo_advantages,
-                                token_logprobs, truncated_importance_weights)
+                                group_advantages, kl_estimate, policy_gradient_loss, reinforce_baseline_advantages,
+                                rloo_advantages, token_logprobs, truncated_importance_weights)
 
 
 @dataclass(kw_only=True)
@@ -66,17 +66,29 @@ class LearnerConfig:
     """Optimizer steps per pass over a batch (the batch split in this many parts)."""
     dual_clip: float = 0.0
     """Dual clip: for negative advantages bound the per-token loss by -A * dual_clip (0 = off; > 1)."""
-    off_policy: Literal["behaviour", "decoupled"] = "behaviour"
-    """Ratio against the behaviour policy (PPO/IS), or decoupled PPO: clip against the learner's policy at
-    consumption time and weight by the truncated ratio proximal / behaviour (capped at is_cap)."""
+    policy_loss: Literal["ppo_clip", "vanilla"] = "ppo_clip"
+    """ppo_clip: PPO clipped surrogate of the ratio (clip_low/clip_high, dual_clip); vanilla: plain
+    policy gradient -A * log pi (REINFORCE; with off_policy=tis, importance-weighted)."""
+    off_policy: Literal["behaviour", "tis", "decoupled"] = "behaviour"
+    """Correction for samples a stale policy drew. behaviour: the PPO ratio is taken against the behaviour
+    policy (vanilla: no correction); tis (vanilla only): weight by the truncated ratio min(pi / behaviour,
+    is_cap); decoupled (ppo_clip only): clip against the learner's policy at consumption time and weight by
+    the truncated ratio proximal / behaviour."""
     is_cap: float = 2.0
-    """decoupled: cap of the importance weight proximal / behaviour."""
+    """tis and decoupled: cap of the truncated importance weight."""
+    is_level: Literal["token", "sequence"] = "token"
+    """tis and decoupled: importance weight per token, or per sequence (product of the token ratios)."""
     filter_equal_groups: bool = False
     """Leave out groups whose rewards are all equal (no group-relative signal; DAPO-style filtering)."""
     overlong_penalty: float = 0.0
     """Subtracted from the reward of completions cut at max_new_tokens without EOS."""
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "seq-mean-token-sum"
-    """How per-token losses are reduced to the batch loss."""
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                      "seq-mean-token-sum-norm"] = "seq-mean-token-sum"
+    """How per-token losses are reduced to the batch loss: over all tokens; per sequence summed then
+    averaged over sequences; per sequence averaged then averaged; or Dr.GRPO's sum over tokens divided by
+    sequences x loss_norm_constant."""
+    loss_norm_constant: int = 0
+    """seq-mean-token-sum-norm: the constant divisor per sequence (0 = the max completion length)."""
     num_cpus: float = 1.0
     """CPUs Ray reserves for the learner."""
     num_gpus: float = 0.0
@@ -108,6 +120,14 @@ class LearnerConfig:
             (self.is_cap > 0, "learner.is_cap", "must be > 0"),
             (self.overlong_penalty >= 0, "learner.overlong_penalty", "must be >= 0"),
             (self.entropy_coef >= 0, "learner.entropy_coef", "must be >= 0"),
+            (self.loss_norm_constant >= 0, "learner.loss_norm_constant", "must be >= 0"),
+            (self.off_policy != "tis" or self.policy_loss == "vanilla", "learner.off_policy",
+             "tis weights the vanilla policy gradient: set learner.policy_loss=vanilla (PPO-clip already "
+             "takes its ratio against the behaviour policy; decoupled is its truncated-IS variant)"),
+            (self.off_policy != "decoupled" or self.policy_loss == "ppo_clip", "learner.off_policy",
+             "decoupled needs learner.policy_loss=ppo_clip (use tis with vanilla)"),
+            (self.dual_clip == 0 or self.policy_loss == "ppo_clip", "learner.dual_clip",
+             "only applies to learner.policy_loss=ppo_clip"),
         ]
         for ok, key, msg in checks:
             if not ok:
@@ -197,7 +217,7 @@ class Learner:
     """Holds the trained policy, its optimizer and the weight publisher."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int, temperature: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, max_new_tokens: int = 0):
         torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(seed)
         self.cfg = cfg
@@ -212,6 +232,9 @@ class Learner:
                                            eps=cfg.eps, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.temperature = temperature if temperature > 0 else 1.0
+        self.norm_constant = float(cfg.loss_norm_constant or max_new_tokens)
+        if cfg.loss_agg == "seq-mean-token-sum-norm" and self.norm_constant <= 0:
+            raise ValueError("learner.loss_norm_constant: set it (> 0) or pass the max completion length")
         self.pad_id = self.tokenizer.pad_token_id
         self.baseline = 0.0  # advantage="reinforce": moving average of rewards
         self.ref_model = None
@@ -319,11 +342,8 @@ class Learner:
         for start in range(0, len(batch), mb):
             idx = list(range(start, min(start + mb, len(batch))))
             ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
-            lp = []
-            for model in (self.model, self.ref_model):
-                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-                pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-                lp.append(token_logprobs(pred, targets, temperature=self.temperature))
+            lp = [self._completion_logprobs(m, ids, attn, pos, pred_pos, targets)[1]
+                  for m in (self.model, self.ref_model)]
             out.append((kl_estimate(lp[0], lp[1], self.cfg.kl_estimator) * cmask).sum(-1).cpu())
         return torch.cat(out)
 
@@ -335,11 +355,16 @@ class Learner:
         for start in range(0, len(batch), mb):
             idx = list(range(start, min(start + mb, len(batch))))
             ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
-            logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-            pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-            logp = token_logprobs(pred, targets, temperature=self.temperature)
+            _, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
             out += [row[: int(m.sum())] for row, m in zip(logp.cpu().tolist(), cmask.cpu())]
         return out
+
+    def _completion_logprobs(self, model, ids, attn, pos, pred_pos, targets):
+        """Forward ``model``; returns the logits that predict each completion token
+        ``[b, T, V]`` and the tokens' log-probs ``[b, T]`` at the sampling temperature."""
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return pred, token_logprobs(pred, targets, temperature=self.temperature)
 
     def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool | None = None,
                              rows: list[int] | None = None, proximal: list[list[float]] | None = None):
@@ -368,26 +393,14 @@ class Learner:
         for start in range(0, len(rows), mb):
             idx = rows[start : start + mb]
             ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
-            logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-            pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-            logp = token_logprobs(pred, targets, temperature=self.temperature)
-            weights = None
-            if proximal is not None:  # decoupled PPO: clip against the proximal policy, IS-weight to behaviour
-                prox = torch.zeros_like(old)
-                for b, i in enumerate(idx):
-                    prox[b, : len(proximal[i])] = torch.tensor(proximal[i])
-                weights = truncated_importance_weights(prox, old, cap=self.cfg.is_cap) * cmask
-                old = prox
-            loss, m = clipped_policy_loss(
-                logp, old, adv[idx].to(self.device), cmask, clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
-                loss_agg=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                dual_clip=self.cfg.dual_clip, token_weights=weights)
-            agg = dict(mask=cmask, mode=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs)
+            pred, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
+            agg = dict(mask=cmask, mode=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                       norm_constant=self.norm_constant)
+            loss, m = self._policy_loss(logp, old, adv[idx].to(self.device), cmask, agg,
+                                        proximal=[proximal[i] for i in idx] if proximal is not None else None)
             if self.ref_model is not None and not self.cfg.kl_in_reward:
                 with torch.no_grad():
-                    ref = self.ref_model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-                    ref = ref.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
-                    ref_logp = token_logprobs(ref, targets, temperature=self.temperature)
+                    _, ref_logp = self._completion_logprobs(self.ref_model, ids, attn, pos, pred_pos, targets)
                 kl = aggregate(kl_estimate(logp, ref_logp, self.cfg.kl_estimator), **agg)
                 loss = loss + self.cfg.kl_coef * kl
                 m["kl"] = float(kl.detach())
@@ -403,6 +416,24 @@ class Learner:
         metrics = {k: sums.get(k) for k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "entropy")
                    if k in sums or k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl")}
         return loss_total, len(rows), metrics
+
+    def _policy_loss(self, logp, old, adv, cmask, agg: dict, *, proximal: list[list[float]] | None):
+        """The configured policy loss of one micro-batch (see ``policy_loss``/``off_policy``)."""
+        c = self.cfg
+        common = dict(loss_agg=agg["mode"], num_tokens=agg["num_tokens"], num_seqs=agg["num_seqs"],
+                      norm_constant=agg["norm_constant"])
+        if c.policy_loss == "vanilla":
+            cap = c.is_cap if c.off_policy == "tis" else None
+            return policy_gradient_loss(logp, old, adv, cmask, is_cap=cap, is_level=c.is_level, **common)
+        weights = None
+        if proximal is not None:  # decoupled PPO: clip against the proximal policy, IS-weight to behaviour
+            prox = torch.zeros_like(old)
+            for b, row in enumerate(proximal):
+                prox[b, : len(row)] = torch.tensor(row)
+            weights = truncated_importance_weights(prox, old, cap=c.is_cap, mask=cmask, level=c.is_level) * cmask
+            old = prox
+        return clipped_policy_loss(logp, old, adv, cmask, clip_low=c.clip_low, clip_high=c.clip_high,
+                                   dual_clip=c.dual_clip, token_weights=weights, **common)
 
     # -- phase 3: sync weights ----------------------------------------------------------------
     def publish_weights(self) -> Payload:

@@ -133,7 +133,8 @@ class Trainer:
             max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
         bundles = self.placement_group()
         self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=cfg.train.steps,
-                                      temperature=cfg.rollout.temperature, seed=cfg.train.seed)
+                                      temperature=cfg.rollout.temperature, seed=cfg.train.seed,
+                                      max_new_tokens=self.max_new_tokens)
         n_roll = cfg.rollout.num_workers
         self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
         self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,

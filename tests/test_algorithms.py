@@ -11,7 +11,7 @@ from tests.test_pipeline import read_metrics, run_trainer, small_config
 
 @pytest.mark.parametrize("extra", [
     ["--learner.advantage", "grpo"],
-    ["--learner.advantage", "drgrpo", "--learner.loss_agg", "seq-mean-token-sum"],
+    ["--learner.advantage", "drgrpo", "--learner.loss_agg", "seq-mean-token-sum-norm"],
     ["--learner.advantage", "rloo"],
     ["--learner.advantage", "reinforce"],
     ["--learner.advantage", "reinforce++", "--learner.loss_agg", "token-mean"],
@@ -20,8 +20,10 @@ from tests.test_pipeline import read_metrics, run_trainer, small_config
     ["--learner.ppo_epochs", "2", "--learner.mini_batches", "2", "--learner.dual_clip", "3"],
     ["--learner.kl_coef", "0.1", "--learner.kl_in_reward", "true", "--learner.kl_estimator", "k1"],
     ["--learner.off_policy", "decoupled", "--learner.is_cap", "2", "--train.max_staleness", "1"],
+    ["--learner.policy_loss", "vanilla", "--learner.off_policy", "tis", "--learner.is_level", "sequence",
+     "--train.max_staleness", "1"],
 ], ids=["grpo", "drgrpo", "rloo", "reinforce", "reinforce++", "grpo+kl+entropy", "ppo-epochs+dual-clip",
-        "kl-in-reward", "decoupled"])
+        "kl-in-reward", "decoupled", "vanilla+tis"])
 def test_algorithm_runs_end_to_end(ray_session, tiny_policy, tmp_path, extra):
     _, summary = run_trainer(small_config(tiny_policy, "--train.steps", "3", *extra), tmp_path)
     rows = read_metrics(tmp_path)
@@ -94,14 +96,14 @@ def test_decoupled_equals_behaviour_ratio_when_on_policy(tiny_policy):
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
-def test_dual_clip_option_matches_the_reference_function():
-    from learner.core_algos import clipped_policy_loss, dual_clip_policy_loss
+def test_dual_clip_and_token_weights_by_hand():
+    from learner.core_algos import clipped_policy_loss
 
     logp = torch.tensor([[math.log(10.0), math.log(0.5)]])
     old, adv, mask = torch.zeros(1, 2), torch.tensor([-1.0]), torch.ones(1, 2)
     a, _ = clipped_policy_loss(logp, old, adv, mask, dual_clip=3.0)
-    b = dual_clip_policy_loss(logp, old, adv, mask, dual_clip=3.0)
-    assert float(a) == pytest.approx(float(b))
+    # ratio 10 (A < 0): PPO gives max(10, 1.2) = 10, dual clip bounds it at 3; ratio 0.5: max(0.5, 0.8) = 0.8
+    assert float(a) == pytest.approx((3.0 + 0.8) / 2)
     weighted, _ = clipped_policy_loss(logp, old, adv, mask, token_weights=torch.tensor([[0.0, 1.0]]))
     single, _ = clipped_policy_loss(logp[:, 1:], old[:, 1:], adv, mask[:, 1:])
     assert float(weighted) == pytest.approx(float(single) / 2)  # token-mean over 2 tokens, one weighted 0

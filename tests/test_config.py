@@ -36,6 +36,10 @@ def test_defaults_and_yaml_and_overrides(tmp_path):
     (["--learner.betas", "[0.9"], "learner.betas"),
     (["--model.hidden_size", "30"], "model.hidden_size"),
     (["--learner.eps", "0"], "learner.eps"),
+    (["--learner.off_policy", "tis"], "learner.off_policy"),  # tis needs policy_loss=vanilla
+    (["--learner.policy_loss", "vanilla", "--learner.off_policy", "decoupled"], "learner.off_policy"),
+    (["--learner.policy_loss", "vanilla", "--learner.dual_clip", "3"], "learner.dual_clip"),
+    (["--learner.is_level", "batch"], "learner.is_level"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -47,6 +47,10 @@ def test_aggregation_modes():
     assert aggregate(v, m, "token-mean").item() == pytest.approx(10 / 4)
     assert aggregate(v, m, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
     assert aggregate(v, m, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    # Dr.GRPO: every sequence divided by the same constant, whatever its length
+    assert aggregate(v, m, "seq-mean-token-sum-norm", norm_constant=5).item() == pytest.approx((6 + 4) / (2 * 5))
+    with pytest.raises(ValueError, match="norm_constant"):
+        aggregate(v, m, "seq-mean-token-sum-norm")
     # global normalisers: two micro-batches sum to the full-batch value
     full = aggregate(v, m, "token-mean")
     parts = aggregate(v[:1], m[:1], "token-mean", num_tokens=4) + aggregate(v[1:], m[1:], "token-mean", num_tokens=4)
