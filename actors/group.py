@@ -42,10 +42,14 @@ def actor_env(num_threads: int, *, passive_omp: bool = True) -> dict:
 
 
 def where() -> dict:
+    """Where this actor runs, and its peak resident memory so far (MiB)."""
+    import resource
+
     ctx = ray.get_runtime_context()
     pg = ray.util.get_current_placement_group()
     return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-            "node_ip": ray.util.get_node_ip_address(), "placement_group": pg.id.hex() if pg else None}
+            "node_ip": ray.util.get_node_ip_address(), "placement_group": pg.id.hex() if pg else None,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
 
 
 def bundle(num_cpus: float, num_gpus: float = 0.0, resources: dict | None = None) -> dict:

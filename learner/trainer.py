@@ -331,6 +331,8 @@ class Trainer:
         eval_after = self.evaluate()
         self.say(f"held-out accuracy after RL (greedy): {eval_after:.3f} (before {eval_before:.3f})")
         policy_dir = ray.get(self.learner.save_policy.remote(str((self.run_dir / "policy").resolve())))
+        memory = self.peak_memory()
+        self.say("peak RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in memory.items()))
         rewards = [r["reward_mean"] for r in self.history]
         k = max(1, len(rewards) // 10)
         summary = {
@@ -353,9 +355,22 @@ class Trainer:
             "run_dir": str(self.run_dir.resolve()),
             "rollout_replacements": self.rollouts.replacements,
             "reclaimed_prompts": stats.get("reclaimed_prompts", 0),
+            "peak_rss_mib": memory,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def peak_memory(self, timeout_s: float = 30.0) -> dict:
+        """Peak resident memory (MiB) of the learner, the largest rollout worker and
+        reward worker, and the driver (Ray's own processes are not included)."""
+        import resource
+
+        rollouts = self.rollouts.where(timeout_s) if self.rollouts.workers else []
+        rewards = self.rewards.where(timeout_s) if self.rewards.actors else []
+        return {"learner": ray.get(self.learner.where.remote(), timeout=timeout_s)["peak_rss_mib"],
+                "rollout_worker": max((w["peak_rss_mib"] for w in rollouts), default=0.0),
+                "reward_worker": max((w["peak_rss_mib"] for w in rewards), default=0.0),
+                "driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
     def save_checkpoint(self) -> Path:
         """Atomically: write into ``step-N.tmp``, marker file last, then rename."""
