@@ -65,11 +65,12 @@ def in_bundle(pg, index: int | None) -> dict:
 
 
 def weights_digest(flat) -> str:
-    """sha256 of a policy's flat parameter buffers (compare weights across actors)."""
+    """sha256 of a policy's flat parameter buffers (a ``FlatParams`` or its ``buffers``
+    dict; compare weights across actors)."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, buf in sorted(flat.buffers.items()):
+    for name, buf in sorted(getattr(flat, "buffers", flat).items()):
         h.update(name.encode())
         h.update(buf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from actors.device import check_device, torch_device, torch_dtype
 from actors.types import Group, Prompt, Sample
 from actors.weight_sync import FlatParams, Payload, WeightReceiver
 
@@ -26,7 +28,12 @@ class RolloutConfig:
     """CPUs Ray reserves for each worker (fractions allowed; the defaults of all
     components add up to 2 CPUs)."""
     num_gpus: float = 0.0
-    """GPUs Ray reserves for each worker; > 0 runs generation on CUDA."""
+    """GPUs Ray reserves for each worker (fractions share a GPU); with device auto, > 0 generates on CUDA."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where workers generate: auto = cuda when num_gpus > 0 (Ray hides GPUs from actors that reserve none), else cpu."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the workers' weights and generation: auto = bfloat16 on CUDA, float32 on CPU (the learner
+    publishes its fp32 master weights cast to it)."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each worker needs, e.g. ``{"rollout": 1}``."""
     num_threads: int = 1
@@ -50,6 +57,7 @@ class RolloutConfig:
         _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         _check(self.num_cpus >= 0, "rollout.num_cpus", "must be >= 0")
         _check(self.num_gpus >= 0, "rollout.num_gpus", "must be >= 0")
+        check_device("rollout", self.device, self.dtype, self.num_gpus)
         _check(self.num_threads >= 1, "rollout.num_threads", "must be >= 1")
         _check(self.group_size >= 1, "rollout.group_size", "must be >= 1")
         _check(self.prompts_per_request >= 1, "rollout.prompts_per_request", "must be >= 1")
@@ -65,11 +73,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}: {msg}")
 
 
-def resolve_device(num_gpus: float) -> torch.device:
-    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_policy(path: str, *, device: torch.device, dtype: str = "auto"):
+def load_policy(path: str, *, device: torch.device, dtype: str | torch.dtype = "auto"):
     """``from_pretrained`` a causal LM and its tokenizer (left padding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -77,7 +81,7 @@ def load_policy(path: str, *, device: torch.device, dtype: str = "auto"):
     hf_logging.disable_progress_bar()
     if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model.path: {path!r} does not exist and the hub is offline")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -94,9 +98,10 @@ class RolloutWorker:
         torch.set_num_threads(cfg.num_threads)
         self.cfg = cfg
         self.name = name
-        self.device = resolve_device(cfg.num_gpus)
-        # same dtype as the learner (float32): the flat weight buffers must match bit for bit
-        self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
+        self.device = torch_device(cfg.device, cfg.num_gpus, "rollout.device")
+        self.dtype = torch_dtype(cfg.dtype, self.device)
+        # the learner publishes its weights cast to this dtype: the flat buffers match bit for bit
+        self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype=self.dtype)
         self.model.eval()
         self.flat = FlatParams(self.model)
         self.receiver = WeightReceiver(self.flat)

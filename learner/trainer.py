@@ -28,6 +28,7 @@ import ray
 import yaml
 
 from actors.coordinator import SampleTimeout
+from actors.device import device_kind, dtype_name
 from actors.reward import load_reward_fn
 from actors.group import create_coordinator, create_reward_group
 from actors.tasks import make_task
@@ -132,8 +133,10 @@ class Trainer:
             groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
             max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
         bundles = self.placement_group()
+        rollout_dtype = dtype_name(cfg.rollout.dtype, device_kind(cfg.rollout.device, cfg.rollout.num_gpus))
         self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=cfg.train.steps,
-                                      temperature=cfg.rollout.temperature, seed=cfg.train.seed)
+                                      temperature=cfg.rollout.temperature, seed=cfg.train.seed,
+                                      publish_dtype=rollout_dtype)
         n_roll = cfg.rollout.num_workers
         self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
         self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
