@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from actors.collective_sync import StagedReceiver
 from actors.device import check_device, torch_device, torch_dtype
 from actors.types import Group, Prompt, Sample
 from actors.weight_sync import FlatParams, Payload, WeightReceiver
@@ -105,6 +106,7 @@ class RolloutWorker:
         self.model.eval()
         self.flat = FlatParams(self.model)
         self.receiver = WeightReceiver(self.flat)
+        self.staged = StagedReceiver(self.flat, name=name)  # weights broadcast to the collective group
         self.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         torch.manual_seed(seed)
@@ -117,7 +119,18 @@ class RolloutWorker:
 
     def load_weights(self, payload: Payload, *, force: bool = False) -> bool:
         """Apply a newer weight payload (call only between generate calls);
-        ``force`` also re-applies a payload of the version we already report."""
+        ``force`` also re-applies a payload of the version we already report.
+
+        Weights broadcast to the collective group wait in a staging copy: a staged
+        version >= the payload's is applied from there (a device-local copy);
+        otherwise the payload's object-store refs are fetched."""
+        applied = self.staged.apply(self.receiver, payload.version, force=force)
+        if applied is not None:
+            return applied
+        if not payload.refs:
+            raise RuntimeError(
+                f"{self.name}: weights of version {payload.version} were broadcast to a collective group this "
+                f"worker is not in (staged: {self.staged.staged_version}) and have no object-store copy")
         return self.receiver.apply(payload, force=force)
 
     @torch.inference_mode()

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from actors.collective_sync import BroadcastSource
 from actors.device import check_device, mixed_precision, torch_device, torch_dtype
 from actors.evaluate import greedy_accuracy
 from actors.rollout import load_policy
@@ -200,8 +201,9 @@ def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
             cmask.to(device), pred_pos.to(device))
 
 
-class Learner:
-    """Holds the trained policy, its optimizer and the weight publisher."""
+class Learner(BroadcastSource):
+    """Holds the trained policy, its optimizer and the weight publisher (and is rank 0
+    of the collective weight-sync group, ``actors.collective_sync``)."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int, temperature: float = 1.0,
                  seed: int = 0, publish_dtype: str | None = None):
