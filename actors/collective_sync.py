@@ -103,7 +103,7 @@ class _Rank:
 
     def join(self, spec: GroupSpec, rank: int, device: torch.device, store=None) -> None:
         with self.lock:
-            self._leave()
+            self.leave_locked()
             if dist.is_initialized():
                 raise CollectiveConfigError("this process already has a torch.distributed default group that "
                                             "fleetrl did not create; the weight-sync group needs it")
@@ -123,11 +123,8 @@ class _Rank:
                                     rank=rank, world_size=spec.world_size, timeout=timeout, **kwargs)
             self.epoch, self.backend = spec.epoch, spec.backend
 
-    def leave(self) -> None:
-        with self.lock:
-            self._leave()
-
-    def _leave(self) -> None:
+    def leave_locked(self) -> None:
+        """Leave the current group (the caller holds ``self.lock``)."""
         if self.epoch is not None and dist.is_initialized():
             dist.destroy_process_group()
         self.epoch = self.backend = None
@@ -188,12 +185,9 @@ class BroadcastSource:
             try:
                 rank.broadcast([buffers[k] for k in sorted(buffers)], version, self.device)
             except Exception:
-                rank._leave()  # a failed collective leaves the group unusable
+                rank.leave_locked()  # a failed collective leaves the group unusable
                 raise
         return Payload(version, self.publisher.wire_fingerprint, refs={})
-
-    def sync_leave(self) -> None:
-        self._rank0().leave()
 
 
 class StagedReceiver:
@@ -230,7 +224,7 @@ class StagedReceiver:
                 try:
                     version = self.rank.broadcast([self.staging[k] for k in sorted(self.staging)], None, self.device)
                 except Exception:
-                    self.rank._leave()
+                    self.rank.leave_locked()
                     raise
                 self.staged_version = version
         return version
@@ -249,9 +243,6 @@ class StagedReceiver:
                     self.flat.buffers[k].copy_(src)
             receiver.version = staged
             return True
-
-    def leave(self) -> None:
-        self.rank.leave()
 
 
 def choose_backend(requested: str, infos: dict[str, dict]) -> str:

@@ -110,9 +110,6 @@ class RolloutActor:
     def sync_receive(self, epoch: int) -> int:
         return self.worker.staged.receive(epoch)
 
-    def sync_leave(self) -> None:
-        self.worker.staged.leave()
-
     def run(self, coordinator, reward_actors: list) -> dict:
         """Stream until the coordinator says stop; returns this worker's counters."""
         pending = None
