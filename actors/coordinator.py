@@ -116,6 +116,9 @@ class Coordinator:
         """``worker`` is gone: its prompts in flight go back out, first in line, to the
         other workers (they were counted as issued once; they stay counted once)."""
         async with self.cond:
+            # an acquire of the lost worker can still be parked at the gate (the call outlives
+            # its caller): when the gate opens it must not hand that worker prompts
+            self.retiring.add(worker)
             lost = self.in_flight.pop(worker, {})
             self.requeue.extend(lost.values())
             self.reclaimed_uids.update(lost)

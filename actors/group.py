@@ -69,11 +69,12 @@ def in_bundle(pg, index: int | None) -> dict:
 
 
 def weights_digest(flat) -> str:
-    """sha256 of a policy's flat parameter buffers (compare weights across actors)."""
+    """sha256 of a policy's flat parameter buffers (a ``FlatParams`` or its ``buffers``
+    dict; compare weights across actors)."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, buf in sorted(flat.buffers.items()):
+    for name, buf in sorted(getattr(flat, "buffers", flat).items()):
         h.update(name.encode())
         h.update(buf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -101,6 +102,17 @@ class RolloutActor:
 
     def weights_digest(self) -> str:
         return weights_digest(self.worker.flat)
+
+    # -- collective weight sync (actors.collective_sync): called by the driver, on the
+    # actor's second thread while ``run`` generates on the first
+    def sync_device(self) -> dict:
+        return self.worker.staged.device_info()
+
+    def sync_join(self, spec, rank: int) -> None:
+        self.worker.staged.join(spec, rank)
+
+    def sync_receive(self, epoch: int) -> int:
+        return self.worker.staged.receive(epoch)
 
     def run(self, coordinator, reward_actors: list) -> dict:
         """Stream until the coordinator says stop; returns this worker's counters."""
@@ -210,7 +222,9 @@ def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed
                          placement: dict | None = None):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
-        runtime_env=actor_env(cfg.num_threads), max_concurrency=2, **(placement or {}))
+        # 3 threads: the run loop, collective weight-sync calls, and quick queries (where, version)
+        # that must not wait behind a broadcast
+        runtime_env=actor_env(cfg.num_threads), max_concurrency=3, **(placement or {}))
     return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed)
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from actors.collective_sync import StagedReceiver
+from actors.device import check_device, torch_device, torch_dtype
 from actors.types import Group, Prompt, Sample
 from actors.weight_sync import FlatParams, Payload, WeightReceiver
 
@@ -26,7 +29,12 @@ class RolloutConfig:
     """CPUs Ray reserves for each worker (fractions allowed; the defaults of all
     components add up to 2 CPUs)."""
     num_gpus: float = 0.0
-    """GPUs Ray reserves for each worker; > 0 runs generation on CUDA."""
+    """GPUs Ray reserves for each worker (fractions share a GPU); with device auto, > 0 generates on CUDA."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where workers generate: auto = cuda when num_gpus > 0 (Ray hides GPUs from actors that reserve none), else cpu."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the workers' weights and generation: auto = bfloat16 on CUDA, float32 on CPU (the learner
+    publishes its fp32 master weights cast to it)."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each worker needs, e.g. ``{"rollout": 1}``."""
     num_threads: int = 1
@@ -50,6 +58,7 @@ class RolloutConfig:
         _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         _check(self.num_cpus >= 0, "rollout.num_cpus", "must be >= 0")
         _check(self.num_gpus >= 0, "rollout.num_gpus", "must be >= 0")
+        check_device("rollout", self.device, self.dtype, self.num_gpus)
         _check(self.num_threads >= 1, "rollout.num_threads", "must be >= 1")
         _check(self.group_size >= 1, "rollout.group_size", "must be >= 1")
         _check(self.prompts_per_request >= 1, "rollout.prompts_per_request", "must be >= 1")
@@ -65,11 +74,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}: {msg}")
 
 
-def resolve_device(num_gpus: float) -> torch.device:
-    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_policy(path: str, *, device: torch.device, dtype: str = "auto"):
+def load_policy(path: str, *, device: torch.device, dtype: str | torch.dtype = "auto"):
     """``from_pretrained`` a causal LM and its tokenizer (left padding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -77,7 +82,7 @@ def load_policy(path: str, *, device: torch.device, dtype: str = "auto"):
     hf_logging.disable_progress_bar()
     if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model.path: {path!r} does not exist and the hub is offline")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -94,12 +99,14 @@ class RolloutWorker:
         torch.set_num_threads(cfg.num_threads)
         self.cfg = cfg
         self.name = name
-        self.device = resolve_device(cfg.num_gpus)
-        # same dtype as the learner (float32): the flat weight buffers must match bit for bit
-        self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
+        self.device = torch_device(cfg.device, cfg.num_gpus, "rollout.device")
+        self.dtype = torch_dtype(cfg.dtype, self.device)
+        # the learner publishes its weights cast to this dtype: the flat buffers match bit for bit
+        self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype=self.dtype)
         self.model.eval()
         self.flat = FlatParams(self.model)
         self.receiver = WeightReceiver(self.flat)
+        self.staged = StagedReceiver(self.flat, name=name)  # weights broadcast to the collective group
         self.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens
         self.context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         torch.manual_seed(seed)
@@ -112,7 +119,18 @@ class RolloutWorker:
 
     def load_weights(self, payload: Payload, *, force: bool = False) -> bool:
         """Apply a newer weight payload (call only between generate calls);
-        ``force`` also re-applies a payload of the version we already report."""
+        ``force`` also re-applies a payload of the version we already report.
+
+        Weights broadcast to the collective group wait in a staging copy: a staged
+        version >= the payload's is applied from there (a device-local copy);
+        otherwise the payload's object-store refs are fetched."""
+        applied = self.staged.apply(self.receiver, payload.version, force=force)
+        if applied is not None:
+            return applied
+        if not payload.refs:
+            raise RuntimeError(
+                f"{self.name}: weights of version {payload.version} were broadcast to a collective group this "
+                f"worker is not in (staged: {self.staged.staged_version}) and have no object-store copy")
         return self.receiver.apply(payload, force=force)
 
     @torch.inference_mode()

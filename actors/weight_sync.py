@@ -21,12 +21,17 @@ Invariant (what every other component may rely on):
 4. Receivers apply weights only *between* generate calls, so every sample is
    tagged with the version of the weights that generated all of its tokens.
 
-Transport seam: ``ObjectStoreTransport`` moves payloads through Ray's object
-store (one node or many; Ray copies an object once per node). A GPU
-transport (NCCL broadcast from the learner rank to rollout ranks of a
-``torch.distributed`` group created across the actors) implements the same two
-methods, ``publish(flat_buffers) -> payload`` and ``fetch(payload) ->
-flat_buffers``, and leaves ``FlatParams`` and the version protocol unchanged.
+Transports: ``ObjectStoreTransport`` moves payloads through Ray's object
+store (one node or many; Ray copies an object once per node). The collective
+transport (``actors.collective_sync``: a ``torch.distributed`` broadcast from
+the learner, rank 0, to the rollout workers; NCCL between GPUs, gloo otherwise)
+cannot be a pull-style ``fetch``, since every rank must take part at once; it
+keeps ``FlatParams``, ``Payload`` and this version protocol, and its payloads
+carry no refs.
+
+Dtypes: the learner keeps fp32 master weights; when the rollout workers hold
+bf16 weights (on CUDA), ``WeightPublisher(wire_dtype=bfloat16)`` publishes a
+bf16 cast of the master buffer, and "payload ``v``" means that cast.
 """
 
 from __future__ import annotations
@@ -70,11 +75,23 @@ class FlatParams:
                 spec.append((name, tuple(p.shape), str(dtype), offset))
                 offset += n
             self.buffers[str(dtype)] = flat
-        self.fingerprint = hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+        self.spec = spec
+        self.fingerprint = _fingerprint(spec)
         self.numel = sum(b.numel() for b in self.buffers.values())
+
+    def fingerprint_as(self, dtype: torch.dtype) -> str:
+        """The fingerprint ``FlatParams`` computes for this model cast to ``dtype``
+        (all parameters in one buffer, the same order and offsets)."""
+        if len(self.buffers) != 1:
+            raise ValueError(f"casting weights for publishing needs one dtype, the policy has {list(self.buffers)}")
+        return _fingerprint([(name, shape, str(dtype), offset) for name, shape, _, offset in self.spec])
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+def _fingerprint(spec) -> str:
+    return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -84,7 +101,8 @@ class Payload:
     version: int
     fingerprint: str
     refs: dict[str, Any] = field(default_factory=dict)
-    """dtype name -> transport handle (an ObjectRef for the object store)."""
+    """dtype name -> transport handle (an ObjectRef for the object store); empty when
+    the bytes were broadcast to the collective group (``actors.collective_sync``)."""
 
 
 class Transport(Protocol):
@@ -123,18 +141,34 @@ class ObjectStoreTransport:
 class WeightPublisher:
     """Learner side: owns the version counter and publishes flat buffers."""
 
-    def __init__(self, flat: FlatParams, transport: Transport | None = None):
+    def __init__(self, flat: FlatParams, transport: Transport | None = None, wire_dtype: torch.dtype | None = None):
         self.flat = flat
         self.transport = transport or ObjectStoreTransport()
         self.version = 0
+        same = wire_dtype is None or all(b.dtype == wire_dtype for b in flat.buffers.values())
+        self.wire_dtype = None if same else wire_dtype
+        self.wire_fingerprint = flat.fingerprint if same else flat.fingerprint_as(wire_dtype)
+        self._cast: torch.Tensor | None = None
 
     def bump(self) -> int:
         """Call once after every optimizer step."""
         self.version += 1
         return self.version
 
+    def wire(self) -> dict[str, torch.Tensor]:
+        """The buffers receivers hold: the master buffers themselves, or their cast to
+        ``wire_dtype`` (refreshed here, in a buffer kept across calls)."""
+        if self.wire_dtype is None:
+            return self.flat.buffers
+        (src,) = self.flat.buffers.values()
+        if self._cast is None:
+            self._cast = torch.empty(src.numel(), dtype=self.wire_dtype, device=src.device)
+        with torch.no_grad():
+            self._cast.copy_(src)
+        return {str(self.wire_dtype): self._cast}
+
     def publish(self) -> Payload:
-        return Payload(self.version, self.flat.fingerprint, self.transport.publish(self.flat.buffers))
+        return Payload(self.version, self.wire_fingerprint, self.transport.publish(self.wire()))
 
 
 class WeightReceiver:

@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from actors.device import device_kind
 from actors.reward import RewardConfig
 from actors.rollout import RolloutConfig
 from learner.learner import LearnerConfig
@@ -106,8 +107,20 @@ class TrainConfig:
     where possible), strict_pack (all on one node), spread (across nodes); none = each by its resources."""
     log_every: int = 10
     """With ``--no-progress``: print a progress line every N steps instead of the progress bar."""
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+    """How new weights reach the rollout workers: object_store (one ray.put per version, every worker copies
+    it) or collective (a torch.distributed broadcast from the learner, rank 0, to every worker; workers
+    outside the current group get the version through the object store)."""
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """collective only: auto = nccl when the learner and every rollout worker run on CUDA, each on its own
+    GPU, else gloo."""
+    weight_sync_timeout_s: float = 60.0
+    """collective only: timeout of a group's rendezvous and of each broadcast; a dead or stuck worker fails
+    the broadcast within it, and that version goes out through the object store instead."""
 
     def __post_init__(self):
+        if self.weight_sync_timeout_s <= 0:
+            raise ConfigError("train.weight_sync_timeout_s: must be > 0")
         if self.steps < 1:
             raise ConfigError("train.steps: must be >= 1")
         if self.max_wall_s < 0:
@@ -162,6 +175,15 @@ class Config:
     """The training loop."""
     control: ControlConfig = field(default_factory=ControlConfig)
     """The Control gRPC service of the running trainer."""
+
+    def __post_init__(self):
+        if self.train.weight_sync == "collective" and self.train.weight_sync_backend == "nccl":
+            for section in ("learner", "rollout"):
+                c = getattr(self, section)
+                if device_kind(c.device, c.num_gpus) != "cuda":
+                    raise ConfigError(f"train.weight_sync_backend: nccl needs the {section} on CUDA "
+                                      f"({section}.device {c.device!r}, {section}.num_gpus {c.num_gpus}); "
+                                      f"use auto or gloo")
 
 
 # --------------------------------------------------------------------------------------------

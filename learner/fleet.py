@@ -12,6 +12,10 @@
   when no worker is alive and none can start within
   ``rollout.replace_timeout_s``, the run fails with a clear error.
 
+With ``train.weight_sync: collective``, ``on_start`` lets the trainer publish
+the current weights through the object store before workers that are not in
+the weight-sync group start (``actors.collective_sync``, invariant 4).
+
 With ``train.placement`` set, the first ``rollout.num_workers`` workers occupy
 bundles of the run's placement group; workers added later (scale-up,
 replacements) are scheduled by their resources alone.
@@ -58,6 +62,7 @@ class RolloutFleet:
         self._lock = threading.Lock()
         self.started = False
         self.bundles: list[dict] = []  # placement options for the first workers (a placement group's bundles)
+        self.on_start = None  # called with the names of workers about to start their loops
 
     # -- membership -----------------------------------------------------------------------------
     def _new(self, n: int) -> list[str]:
@@ -76,6 +81,8 @@ class RolloutFleet:
         return self._new(n)
 
     def _start(self, names) -> None:
+        if names and self.on_start is not None:
+            self.on_start(list(names))  # e.g. make sure they can get the current weights
         for name in names:
             w = self.workers[name]
             w.loop = w.actor.run.remote(self.coordinator, self.reward_actors)

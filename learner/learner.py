@@ -14,8 +14,10 @@ from typing import Literal
 
 import torch
 
+from actors.collective_sync import BroadcastSource
+from actors.device import check_device, mixed_precision, torch_device, torch_dtype
 from actors.evaluate import greedy_accuracy
-from actors.rollout import load_policy, resolve_device
+from actors.rollout import load_policy
 from actors.tasks import Example
 from actors.types import Group
 from actors.weight_sync import FlatParams, Payload, WeightPublisher
@@ -92,7 +94,12 @@ class LearnerConfig:
     num_cpus: float = 1.0
     """CPUs Ray reserves for the learner."""
     num_gpus: float = 0.0
-    """GPUs Ray reserves for the learner (> 0 trains on CUDA)."""
+    """GPUs Ray reserves for the learner; with device auto, > 0 trains on CUDA."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner trains: auto = cuda when num_gpus > 0 (Ray hides GPUs from actors that reserve none), else cpu."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype (torch.autocast): auto = bfloat16 on CUDA, float32 on CPU. Master weights and AdamW
+    state stay float32 whatever this is."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the learner needs."""
     num_threads: int = 1
@@ -132,6 +139,7 @@ class LearnerConfig:
         for ok, key, msg in checks:
             if not ok:
                 raise ValueError(f"{key}: {msg}")
+        check_device("learner", self.device, self.dtype, self.num_gpus)
 
 
 def lr_lambda(cfg: LearnerConfig, total_steps: int):
@@ -213,23 +221,29 @@ def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
             cmask.to(device), pred_pos.to(device))
 
 
-class Learner:
-    """Holds the trained policy, its optimizer and the weight publisher."""
+class Learner(BroadcastSource):
+    """Holds the trained policy, its optimizer and the weight publisher (and is rank 0
+    of the collective weight-sync group, ``actors.collective_sync``)."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int, temperature: float = 1.0,
-                 seed: int = 0, max_new_tokens: int = 0):
+                 seed: int = 0, max_new_tokens: int = 0, publish_dtype: str | None = None):
+        """``max_new_tokens``: the completion-length limit (the default Dr.GRPO loss constant);
+        ``publish_dtype``: the rollout workers' weight dtype (default: the master's, float32)."""
         torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(seed)
         self.cfg = cfg
-        self.device = resolve_device(cfg.num_gpus)
+        self.device = torch_device(cfg.device, cfg.num_gpus, "learner.device")
+        # fp32 master weights; forward passes compute in the configured dtype (autocast)
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
+        mixed_precision(self.model, torch_dtype(cfg.dtype, self.device))
         # eval mode: no dropout, so the recomputed log-probs match the rollout's
         # (gradients flow all the same)
         self.model.eval()
         self.flat = FlatParams(self.model)  # before the optimizer: params keep identity
-        self.publisher = WeightPublisher(self.flat)
+        self.publisher = WeightPublisher(self.flat, wire_dtype=getattr(torch, publish_dtype) if publish_dtype else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           eps=cfg.eps, weight_decay=cfg.weight_decay)
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                           fused=True if self.device.type == "cuda" else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.temperature = temperature if temperature > 0 else 1.0
         self.norm_constant = float(cfg.loss_norm_constant or max_new_tokens)
@@ -240,6 +254,7 @@ class Learner:
         self.ref_model = None
         if cfg.kl_coef > 0:  # frozen copy of the initial policy
             self.ref_model, _ = load_policy(model_path, device=self.device, dtype="float32")
+            mixed_precision(self.ref_model, torch_dtype(cfg.dtype, self.device))
             self.ref_model.eval().requires_grad_(False)
 
     # -- phase 2 of a training step: update ------------------------------------------------
@@ -491,9 +506,10 @@ class Learner:
         return where()
 
     def weights_digest(self) -> str:
+        """Of the weights as published (the cast the rollout workers hold)."""
         from actors.group import weights_digest
 
-        return weights_digest(self.flat)
+        return weights_digest(self.publisher.wire())
 
 
 def _mean_reward(groups: list[Group]) -> float:

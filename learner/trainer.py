@@ -8,8 +8,10 @@ driver's loop is three visible phases per step:
    there and counted);
 2. **update**: one optimizer step on the learner (policy_version += 1);
 3. **sync weights**: the learner publishes its flat weights to the object
-   store under the new version; the coordinator keeps the newest ref, which
-   also opens the staleness gate for the next batch of prompts.
+   store under the new version (or, with ``train.weight_sync: collective``,
+   broadcasts them to the rollout workers' staging buffers); the coordinator
+   keeps the newest payload, which also opens the staleness gate for the next
+   batch of prompts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from pathlib import Path
 import ray
 import yaml
 
+from actors.collective_sync import CollectiveConfigError, CollectiveSync, CollectiveSyncError
 from actors.coordinator import SampleTimeout
+from actors.device import device_kind, dtype_name
 from actors.reward import load_reward_fn
 from actors.group import create_coordinator, create_reward_group
 from actors.tasks import make_task
@@ -104,6 +108,8 @@ class Trainer:
         self.prefetched = None  # the next batch's request, when sampling runs ahead
         self.waiting = None  # a batch request the driver gave up on (run failing)
         self.history: list[dict] = []
+        self.collective: CollectiveSync | None = None
+        self.sync_fallbacks = 0  # collective syncs that failed and went through the object store
 
     def say(self, msg: str) -> None:
         print(msg, file=self.out, flush=True)
@@ -132,15 +138,22 @@ class Trainer:
             groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
             max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
         bundles = self.placement_group()
+        rollout_dtype = dtype_name(cfg.rollout.dtype, device_kind(cfg.rollout.device, cfg.rollout.num_gpus))
         self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=cfg.train.steps,
                                       temperature=cfg.rollout.temperature, seed=cfg.train.seed,
-                                      max_new_tokens=self.max_new_tokens)
+                                      max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype)
+        if cfg.train.weight_sync == "collective":
+            self.collective = CollectiveSync(self.learner, backend=cfg.train.weight_sync_backend,
+                                             timeout_s=cfg.train.weight_sync_timeout_s,
+                                             startup_timeout_s=cfg.rollout.replace_timeout_s)
         n_roll = cfg.rollout.num_workers
         self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
         self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
                                      reward_actors=self.rewards.actors, default_max_new_tokens=self.max_new_tokens,
                                      seed=cfg.train.seed, say=self.say)
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
+        if self.collective is not None:
+            self.rollouts.on_start = self.weights_for_newcomers
         self.rollouts.create(cfg.rollout.num_workers)
         self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions)
         if cfg.control.enabled:
@@ -245,10 +258,36 @@ class Trainer:
     def sync_weights(self, trained_groups: int = 0) -> int:
         """Phase 3: the learner publishes its weights; the coordinator keeps only the
         newest and commits the ``trained_groups`` the step consumed. The payload ref
-        goes straight from the learner to the coordinator (one driver round trip)."""
-        payload = self.learner.publish_weights.remote()
+        goes straight from the learner to the coordinator (one driver round trip).
+
+        Collective: the learner broadcasts to every rollout worker (the group is
+        rebuilt first when the workers changed); the coordinator then gets a payload
+        without refs. If the broadcast fails, this version goes through the object
+        store and the group is rebuilt at the next sync."""
+        payload = self.collective_payload() if self.collective is not None else None
+        if payload is None:
+            payload = self.learner.publish_weights.remote()
         self.counters = ray.get(self.coordinator.publish.remote(payload, commit_groups=trained_groups))
         return self.counters["policy_version"]
+
+    def collective_payload(self):
+        try:
+            return self.collective.publish({name: w.actor for name, w in self.rollouts.workers.items()})
+        except CollectiveConfigError as e:
+            raise RunFailed(str(e)) from None
+        except CollectiveSyncError as e:
+            self.sync_fallbacks += 1
+            self.say(f"warning: {e}; this version goes through the object store, the weight-sync group "
+                     f"is rebuilt at the next sync")
+            return None
+
+    def weights_for_newcomers(self, names: list[str]) -> None:
+        """Workers outside the weight-sync group get the current version through the
+        object store (the next sync builds a group that includes them)."""
+        if all(n in self.collective.members for n in names) and not self.collective.broken:
+            return
+        payload = self.learner.publish_weights.remote()
+        self.counters = ray.get(self.coordinator.publish.remote(payload, commit_groups=0))
 
     # -- the run -------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -354,6 +393,10 @@ class Trainer:
             "policy_dir": policy_dir,
             "run_dir": str(self.run_dir.resolve()),
             "rollout_replacements": self.rollouts.replacements,
+            "weight_sync": cfg.train.weight_sync,
+            **({"weight_sync_backend": self.collective.backend, "weight_sync_groups": self.collective.rebuilds,
+                "weight_sync_broadcasts": self.collective.broadcasts, "weight_sync_fallbacks": self.sync_fallbacks}
+               if self.collective is not None else {}),
             "reclaimed_prompts": stats.get("reclaimed_prompts", 0),
             "peak_rss_mib": memory,
         }

@@ -186,3 +186,23 @@ def test_retired_worker_gets_no_more_prompts():
         assert (await c.acquire("a", timeout_s=0.05))[0] is None
         assert (await c.acquire("b", timeout_s=0.05))[0]
     run(body())
+
+
+def test_acquire_parked_when_its_worker_is_lost_hands_out_nothing():
+    """A worker dies while its acquire waits at the closed gate; the driver reclaims it;
+    then new weights open the gate: the orphaned acquire must not take prompts (they
+    would be in flight forever and the run would stall)."""
+    async def body():
+        c = Coordinator(stream(), groups_per_step=1, prompts_per_request=1, max_staleness=0)
+        (p,), _ = await c.acquire("b", timeout_s=0.05)  # the gate is now closed for version 0
+        parked = asyncio.ensure_future(c.acquire("a", timeout_s=5.0))
+        await asyncio.sleep(0)  # let it reach the gate
+        assert not parked.done()
+        assert await c.reclaim("a") == 0  # "a" died holding nothing
+        await c.put([group(p, 0, worker="b")])
+        await c.get_batch(0, timeout_s=1)
+        await c.publish(Payload(version=1, fingerprint="f"), commit_groups=1)  # the gate opens
+        assert (await asyncio.wait_for(parked, 1.0))[0] is None
+        assert c.stats()["in_flight_by_worker"] == {}
+        assert (await c.acquire("b", timeout_s=0.05))[0], "the prompt went to a live worker instead"
+    run(body())

@@ -1,0 +1,363 @@
+"""Weight sync by a collective broadcast (NCCL between GPUs, gloo otherwise), beside the object store.
+
+Ranks. The learner is rank 0; the rollout workers of the current group are
+ranks 1..N of a ``torch.distributed`` process group made for weight sync only
+(the default group of each of those processes; the learner serves its
+``TCPStore`` on its node IP and every group uses a fresh key prefix). The
+driver (``CollectiveSync``) builds groups and starts each broadcast; ranks never
+decide membership themselves.
+
+Invariant (on top of ``actors.weight_sync``'s, which holds word for word):
+
+1. **One group per epoch.** The members of an epoch never change. Any change of
+   the rollout workers (scale up or down, retirement, replacement) and any
+   failed collective makes the driver build a new group (epoch + 1) from the
+   workers present at the next sync. Every call names its epoch; a rank refuses
+   a call for an epoch it is not in.
+2. **Staging.** A broadcast of version ``v`` sends ``[v]``, then the learner's
+   wire buffers (one per dtype, as raw bytes). Receivers write into a *staging*
+   copy, never into parameters a generate call may be reading; their
+   ``staged_version`` is cleared before the first byte arrives and set to ``v``
+   only once every byte of ``v`` has.
+3. **The version travels on the control path.** The driver hands the
+   coordinator ``Payload(v)`` without refs only after rank 0 and every member
+   returned from the broadcast of ``v``. Between generate calls a worker applies
+   a staged version ``>=`` the announced one (one device-local copy) and then
+   reports exactly the staged version, so "version ``v`` iff bit-for-bit payload
+   ``v``" still holds.
+4. **Fallback: workers outside the group use the object store.** Before a worker
+   created since the last build starts, the driver publishes the current version
+   through the object store too (same version, same bytes); the next sync builds
+   a group that includes it. A failed sync also publishes that version through
+   the object store. So every announced version is either staged on every
+   worker of the fleet or has refs.
+5. **No hangs.** The rendezvous and every collective run under the group's
+   timeout (``train.weight_sync_timeout_s``). A dead or stuck rank makes the sync
+   raise ``CollectiveSyncError`` naming it, after waiting (bounded) for the
+   other ranks to return; the group is then discarded.
+
+Backend: ``nccl`` when the learner and every member run on CUDA, each on a
+different GPU (NCCL refuses two ranks on one GPU, "Duplicate GPU detected");
+``gloo`` otherwise (gloo moves CUDA tensors through host memory).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from actors.weight_sync import FlatParams, Payload, WeightReceiver
+
+STORE_PREFIX = "fleetrl-weights"
+
+
+class CollectiveSyncError(RuntimeError):
+    """A weight-sync group could not be built or a broadcast failed; the message names the ranks."""
+
+
+class CollectiveConfigError(CollectiveSyncError):
+    """The collective path cannot work with this setup (backend, devices, layouts): retrying will not help."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    epoch: int
+    host: str
+    port: int
+    world_size: int
+    backend: str
+    timeout_s: float
+    fingerprint: str
+    """Layout fingerprint of the learner's wire buffers; members must hold the same."""
+
+
+def device_info(device: torch.device, fingerprint: str) -> dict:
+    """What the driver needs to choose a backend: where this rank's weights live."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "device": device.type, "gpu": None,
+            "fingerprint": fingerprint}
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        uuid = getattr(props, "uuid", None)
+        info["gpu"] = str(uuid) if uuid is not None else \
+            f"{info['host']}:{os.environ.get('CUDA_VISIBLE_DEVICES', '')}:{idx}"
+        info["gpu_name"] = props.name
+    return info
+
+
+class _Rank:
+    """This process's membership in the current weight-sync group (its default process group)."""
+
+    def __init__(self):
+        self.epoch: int | None = None
+        self.backend: str | None = None
+        self.lock = threading.Lock()  # one collective operation at a time (join vs. a late broadcast)
+
+    def join(self, spec: GroupSpec, rank: int, device: torch.device, store=None) -> None:
+        with self.lock:
+            self.leave_locked()
+            if dist.is_initialized():
+                raise CollectiveConfigError("this process already has a torch.distributed default group that "
+                                            "fleetrl did not create; the weight-sync group needs it")
+            timeout = timedelta(seconds=spec.timeout_s)
+            if store is None:
+                store = dist.TCPStore(spec.host, spec.port, None, False, timeout)
+            kwargs = {}
+            if spec.backend == "nccl":
+                # eager communicator init: a duplicate GPU fails here, at the join
+                kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device() if device.index is None
+                                                   else device.index)
+                # a timed-out collective raises in the calling thread and aborts the communicator, instead of
+                # the watchdog tearing the whole process (the learner!) down; read when the group is created
+                os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+            dist.init_process_group(spec.backend, store=dist.PrefixStore(f"{STORE_PREFIX}/{spec.epoch}/", store),
+                                    rank=rank, world_size=spec.world_size, timeout=timeout, **kwargs)
+            self.epoch, self.backend = spec.epoch, spec.backend
+
+    def leave_locked(self) -> None:
+        """Leave the current group (the caller holds ``self.lock``)."""
+        if self.epoch is not None and dist.is_initialized():
+            dist.destroy_process_group()
+        self.epoch = self.backend = None
+
+    def check(self, epoch: int, who: str) -> None:
+        if self.epoch != epoch:
+            raise CollectiveSyncError(f"{who} is in weight-sync group epoch {self.epoch}, asked for epoch {epoch}")
+
+    def broadcast(self, tensors: list[torch.Tensor], version: int | None, device: torch.device) -> int:
+        """Rank 0 sends ``version`` then ``tensors``; other ranks receive into ``tensors``.
+        Returns the version. Blocks until this rank's part is done (CUDA included)."""
+        header = torch.tensor([-1 if version is None else version], dtype=torch.int64, device=device)
+        dist.broadcast(header, src=0)
+        for t in tensors:
+            dist.broadcast(t.view(-1).view(torch.uint8), src=0)  # raw bytes: exact for every dtype
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return int(header.item())
+
+
+class BroadcastSource:
+    """Mixin for the learner actor: rank 0 of the weight-sync group.
+
+    Uses the host class's ``publisher`` (a ``WeightPublisher``) and ``device``.
+    """
+
+    def _rank0(self) -> _Rank:
+        if not hasattr(self, "_sync_rank"):
+            self._sync_rank = _Rank()
+            self._sync_store = None
+        return self._sync_rank
+
+    def sync_device(self) -> dict:
+        return device_info(self.device, self.publisher.wire_fingerprint)
+
+    def sync_open_store(self) -> tuple[str, int]:
+        """Serve the rendezvous store (once per process; every group uses its own prefix)."""
+        self._rank0()
+        if self._sync_store is None:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+            self._sync_store = dist.TCPStore(host, 0, None, True, timedelta(seconds=60), wait_for_workers=False)
+            self._sync_host = host
+        return self._sync_host, self._sync_store.port
+
+    def sync_join(self, spec: GroupSpec, rank: int) -> None:
+        assert rank == 0, "the learner is rank 0"
+        self._rank0().join(spec, 0, self.device, store=self._sync_store)
+
+    def sync_broadcast(self, epoch: int) -> Payload:
+        """Broadcast the current weights (the wire cast); returns the payload to announce (no refs)."""
+        rank = self._rank0()
+        with rank.lock:
+            rank.check(epoch, "the learner")
+            buffers = self.publisher.wire()
+            version = self.publisher.version
+            try:
+                rank.broadcast([buffers[k] for k in sorted(buffers)], version, self.device)
+            except Exception:
+                rank.leave_locked()  # a failed collective leaves the group unusable
+                raise
+        return Payload(version, self.publisher.wire_fingerprint, refs={})
+
+
+class StagedReceiver:
+    """Rollout side: joins groups, receives broadcasts into a staging copy of the
+    flat buffers, and applies a staged version between generate calls."""
+
+    def __init__(self, flat: FlatParams, name: str = "rollout"):
+        self.flat = flat
+        self.name = name
+        self.rank = _Rank()
+        self.staging: dict[str, torch.Tensor] | None = None
+        self.staged_version: int | None = None
+        self.lock = threading.Lock()  # staging: written by a broadcast, read by apply
+        self.device = next(iter(flat.buffers.values())).device
+
+    def device_info(self) -> dict:
+        return device_info(self.device, self.flat.fingerprint)
+
+    def join(self, spec: GroupSpec, rank: int) -> None:
+        if spec.fingerprint != self.flat.fingerprint:
+            raise CollectiveConfigError(
+                f"{self.name}: weight layout {self.flat.fingerprint} differs from the learner's {spec.fingerprint} "
+                f"(different architectures or dtypes: rollout.dtype must match what the learner publishes)")
+        if self.staging is None:
+            self.staging = {k: torch.empty_like(b) for k, b in self.flat.buffers.items()}
+        self.rank.join(spec, rank, self.device)
+
+    def receive(self, epoch: int) -> int:
+        """Take part in the broadcast of ``epoch``'s group; returns the version staged."""
+        with self.rank.lock:
+            self.rank.check(epoch, self.name)
+            with self.lock:
+                self.staged_version = None  # the staging copy is about to change
+                try:
+                    version = self.rank.broadcast([self.staging[k] for k in sorted(self.staging)], None, self.device)
+                except Exception:
+                    self.rank.leave_locked()
+                    raise
+                self.staged_version = version
+        return version
+
+    def apply(self, receiver: WeightReceiver, version: int, *, force: bool = False) -> bool | None:
+        """Apply the staged weights if they are of ``version`` or newer: True if applied,
+        False if we already hold them, None if nothing suitable is staged."""
+        with self.lock:
+            staged = self.staged_version
+            if staged is None or staged < version:
+                return None
+            if staged < receiver.version or (staged == receiver.version and not force):
+                return False
+            with torch.no_grad():
+                for k, src in self.staging.items():
+                    self.flat.buffers[k].copy_(src)
+            receiver.version = staged
+            return True
+
+
+def choose_backend(requested: str, infos: dict[str, dict]) -> str:
+    """``nccl`` or ``gloo`` for ranks described by ``device_info`` (name -> info)."""
+    on_cpu = [n for n, i in infos.items() if i["device"] != "cuda"]
+    by_gpu: dict[str, list[str]] = {}
+    for n, i in infos.items():
+        if i["gpu"] is not None:
+            by_gpu.setdefault(i["gpu"], []).append(n)
+    shared = [names for names in by_gpu.values() if len(names) > 1]
+    if requested == "gloo":
+        return "gloo"
+    if requested == "nccl":
+        if on_cpu:
+            raise CollectiveConfigError(f"train.weight_sync_backend: nccl needs every rank on CUDA; on CPU: "
+                                        f"{', '.join(on_cpu)}")
+        if shared:
+            raise CollectiveConfigError(
+                f"train.weight_sync_backend: nccl cannot put two ranks on one GPU (NCCL: 'Duplicate GPU "
+                f"detected'); sharing a GPU: {'; '.join(', '.join(s) for s in shared)}. Give each its own GPU "
+                f"(num_gpus: 1) or use weight_sync_backend: gloo (or auto)")
+        if not dist.is_nccl_available():
+            raise CollectiveConfigError("train.weight_sync_backend: nccl, but this torch build has no NCCL")
+        return "nccl"
+    return "nccl" if not on_cpu and not shared and dist.is_nccl_available() else "gloo"
+
+
+def _reason(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+
+
+class CollectiveSync:
+    """Driver side: builds weight-sync groups and runs one broadcast per published version."""
+
+    def __init__(self, learner, *, backend: str = "auto", timeout_s: float = 60.0, startup_timeout_s: float = 120.0):
+        self.learner = learner
+        self.requested = backend
+        self.timeout_s = timeout_s
+        self.startup_timeout_s = startup_timeout_s  # a new worker may still be loading its model
+        self.epoch = 0
+        self.members: dict[str, Any] = {}
+        self.backend: str | None = None
+        self.broken = True  # no group yet
+        self.rebuilds = 0
+        self.broadcasts = 0
+        self.last_broadcast_s = 0.0
+
+    def publish(self, members: dict[str, Any]) -> Payload:
+        """Broadcast the learner's current weights to ``members`` (name -> rollout actor),
+        building a new group first if the members changed or the last sync failed.
+        Returns the payload to announce (no refs). Raises ``CollectiveSyncError``."""
+        if self.broken or list(members) != list(self.members):
+            self.build(members)
+        t0 = time.perf_counter()
+        names = ["learner"] + list(self.members)
+        refs = [self.learner.sync_broadcast.remote(self.epoch)] + \
+               [a.sync_receive.remote(self.epoch) for a in self.members.values()]
+        results = self._gather("broadcast", names, refs, self.timeout_s + 10.0)
+        payload = results["learner"]
+        wrong = {n: v for n, v in results.items() if n != "learner" and v != payload.version}
+        if wrong:
+            self.broken = True
+            raise CollectiveSyncError(f"weight broadcast of version {payload.version}: members staged {wrong}")
+        self.broadcasts += 1
+        self.last_broadcast_s = time.perf_counter() - t0
+        return payload
+
+    def build(self, members: dict[str, Any]) -> None:
+        """A new group (epoch + 1): the learner as rank 0, ``members`` as ranks 1..N."""
+        self.broken = True
+        self.members = {}
+        names = ["learner"] + list(members)
+        actors = [self.learner] + list(members.values())
+        infos = self._gather("device check", names, [a.sync_device.remote() for a in actors],
+                             self.startup_timeout_s)
+        learner_fp = infos["learner"]["fingerprint"]
+        other = {n: i["fingerprint"] for n, i in infos.items() if i["fingerprint"] != learner_fp}
+        if other:
+            raise CollectiveConfigError(f"weight layouts differ from the learner's {learner_fp}: {other} "
+                                        f"(rollout.dtype must match what the learner publishes)")
+        backend = choose_backend(self.requested, infos)
+        (host, port), = self._gather("store", ["learner"], [self.learner.sync_open_store.remote()],
+                                     self.timeout_s).values()
+        self.epoch += 1
+        spec = GroupSpec(self.epoch, host, port, len(actors), backend, self.timeout_s, learner_fp)
+        self._gather("join", names, [a.sync_join.remote(spec, r) for r, a in enumerate(actors)], self.timeout_s + 10.0)
+        self.members, self.backend, self.broken = dict(members), backend, False
+        self.rebuilds += 1
+
+    def _gather(self, what: str, names: list[str], refs: list, deadline_s: float) -> dict:
+        """Results by name; waits for every ref (bounded) so that no rank is left mid-operation
+        when this raises, then raises naming every rank that failed."""
+        import ray
+
+        pending = dict(zip(refs, names))
+        results, errors = {}, []
+        deadline = time.monotonic() + deadline_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for ref in ready:
+                name = pending.pop(ref)
+                try:
+                    results[name] = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - reported with the rank's name below
+                    errors.append((name, e))
+        msgs = [f"{n} ({'rank 0' if n == 'learner' else 'member'}): {_reason(e)}" for n, e in errors]
+        msgs += [f"{n}: no answer within {deadline_s:.0f}s" for n in pending.values()]
+        if msgs:
+            self.broken = True
+            config = [e for _, e in errors if isinstance(getattr(e, "cause", None) or e, CollectiveConfigError)]
+            cls = CollectiveConfigError if config else CollectiveSyncError
+            raise cls(f"weight sync {what} failed (group epoch {self.epoch}, backend {self.backend or '-'}, "
+                      f"timeout {self.timeout_s:.0f}s): " + "; ".join(msgs))
+        return results

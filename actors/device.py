@@ -1,0 +1,90 @@
+"""Where a component runs and in which dtype: one rule for the learner and the rollout workers.
+
+* ``device`` (``learner.device``, ``rollout.device``): ``cuda``, ``cpu`` or ``auto``.
+  ``auto`` is CUDA exactly when the component reserves GPUs (``num_gpus > 0``):
+  Ray hides every GPU from an actor that reserves none (``CUDA_VISIBLE_DEVICES=""``),
+  so "CUDA if available" and "CUDA if reserved" are the same thing inside an actor,
+  and the driver can resolve it without looking at the cluster. ``cuda`` with
+  ``num_gpus = 0`` is a configuration error; ``cuda`` in a process whose torch sees
+  no GPU is a runtime error naming the torch build (no silent fallback to CPU).
+* ``dtype``: ``float32``, ``bfloat16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
+  Rollout workers hold their weights in it. The learner always keeps **fp32
+  master weights and fp32 AdamW state** and uses ``dtype`` as the compute dtype
+  (``torch.autocast``; logits come back in fp32 for the log-softmax), the way
+  verl and OpenRLHF train; it casts its weights to the rollout dtype when it
+  publishes them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def device_kind(device: str, num_gpus: float) -> str:
+    """``"cuda"`` or ``"cpu"``: what ``device`` resolves to for a component reserving ``num_gpus``."""
+    return "cuda" if device == "cuda" or (device == "auto" and num_gpus > 0) else "cpu"
+
+
+def dtype_name(dtype: str, kind: str) -> str:
+    """The dtype ``auto`` stands for on a ``kind`` device (``"bfloat16"`` / ``"float32"``)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if kind == "cuda" else "float32"
+
+
+def check_device(section: str, device: str, dtype: str, num_gpus: float) -> None:
+    """Config-time checks of one component's device fields (raise ValueError naming the key)."""
+    if device not in DEVICES:
+        raise ValueError(f"{section}.device: {device!r} is not one of {', '.join(map(repr, DEVICES))}")
+    if dtype not in DTYPES:
+        raise ValueError(f"{section}.dtype: {dtype!r} is not one of {', '.join(map(repr, DTYPES))}")
+    if device == "cuda" and num_gpus <= 0:
+        raise ValueError(f"{section}.device: cuda needs {section}.num_gpus > 0 (Ray hides GPUs from actors "
+                         f"that reserve none; e.g. --{section}.num_gpus 1, or 0.5 to share a GPU)")
+
+
+def torch_device(device: str, num_gpus: float, key: str) -> torch.device:
+    """The torch device of a component, checked in the process that will use it."""
+    kind = device_kind(device, num_gpus)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{key}: runs on CUDA (device={device!r}, num_gpus={num_gpus}) but torch {torch.__version__} "
+            f"(CUDA build: {torch.version.cuda or 'none, a CPU-only wheel'}) sees no GPU in this process "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA build of torch "
+            f"or set {key.split('.')[0]}.device: cpu")
+    return torch.device(kind)
+
+
+def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    return getattr(torch, dtype_name(dtype, device.type))
+
+
+def mixed_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Run ``model``'s forward under ``torch.autocast(dtype)`` and return fp32 logits.
+
+    The parameters (and so the optimizer state) stay in their own dtype (fp32
+    master weights); matmuls run in ``dtype``. A no-op when ``dtype`` is the
+    parameters' dtype. Applies to ``generate`` too (it calls ``forward``).
+    """
+    param_dtype = next(model.parameters()).dtype
+    if dtype == param_dtype:
+        return model
+    device_type = next(model.parameters()).device.type
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            out = inner(*args, **kwargs)
+        if getattr(out, "logits", None) is not None:
+            out.logits = out.logits.float()
+        return out
+
+    model.forward = forward
+    return model
