@@ -74,7 +74,11 @@ and held-out greedy accuracy (200 prompts the RL stream never contains) of
 weight snapshots taken at those time points (a snapshot costs a few ms; it is
 evaluated after the run, outside the clock). "Reaches TRL's final" = the first
 time a fleetrl run's windowed reward (or snapshot accuracy) is >= that of the
-TRL run of the same round at its end.
+TRL run of the same round at its end. CPU ms/step: user + system CPU time of
+every process of the run (TRL: its process; fleetrl: driver, actors and the Ray
+daemons) over the run, divided by its steps -- the work a step costs, which
+outside load distorts less than wall time (``vs_trl_profile.py`` breaks it down
+and can attach py-spy to every fleetrl process).
 """
 
 from __future__ import annotations
@@ -179,6 +183,7 @@ def trl_worker(spec: dict) -> None:
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
             clock["t0"] = time.perf_counter()
+            clock["cpu0"] = sum(os.times()[:2])  # user + system of all threads of this process
 
         def on_step_end(self, a, state, control, model=None, **kw):
             t = time.perf_counter() - clock["t0"]
@@ -196,10 +201,12 @@ def trl_worker(spec: dict) -> None:
     setup_s = time.perf_counter() - t_setup
     trainer.train()
     wall = time.perf_counter() - clock["t0"]
+    cpu = sum(os.times()[:2]) - clock["cpu0"]
     final = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     torch.save({"snaps": snaps, "final": (ends[-1], final)}, spec["snap_file"])
     Path(spec["result_file"]).write_text(json.dumps(
         {"ends": ends, "rewards": rewards, "setup_s": setup_s, "import_s": import_s, "wall_s": wall,
+         "cpu_s": {"trl": cpu},
          "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}))
 
 
@@ -226,13 +233,15 @@ def run_trl(policy: str, P: int, G: int, seconds: float, tmp: Path, tag: str, pa
     n = min(len(res["ends"]), len(res["rewards"]))
     return {"ends": res["ends"][:n], "rewards": res["rewards"][:n], "setup_s": res["setup_s"],
             "process_s": time.perf_counter() - t0, "snaps": snaps["snaps"], "final": snaps["final"],
-            "kind": "state_dict", "omp_wait_policy": res["omp_wait_policy"]}
+            "kind": "state_dict", "omp_wait_policy": res["omp_wait_policy"], "cpu_s": res["cpu_s"]}
 
 
 # ------------------------------------------------------------------------------------------------
 # fleetrl: the real Trainer, in this process, with weight snapshots at fixed times
 # ------------------------------------------------------------------------------------------------
-def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp: Path, tag: str) -> dict:
+def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp: Path, tag: str,
+                on_start=None) -> dict:
+    """``on_start(trainer)`` is called once the rollout loops run (vs_trl_profile.py attaches py-spy there)."""
     import numpy as np
     import ray
 
@@ -248,7 +257,14 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
 
         def start_rollouts(self):
             self.t0 = time.perf_counter()  # right after Trainer.train() starts its RL clock
+            self.cpu0 = cpu_by_process()
             super().start_rollouts()
+            if on_start is not None:
+                on_start(self)
+
+        def stop_rollouts(self, timeout_s: float = 60.0) -> dict:
+            self.cpu_s = cpu_delta(self.cpu0, cpu_by_process())  # the training loop is over
+            return super().stop_rollouts(timeout_s)
 
         def sync_weights(self, trained_groups: int = 0) -> int:
             version = super().sync_weights(trained_groups)
@@ -282,8 +298,44 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
               for k in ("sample_s", "update_wall_s", "update_s", "sync_s", "active_samples")}
     return {"ends": [r["time_s"] for r in rows], "rewards": [r["reward_mean"] for r in rows], "phases": phases,
             "setup_s": s["setup_s"], "process_s": time.perf_counter() - t_start, "snaps": t.snaps,
-            "final": (rows[-1]["time_s"], s["policy_dir"]), "kind": "flat",
+            "final": (rows[-1]["time_s"], s["policy_dir"]), "kind": "flat", "cpu_s": t.cpu_s,
             "dropped": s["dropped"], "staleness_mean": statistics.mean(r["staleness_mean"] for r in rows)}
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (role, user + system CPU seconds) for this process and all its descendants
+    (the Ray daemons and actor processes of a local instance are descendants of the driver)."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            with p.oneshot():
+                t = p.cpu_times()
+                name = "driver" if p.pid == me.pid else p.name()
+            if name.startswith("py-spy"):  # vs_trl_profile.py's profilers are not part of the run
+                continue
+            out[p.pid] = (_role(name), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _role(name: str) -> str:
+    for prefix, role in (("driver", "driver"), ("ray::Learner", "learner"), ("ray::RolloutAct", "rollout"),
+                         ("ray::RewardActor", "reward"), ("ray::Coordinator", "coordinator"), ("raylet", "raylet"),
+                         ("gcs_server", "gcs")):
+        if name.startswith(prefix):
+            return role
+    return "other ray"  # dashboard/runtime-env agents, monitors, idle workers
+
+
+def cpu_delta(before: dict, after: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pid, (role, t) in after.items():
+        out[role] = out.get(role, 0.0) + t - before.get(pid, (role, 0.0))[1]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,7 +423,10 @@ def first_reach(curve: list[tuple[float, float]], target) -> float | None:
 
 
 def fmt(v, spec=".3f"):
-    return "-" if v is None else format(v, spec)
+    if v is None:
+        width = spec.split(".")[0]
+        return "-".rjust(int(width) if width.isdigit() else 0)
+    return format(v, spec)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,6 +454,11 @@ def bench_config(policy: str, evaluator: Evaluator, P: int, G: int, seconds: flo
                   f"{tp['sps_whole']:.0f} whole run; reward {fmt(run['win'][0][1] if run['win'] else None, '.3f')} -> "
                   f"{fmt(run['win'][-1][1] if run['win'] else None, '.3f')}; held-out {run['acc'][-1][1]:.3f}; "
                   f"start-up {run['setup_s']:.1f}s; load avg {run['load'][0]:.1f}/{run['load'][1]:.1f}", flush=True)
+            cpu = run["cpu_s"]
+            print(f"      CPU per step, all processes: {1e3 * sum(cpu.values()) / tp['steps']:.1f} ms"
+                  + ("" if len(cpu) == 1 else " (" + ", ".join(
+                      f"{k} {1e3 * v / tp['steps']:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])) + ")"),
+                  flush=True)
             if "phases" in run:
                 ph = run["phases"]
                 print(f"      fleetrl phases (median per step): sample {ph['sample_s'] * 1e3:.1f} ms, update "
@@ -420,6 +480,9 @@ def bench_config(policy: str, evaluator: Evaluator, P: int, G: int, seconds: flo
             "final_reward": med([r["win"][-1][1] for r in res[k] if r["win"]]),
             "final_heldout": med([r["acc"][-1][1] for r in res[k]]),
             "load_avg": [r["load"] for r in res[k]],
+            "cpu_ms_per_step": med([1e3 * sum(r["cpu_s"].values()) / r["tp"]["steps"] for r in res[k]]),
+            "cpu_ms_per_step_by_process": {p: med([1e3 * r["cpu_s"].get(p, 0.0) / r["tp"]["steps"] for r in res[k]])
+                                           for p in res[k][0]["cpu_s"]},
         }
         if k in ("sync", "async"):
             summary[k]["phases_ms"] = {p: 1e3 * med([r["phases"][p] for r in res[k]]) if p.endswith("_s") else
@@ -448,7 +511,7 @@ def bench_config(policy: str, evaluator: Evaluator, P: int, G: int, seconds: flo
     print(f"\n== {label}: {P} prompts x {G} samples per step, {seconds:.0f} s per run, {reps} round(s); "
           f"medians over rounds ==")
     print(f"{'runner':14s} {'samples/s':>10s} {'s/step med':>11s} {'s/step mean':>12s} {'whole-run sps':>14s} "
-          f"{'steps':>6s} {'start-up s':>11s} {'ratio sps':>10s}")
+          f"{'steps':>6s} {'start-up s':>11s} {'CPU ms/step':>12s} {'ratio sps':>10s}")
     for k in runners:
         s = summary[k]
         ratio = s.get("sps_over_trl") if k in ("sync", "async") else (
@@ -456,7 +519,8 @@ def bench_config(policy: str, evaluator: Evaluator, P: int, G: int, seconds: flo
         name = {"trl": "TRL", "trl_passive": "TRL (passive)", "sync": "fleetrl sync", "async": "fleetrl async"}[k]
         print(f"{name:14s} {fmt(s['samples_per_s'], '10.0f')} {fmt(s['s_per_step_median'], '11.4f')} "
               f"{fmt(s['s_per_step_mean'], '12.4f')} {fmt(s['samples_per_s_whole_run'], '14.0f')} "
-              f"{fmt(s['steps'], '6.0f')} {fmt(s['startup_s'], '11.1f')} {fmt(ratio, '10.2f')}")
+              f"{fmt(s['steps'], '6.0f')} {fmt(s['startup_s'], '11.1f')} {fmt(s['cpu_ms_per_step'], '12.1f')} "
+              f"{fmt(ratio, '10.2f')}")
     print(f"(ratio = samples/s / TRL best = {best})")
 
     points = snapshot_points(seconds)
@@ -527,6 +591,7 @@ def main():
             "trl_best": s["trl_best"],
             **{f"{k}_samples_per_s": s[k]["samples_per_s"] for k in runners},
             **{f"{k}_s_per_step": s[k]["s_per_step_median"] for k in runners},
+            **{f"{k}_cpu_ms_per_step": s[k]["cpu_ms_per_step"] for k in runners},
             **{f"{k}_over_trl": s[k].get("sps_over_trl") for k in ("sync", "async")},
             **{f"{k}_final_reward": s[k]["final_reward"] for k in runners},
             **{f"{k}_final_heldout": s[k]["final_heldout"] for k in runners},
