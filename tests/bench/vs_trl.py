@@ -79,6 +79,16 @@ every process of the run (TRL: its process; fleetrl: driver, actors and the Ray
 daemons) over the run, divided by its steps -- the work a step costs, which
 outside load distorts less than wall time (``vs_trl_profile.py`` breaks it down
 and can attach py-spy to every fleetrl process).
+
+Measured here (2 vCPU, shared: load average 3-25 from other work during the
+runs), two full runs of 2 rounds each, samples/s fleetrl / TRL passive:
+2x4 sync 0.81 and 0.74, async 1.01 and 1.06; 8x8 sync 1.09 and 0.99, async 1.47
+and 1.38 (goal 1.5). TRL with OpenMP's default wait policy was 6-20x slower
+than with PASSIVE under that load. 8x8 held-out accuracy after 40 s (start
+0.295): TRL 0.18 / 0.24, fleetrl sync 0.34 / 0.34, async 0.58 / 0.53; async
+reached TRL's final held-out accuracy after 13-20 s, sync after 20-33 s. At 2x4
+(8 samples per step, lr 5e-4) every runner loses accuracy. Where fleetrl's
+time goes: see the phase and per-process CPU lines of each run.
 """
 
 from __future__ import annotations
@@ -240,8 +250,9 @@ def run_trl(policy: str, P: int, G: int, seconds: float, tmp: Path, tag: str, pa
 # fleetrl: the real Trainer, in this process, with weight snapshots at fixed times
 # ------------------------------------------------------------------------------------------------
 def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp: Path, tag: str,
-                on_start=None) -> dict:
-    """``on_start(trainer)`` is called once the rollout loops run (vs_trl_profile.py attaches py-spy there)."""
+                on_start=None, extra: tuple[str, ...] = ()) -> dict:
+    """``on_start(trainer)`` is called once the rollout loops run (vs_trl_profile.py attaches py-spy there);
+    ``extra``: more config overrides (experiments only; the benchmark runs the default layout)."""
     import numpy as np
     import ray
 
@@ -284,7 +295,7 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
         "--learner.lr", str(LR), "--learner.betas", json.dumps(list(BETAS)), "--learner.loss_agg", "token-mean",
         "--learner.advantage", "grpo", "--learner.clip_low", str(CLIP_LOW), "--learner.clip_high", str(CLIP_HIGH),
         "--learner.max_grad_norm", "1.0", "--rollout.temperature", "1.0", "--rollout.max_new_tokens", str(MAX_NEW),
-        "--task.eval_size", "8"])
+        "--task.eval_size", "8", *extra])
     t = SnapshotTrainer(cfg, tmp / f"fleetrl-{tag}", out=io.StringIO(), progress=False)
     t.points, t.snaps = snapshot_points(seconds), []
     t_start = time.perf_counter()
