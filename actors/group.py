@@ -205,6 +205,11 @@ class CoordinatorActor(Coordinator):
         stream = (p for p in make_task(task_name, **task_kwargs).prompt_stream(start) if p.uid not in skip)
         super().__init__(stream, start_uid=start, committed_uids=sorted(skip), **kwargs)
 
+    async def get_batch_ref(self, version: int, timeout_s: float) -> list:
+        """``get_batch``, with the groups put in the object store: returns ``[ref]``.
+        The driver passes the ref on to the learner without fetching the groups."""
+        return [ray.put(await self.get_batch(version, timeout_s))]
+
 
 @dataclass
 class WorkerGroup:

@@ -451,7 +451,10 @@ class Learner(BroadcastSource):
                                    dual_clip=c.dual_clip, token_weights=weights, **common)
 
     # -- phase 3: sync weights ----------------------------------------------------------------
-    def publish_weights(self) -> Payload:
+    def publish_weights(self, after_update: dict | None = None) -> Payload:
+        """Publish the current weights. ``after_update`` is the result of the
+        ``train_step`` this publish follows: passed as an object ref it makes the
+        publish depend on that step (a failed step publishes nothing)."""
         return self.publisher.publish()
 
     # -- evaluation and output -------------------------------------------------------------------

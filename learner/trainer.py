@@ -173,7 +173,7 @@ class Trainer:
         if self.resume:
             self.step = ray.get(self.learner.load_state.remote(str(self.resume[0])))
             self.say(f"resumed from {self.resume[0]} at step {self.step} (prompt cursor {point['cursor']})")
-        self.sync_weights()  # every worker starts from the learner's weights (version 0, or the resumed one)
+        self.sync_weights(None)  # every worker starts from the learner's weights (version 0, or the resumed one)
         self.setup_s = time.perf_counter() - t0
 
     def placement_group(self) -> list[dict]:
@@ -216,15 +216,17 @@ class Trainer:
 
     # -- the three phases ------------------------------------------------------------------------
     def _request_batch(self, step: int):
-        return self.coordinator.get_batch.remote(step, self.cfg.train.sample_timeout_s)
+        return self.coordinator.get_batch_ref.remote(step, self.cfg.train.sample_timeout_s)
 
-    def sample(self) -> list:
-        """Phase 1: wait for a batch of scored groups; fail loudly if a worker died.
+    def sample(self):
+        """Phase 1: wait until a batch of scored groups is ready; fail loudly if a worker died.
 
-        The coordinator raises if no group arrives for ``train.sample_timeout_s``
-        (a slow but live pipeline is not an error). With ``max_staleness > 0``
-        the next batch is requested as soon as this one arrives, so it is
-        assembled while the learner updates.
+        Returns the batch's object ref: the driver never fetches the groups, the
+        learner takes them from the object store (one hop and one pickling less
+        per step). The coordinator raises if no group arrives for
+        ``train.sample_timeout_s`` (a slow but live pipeline is not an error).
+        With ``max_staleness > 0`` the next batch is requested as soon as this
+        one is ready, so it is assembled while the learner updates.
         """
         ref, self.prefetched = self.prefetched or self._request_batch(self.step), None
         self.waiting = ref  # until it returns: stop_rollouts must let it finish before draining
@@ -237,7 +239,7 @@ class Trainer:
                 continue
             if ready[0] == ref:
                 try:
-                    batch = ray.get(ref)
+                    [batch] = ray.get(ref)
                     self.waiting = None
                     if self.cfg.train.max_staleness > 0 and self.step + 1 < self.cfg.train.steps:
                         self.prefetched = self._request_batch(self.step + 1)
@@ -251,24 +253,38 @@ class Trainer:
             except FleetError as e:
                 raise RunFailed(str(e)) from None
 
-    def update(self, batch: list) -> dict:
-        """Phase 2: one optimizer step on the learner."""
-        return ray.get(self.learner.train_step.remote(batch))
+    def update(self, batch):
+        """Phase 2: one optimizer step on the learner. Returns the ref of its metrics:
+        the driver does not wait here, the sync is queued right behind it."""
+        return self.learner.train_step.remote(batch)
 
-    def sync_weights(self, trained_groups: int = 0) -> int:
+    def sync_weights(self, update) -> tuple[dict | None, int]:
         """Phase 3: the learner publishes its weights; the coordinator keeps only the
-        newest and commits the ``trained_groups`` the step consumed. The payload ref
-        goes straight from the learner to the coordinator (one driver round trip).
+        newest and commits the step's groups (``train.prompts_per_step``; none when
+        ``update`` is None: the initial publish). Returns the update's metrics and
+        the new ``policy_version``.
 
-        Collective: the learner broadcasts to every rollout worker (the group is
-        rebuilt first when the workers changed); the coordinator then gets a payload
-        without refs. If the broadcast fails, this version goes through the object
-        store and the group is rebuilt at the next sync."""
-        payload = self.collective_payload() if self.collective is not None else None
-        if payload is None:
-            payload = self.learner.publish_weights.remote()
-        self.counters = ray.get(self.coordinator.publish.remote(payload, commit_groups=trained_groups))
-        return self.counters["policy_version"]
+        Object store: publish is queued on the learner behind the update and takes
+        the update's result as an argument, so a failed update publishes and
+        commits nothing; the payload ref goes from the learner to the coordinator
+        and the driver waits once for the whole chain.
+
+        Collective: after the update, the learner broadcasts to every rollout worker
+        (the group is rebuilt first when the workers changed); the coordinator then
+        gets a payload without refs. If the broadcast fails, this version goes
+        through the object store and the group is rebuilt at the next sync."""
+        n = self.cfg.train.prompts_per_step if update is not None else 0  # get_batch hands out exactly this many
+        m = None
+        if self.collective is not None:
+            m = ray.get(update) if update is not None else None
+            payload = self.collective_payload() or self.learner.publish_weights.remote()
+        else:
+            payload = self.learner.publish_weights.remote(update)
+        counters = self.coordinator.publish.remote(payload, commit_groups=n)
+        if update is not None and m is None:
+            m = ray.get(update)
+        self.counters = ray.get(counters)
+        return m, self.counters["policy_version"]
 
     def collective_payload(self):
         try:
@@ -335,9 +351,8 @@ class Trainer:
                         self.say(f"stopping at step {self.step}: stop requested")
                         break
                     t1 = time.perf_counter()
-                    m = self.update(batch)
-                    t2 = time.perf_counter()
-                    version = self.sync_weights(len(batch))
+                    update = self.update(batch)
+                    m, version = self.sync_weights(update)
                     t3 = time.perf_counter()
                     self.step += 1
                     trained += m["samples"]
@@ -346,7 +361,7 @@ class Trainer:
                     if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                         m["eval_accuracy"] = self.evaluate()  # the learner's weights after this step
                     row = {"step": self.step, "policy_version": version, "time_s": round(elapsed, 3),
-                           "sample_s": t1 - t0, "update_wall_s": t2 - t1, "sync_s": t3 - t2,
+                           "sample_s": t1 - t0, "update_sync_s": t3 - t1,
                            "samples_per_s": trained / elapsed, **m,
                            **{k: stats[k] for k in ("produced", "trained", "dropped", "buffered_groups")}}
                     mf.write(json.dumps(row) + "\n")

@@ -181,7 +181,7 @@ class ScalingCollectiveTrainer(Trainer):
     """2 workers; at step 2 a third joins; at step 4 rollout-0 is killed (and replaced)."""
 
     def update(self, batch):
-        for g in batch:
+        for g in ray.get(batch):  # the batch is an object ref
             self.seen.append((g.worker, g.policy_version))
         m = super().update(batch)
         if self.step == 2:

@@ -25,7 +25,7 @@ class ScalingTrainer(Trainer):
         self.scaled_at[reply.target] = self.step
 
     def update(self, batch):
-        for g in batch:
+        for g in ray.get(batch):  # the batch is an object ref
             self.seen.append((g.worker, g.policy_version, self.step))
         m = super().update(batch)
         workers = {w for w, _, _ in self.seen}

@@ -277,8 +277,8 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
             self.cpu_s = cpu_delta(self.cpu0, cpu_by_process())  # the training loop is over
             return super().stop_rollouts(timeout_s)
 
-        def sync_weights(self, trained_groups: int = 0) -> int:
-            version = super().sync_weights(trained_groups)
+        def sync_weights(self, update):
+            m, version = super().sync_weights(update)
             if self.t0 is not None and self.points and time.perf_counter() - self.t0 >= self.points[0]:
                 t = time.perf_counter() - self.t0
                 payload = ray.get(self.coordinator.latest_weights.remote())
@@ -287,7 +287,7 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
                 while self.points and t >= self.points[0]:  # one entry per time point passed
                     self.points.pop(0)
                     self.snaps.append((t, w))
-            return version
+            return m, version
 
     cfg = load_config(None, [
         "--model.path", policy, "--train.steps", "10000000", "--train.max_wall_s", str(seconds),
@@ -306,7 +306,7 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
     rows = t.history
     assert all(r["samples"] == P * G for r in rows), "a step trained fewer samples than P x G"
     phases = {k: med([r[k] for r in rows[SKIP:]] or [r[k] for r in rows])
-              for k in ("sample_s", "update_wall_s", "update_s", "sync_s", "active_samples")}
+              for k in ("sample_s", "update_sync_s", "update_s", "active_samples")}
     return {"ends": [r["time_s"] for r in rows], "rewards": [r["reward_mean"] for r in rows], "phases": phases,
             "setup_s": s["setup_s"], "process_s": time.perf_counter() - t_start, "snaps": t.snaps,
             "final": (rows[-1]["time_s"], s["policy_dir"]), "kind": "flat", "cpu_s": t.cpu_s,
@@ -472,10 +472,10 @@ def bench_config(policy: str, evaluator: Evaluator, P: int, G: int, seconds: flo
                   flush=True)
             if "phases" in run:
                 ph = run["phases"]
-                print(f"      fleetrl phases (median per step): sample {ph['sample_s'] * 1e3:.1f} ms, update "
-                      f"{ph['update_wall_s'] * 1e3:.1f} ms ({ph['update_s'] * 1e3:.1f} ms inside the learner, "
-                      f"{ph['active_samples']:.0f} of {P * G} samples with nonzero advantage), sync weights "
-                      f"{ph['sync_s'] * 1e3:.1f} ms", flush=True)
+                print(f"      fleetrl phases (median per step): sample {ph['sample_s'] * 1e3:.1f} ms, update + "
+                      f"sync weights {ph['update_sync_s'] * 1e3:.1f} ms ({ph['update_s'] * 1e3:.1f} ms inside the "
+                      f"learner's update, {ph['active_samples']:.0f} of {P * G} samples with nonzero advantage)",
+                      flush=True)
 
     trl_kinds = [k for k in runners if k.startswith("trl")]
     summary: dict = {"prompts": P, "group": G, "samples_per_step": P * G, "seconds": seconds, "rounds": reps,

@@ -105,9 +105,9 @@ def main():
                   flush=True)
             if "phases" in run:
                 ph = run["phases"]
-                print(f"    phases (median): sample {1e3 * ph['sample_s']:.1f} ms, update {1e3 * ph['update_wall_s']:.1f} ms "
-                      f"({1e3 * ph['update_s']:.1f} ms in the learner, {ph['active_samples']:.0f} active samples), "
-                      f"sync {1e3 * ph['sync_s']:.1f} ms", flush=True)
+                print(f"    phases (median): sample {1e3 * ph['sample_s']:.1f} ms, update + sync "
+                      f"{1e3 * ph['update_sync_s']:.1f} ms ({1e3 * ph['update_s']:.1f} ms in the learner's update, "
+                      f"{ph['active_samples']:.0f} active samples)", flush=True)
             for name, path, _ in procs:
                 summarize_py_spy(name, path)
             time.sleep(1)
