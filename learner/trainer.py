@@ -77,6 +77,8 @@ def resolve_policy(cfg: Config) -> tuple[str, dict]:
             AutoConfig.from_pretrained(cfg.model.path)
         except Exception as e:  # noqa: BLE001 - surface any loader error with the key name
             raise ConfigError(f"model.path: cannot load {cfg.model.path!r}: {type(e).__name__}: {e}") from None
+        if os.path.isdir(cfg.model.path):  # actors need not share the driver's working directory
+            return str(Path(cfg.model.path).resolve()), {}
         return cfg.model.path, {}
     if cfg.task.name != "reverse":
         raise ConfigError(f"task.name: {cfg.task.name!r} needs a pretrained policy in model.path (the built-in tiny "
