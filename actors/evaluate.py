@@ -8,8 +8,10 @@ from actors.tasks import Example, exact_match_reward
 
 
 @torch.inference_mode()
-def greedy_accuracy(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int = 256) -> float:
-    """Fraction of ``examples`` the policy answers exactly with greedy decoding."""
+def greedy_accuracy(model, tokenizer, examples: list[Example], *, max_new_tokens: int, batch_size: int = 256,
+                    reward_fn=exact_match_reward) -> float:
+    """Mean score of greedy completions of ``examples`` under ``reward_fn`` (a 0/1 verifier
+    such as the task's own: the fraction answered correctly)."""
     if not examples:
         raise ValueError("greedy_accuracy needs at least one example")
     was_training = model.training
@@ -27,7 +29,7 @@ def greedy_accuracy(model, tokenizer, examples: list[Example], *, max_new_tokens
                 eos_token_id=tokenizer.eos_token_id,
             )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += sum(exact_match_reward([], texts, answer=[e.answer for e in chunk]))
+            correct += sum(reward_fn([e.prompt for e in chunk], texts, answer=[e.answer for e in chunk]))
     finally:
         model.train(was_training)
     return correct / len(examples)

@@ -21,7 +21,8 @@ from actors.types import Group
 
 RewardFn = Callable[..., list[float]]
 
-BUILTIN_REWARDS = {"exact_match": "actors.tasks:exact_match_reward"}
+BUILTIN_REWARDS = {"exact_match": "actors.tasks:exact_match_reward",
+                   "arithmetic": "actors.tasks:arithmetic_reward"}
 
 
 @dataclass(kw_only=True)
@@ -33,7 +34,7 @@ class RewardConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each reward worker needs."""
     functions: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Reward functions: built-in names (exact_match) or ``module:function``."""
+    """Reward functions: built-in names (exact_match, arithmetic) or ``module:function``."""
     weights: list[float] = field(default_factory=list)
     """Weight of each function in the combined reward; empty = all 1.0."""
 

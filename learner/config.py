@@ -65,10 +65,18 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class TaskConfig:
-    name: Literal["reverse"] = "reverse"
-    """Built-in verifiable task that supplies prompts and held-out examples."""
+    name: Literal["reverse", "arithmetic"] = "reverse"
+    """Built-in verifiable task that supplies prompts and held-out examples: reverse (a digit string)
+    or arithmetic (``a op b``, strict answer format; pair it with ``reward.functions: [arithmetic]``)."""
     num_digits: int = 4
-    """Length of the digit strings."""
+    """reverse: length of the digit strings."""
+    operand_digits: list[int] = field(default_factory=lambda: [2, 2])
+    """arithmetic: digits of the first and the second operand."""
+    operations: list[str] = field(default_factory=lambda: ["+"])
+    """arithmetic: operations to draw from (+, -, *); for - the larger operand comes first."""
+    chat_template: Optional[bool] = None
+    """Render each prompt as a user message with the policy tokenizer's chat template (true),
+    as a bare completion prompt (false), or whichever the tokenizer allows (null)."""
     seed: int = 0
     """Seed of the task's prompt stream, labelled set and held-out set."""
     eval_size: int = 200
@@ -79,6 +87,17 @@ class TaskConfig:
             raise ConfigError("task.num_digits: must be >= 1")
         if self.eval_size < 1:
             raise ConfigError("task.eval_size: must be >= 1")
+        if len(self.operand_digits) != 2 or not all(1 <= d <= 9 for d in self.operand_digits):
+            raise ConfigError(f"task.operand_digits: two digit counts in 1..9, got {self.operand_digits}")
+        bad = [op for op in self.operations if op not in ("+", "-", "*")]
+        if not self.operations or bad or len(set(self.operations)) != len(self.operations):
+            raise ConfigError(f"task.operations: a non-empty list of distinct +, -, *; got {self.operations}")
+
+    def task_kwargs(self, tokenizer_path: str | None = None) -> dict:
+        """Keyword arguments of ``actors.tasks.make_task`` for this task (the name excluded)."""
+        own = (dict(num_digits=self.num_digits) if self.name == "reverse" else
+               dict(operand_digits=list(self.operand_digits), operations=list(self.operations)))
+        return dict(own, seed=self.seed, chat_template=self.chat_template, tokenizer_path=tokenizer_path)
 
 
 @dataclass(kw_only=True)

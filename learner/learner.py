@@ -17,6 +17,7 @@ import torch
 from actors.collective_sync import BroadcastSource
 from actors.device import check_device, mixed_precision, torch_device, torch_dtype
 from actors.evaluate import greedy_accuracy
+from actors.reward import load_reward_fn
 from actors.rollout import load_policy
 from actors.tasks import Example
 from actors.types import Group
@@ -328,7 +329,7 @@ class Learner(BroadcastSource):
             # samples consumed (trained on, or filtered out by filter_equal_groups)
             "samples": sum(len(g.trainable_samples()) for g in groups), "active_samples": active,
             "filtered_groups": len(groups) - int(batch.group_index.max()) - 1 if len(batch) else len(groups),
-            "tokens": num_tokens,
+            "tokens": num_tokens, "sequence_tokens": sum(len(s) for s in batch.sequences),
             "response_len_mean": num_tokens / len(batch),
             "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
             "behaviour_versions": sorted(set(batch.versions)), "update_s": time.perf_counter() - t0,
@@ -458,8 +459,9 @@ class Learner(BroadcastSource):
         return self.publisher.publish()
 
     # -- evaluation and output -------------------------------------------------------------------
-    def evaluate(self, examples: list[Example], max_new_tokens: int) -> float:
-        return greedy_accuracy(self.model, self.tokenizer, examples, max_new_tokens=max_new_tokens)
+    def evaluate(self, examples: list[Example], max_new_tokens: int, reward: str = "exact_match") -> float:
+        return greedy_accuracy(self.model, self.tokenizer, examples, max_new_tokens=max_new_tokens,
+                               reward_fn=load_reward_fn(reward))
 
     def save_policy(self, path: str) -> str:
         os.makedirs(path, exist_ok=True)

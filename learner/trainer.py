@@ -81,7 +81,12 @@ def resolve_policy(cfg: Config) -> tuple[str, dict]:
             AutoConfig.from_pretrained(cfg.model.path)
         except Exception as e:  # noqa: BLE001 - surface any loader error with the key name
             raise ConfigError(f"model.path: cannot load {cfg.model.path!r}: {type(e).__name__}: {e}") from None
+        if os.path.isdir(cfg.model.path):  # actors need not share the driver's working directory
+            return str(Path(cfg.model.path).resolve()), {}
         return cfg.model.path, {}
+    if cfg.task.name != "reverse":
+        raise ConfigError(f"task.name: {cfg.task.name!r} needs a pretrained policy in model.path (the built-in tiny "
+                          f"policy is warm-started for reverse only), e.g. `fleetrl model prepare smollm2 DIR`")
     path, info = prepare_builtin_policy(
         task_name=cfg.task.name, num_digits=cfg.task.num_digits, seed=cfg.task.seed,
         labelled_examples=cfg.model.warm_start_examples, target_accuracy=cfg.model.warm_start_target,
@@ -96,8 +101,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.progress = progress
-        self.task = make_task(cfg.task.name, num_digits=cfg.task.num_digits, seed=cfg.task.seed)
-        self.max_new_tokens = cfg.rollout.max_new_tokens or cfg.task.num_digits + 1
+        self.task = None  # built in setup(): a chat-template task needs the policy's tokenizer
+        self.max_new_tokens = cfg.rollout.max_new_tokens
         self.step = 0
         self.control = None
         self.registry = None
@@ -130,10 +135,22 @@ class Trainer:
             took = "cached" if ws["cached"] else f"{ws['seconds']}s"
             self.say(f"built-in policy: {self.policy_path} (warm start: {ws['steps']} supervised steps on "
                      f"{ws['labelled']} labelled examples, validation accuracy {ws['val_accuracy']:.2f}, {took})")
+        try:
+            task_kwargs = cfg.task.task_kwargs(self.policy_path)
+            self.task = make_task(cfg.task.name, **task_kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        task_kwargs["chat_template"] = self.task.chat is not None  # decided once, not again in the coordinator
+        self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
+        if self.task.reward not in cfg.reward.functions:
+            self.say(f"warning: task {self.task.name!r} is verified by reward function {self.task.reward!r}, "
+                     f"which reward.functions ({cfg.reward.functions}) does not include")
+        if self.task.chat is not None:
+            self.say(f"prompts rendered with the chat template of {self.policy_path}")
         self.resume = find_checkpoint(cfg.train.resume, self.run_dir, self.say) if cfg.train.resume else None
         point = self.resume[1] if self.resume else {"step": 0, "cursor": 0, "skip": []}
         self.coordinator = create_coordinator(
-            cfg.task.name, dict(num_digits=cfg.task.num_digits, seed=cfg.task.seed),
+            cfg.task.name, task_kwargs,
             start=point["cursor"], skip=point["skip"], start_step=point["step"],
             groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
             max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
@@ -308,7 +325,7 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------------------
     def evaluate(self) -> float:
         examples = self.task.eval_set(self.cfg.task.eval_size)
-        return ray.get(self.learner.evaluate.remote(examples, self.max_new_tokens))
+        return ray.get(self.learner.evaluate.remote(examples, self.max_new_tokens, reward=self.task.reward))
 
     def start_rollouts(self) -> None:
         self.rollouts.start()
