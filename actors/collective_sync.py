@@ -200,6 +200,7 @@ class StagedReceiver:
         self.rank = _Rank()
         self.staging: dict[str, torch.Tensor] | None = None
         self.staged_version: int | None = None
+        self.failed = False  # the last broadcast to this worker failed: its version comes by the object store
         self.lock = threading.Lock()  # staging: written by a broadcast, read by apply
         self.device = next(iter(flat.buffers.values())).device
 
@@ -224,9 +225,10 @@ class StagedReceiver:
                 try:
                     version = self.rank.broadcast([self.staging[k] for k in sorted(self.staging)], None, self.device)
                 except Exception:
+                    self.failed = True
                     self.rank.leave_locked()
                     raise
-                self.staged_version = version
+                self.staged_version, self.failed = version, False
         return version
 
     def apply(self, receiver: WeightReceiver, version: int, *, force: bool = False) -> bool | None:

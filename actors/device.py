@@ -10,7 +10,8 @@
 * ``dtype``: ``float32``, ``bfloat16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
   Rollout workers hold their weights in it. The learner always keeps **fp32
   master weights and fp32 AdamW state** and uses ``dtype`` as the compute dtype
-  (``torch.autocast``; logits come back in fp32 for the log-softmax), the way
+  (``torch.autocast``; logits stay in it: the loss gathers the completion
+  positions first and upcasts only those to fp32 for the log-softmax), the way
   verl and OpenRLHF train; it casts its weights to the rollout dtype when it
   publishes them.
 """
@@ -66,7 +67,9 @@ def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def mixed_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Run ``model``'s forward under ``torch.autocast(dtype)`` and return fp32 logits.
+    """Run ``model``'s forward under ``torch.autocast(dtype)``. Logits come back in the
+    compute dtype: callers upcast what they use (``token_logprobs`` after the gather),
+    not the whole ``[b, L, V]`` tensor.
 
     The parameters (and so the optimizer state) stay in their own dtype (fp32
     master weights); matmuls run in ``dtype``. A no-op when ``dtype`` is the
@@ -81,10 +84,7 @@ def mixed_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     @functools.wraps(inner)
     def forward(*args, **kwargs):
         with torch.autocast(device_type, dtype=dtype):
-            out = inner(*args, **kwargs)
-        if getattr(out, "logits", None) is not None:
-            out.logits = out.logits.float()
-        return out
+            return inner(*args, **kwargs)
 
     model.forward = forward
     return model

@@ -41,15 +41,20 @@ def actor_env(num_threads: int, *, passive_omp: bool = True) -> dict:
     return {"env_vars": env}
 
 
-def where() -> dict:
-    """Where this actor runs, and its peak resident memory so far (MiB)."""
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
     import resource
 
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def where() -> dict:
+    """Where this actor runs, and its peak resident memory so far (MiB)."""
     ctx = ray.get_runtime_context()
     pg = ray.util.get_current_placement_group()
     return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
             "node_ip": ray.util.get_node_ip_address(), "placement_group": pg.id.hex() if pg else None,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def bundle(num_cpus: float, num_gpus: float = 0.0, resources: dict | None = None) -> dict:

@@ -82,12 +82,12 @@ def load_policy(path: str, *, device: torch.device, dtype: str | torch.dtype = "
     hf_logging.disable_progress_bar()
     if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model.path: {path!r} does not exist and the hub is offline")
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
+    dtype_arg = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_arg).to(device)
     return model, tokenizer
 
 
@@ -123,10 +123,14 @@ class RolloutWorker:
 
         Weights broadcast to the collective group wait in a staging copy: a staged
         version >= the payload's is applied from there (a device-local copy);
-        otherwise the payload's object-store refs are fetched."""
+        otherwise the payload's object-store refs are fetched. If the broadcast to
+        this worker failed, a refs-less payload is not applied (False): the worker
+        keeps its weights until the trainer's object-store fallback arrives."""
         applied = self.staged.apply(self.receiver, payload.version, force=force)
         if applied is not None:
             return applied
+        if not payload.refs and self.staged.failed:
+            return False
         if not payload.refs:
             raise RuntimeError(
                 f"{self.name}: weights of version {payload.version} were broadcast to a collective group this "

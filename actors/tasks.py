@@ -151,9 +151,6 @@ class ReverseDigits(Task):
         d = "".join(rng.choice("0123456789") for _ in range(self.num_digits))
         return d, f"{d}=", f"Reverse the digits of {d}. Reply with only the result.", d[::-1]
 
-    def example(self, digits: str) -> Example:
-        return Example(prompt=f"{digits}=", answer=digits[::-1])
-
     # -- verifier ------------------------------------------------------------------
     @staticmethod
     def verify(completion: str, answer: str) -> float:
@@ -165,10 +162,10 @@ class Arithmetic(Task):
     of ``operand_digits[1]``; for ``-`` the larger operand comes first (no negative results).
 
     Bare prompt ``"82 + 3 ="``; chat instruction ``"Compute 82 + 3. Reply with only
-    the result."`` The answer format is strict (``arithmetic_reward``): the reply is
-    the number, or the expression restated with ``=`` and the number
-    (``"85"``, ``"82 + 3 = 85"``), one line, at most a final period; anything else
-    scores 0, as does a wrong number. The held-out eighth is chosen by a hash of
+    the result."`` The answer format (``arithmetic_reward``): one line, the number,
+    optionally after text that ends in ``=`` (``"85"``, ``"82 + 3 = 85"``), at most
+    a final period; the number must be right. Explanations that run on, several
+    numbers after ``=`` or several lines score 0. The held-out eighth is chosen by a hash of
     the problem ``"a op b"``.
     """
 
@@ -179,15 +176,20 @@ class Arithmetic(Task):
     def __init__(self, operand_digits: tuple[int, int] = (2, 2), operations: tuple[str, ...] = ("+",),
                  seed: int = 0, chat: ChatTemplate | None = None):
         operand_digits, operations = tuple(operand_digits), tuple(operations)
-        if len(operand_digits) != 2 or not all(1 <= d <= 9 for d in operand_digits):
-            raise ValueError(f"task.operand_digits: two digit counts in 1..9, got {list(operand_digits)}")
-        if not operations or any(op not in self.OPERATIONS for op in operations) \
-                or len(set(operations)) != len(operations):
-            raise ValueError(f"task.operations: a non-empty list of distinct {list(self.OPERATIONS)}, "
-                             f"got {list(operations)}")
+        self.check(operand_digits, operations)
         super().__init__(seed, chat)
         self.operand_digits = operand_digits
         self.operations = operations
+
+    @classmethod
+    def check(cls, operand_digits, operations) -> None:
+        """Raise ValueError naming the config key if the task parameters are invalid."""
+        if len(operand_digits) != 2 or not all(1 <= d <= 9 for d in operand_digits):
+            raise ValueError(f"task.operand_digits: two digit counts in 1..9, got {list(operand_digits)}")
+        if not operations or any(op not in cls.OPERATIONS for op in operations) \
+                or len(set(operations)) != len(operations):
+            raise ValueError(f"task.operations: a non-empty list of distinct {list(cls.OPERATIONS)}, "
+                             f"got {list(operations)}")
 
     @property
     def max_new_tokens(self) -> int:

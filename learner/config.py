@@ -26,6 +26,7 @@ import yaml
 from actors.device import device_kind
 from actors.reward import RewardConfig
 from actors.rollout import RolloutConfig
+from actors.tasks import Arithmetic
 from learner.learner import LearnerConfig
 
 
@@ -87,11 +88,10 @@ class TaskConfig:
             raise ConfigError("task.num_digits: must be >= 1")
         if self.eval_size < 1:
             raise ConfigError("task.eval_size: must be >= 1")
-        if len(self.operand_digits) != 2 or not all(1 <= d <= 9 for d in self.operand_digits):
-            raise ConfigError(f"task.operand_digits: two digit counts in 1..9, got {self.operand_digits}")
-        bad = [op for op in self.operations if op not in ("+", "-", "*")]
-        if not self.operations or bad or len(set(self.operations)) != len(self.operations):
-            raise ConfigError(f"task.operations: a non-empty list of distinct +, -, *; got {self.operations}")
+        try:
+            Arithmetic.check(self.operand_digits, self.operations)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def task_kwargs(self, tokenizer_path: str | None = None) -> dict:
         """Keyword arguments of ``actors.tasks.make_task`` for this task (the name excluded)."""

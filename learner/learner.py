@@ -279,7 +279,7 @@ class Learner(BroadcastSource):
                         "clip_frac": None, "ratio_mean": None, "ratio_max": None, "approx_kl": None,
                         "reward_mean": _mean_reward(groups), "reward_std": 0.0, "adv_abs_mean": 0.0,
                         "zero_adv_group_frac": 1.0, "samples": sum(len(g.trainable_samples()) for g in groups),
-                        "active_samples": 0, "tokens": 0,
+                        "active_samples": 0, "tokens": 0, "sequence_tokens": 0,
                         "response_len_mean": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
                         "behaviour_versions": [], "update_s": time.perf_counter() - t0, "reward_by_name": {},
                         "filtered_groups": len(groups)}

@@ -33,7 +33,7 @@ from actors.collective_sync import CollectiveConfigError, CollectiveSync, Collec
 from actors.coordinator import SampleTimeout
 from actors.device import device_kind, dtype_name
 from actors.reward import load_reward_fn
-from actors.group import create_coordinator, create_reward_group
+from actors.group import create_coordinator, create_reward_group, peak_rss_mib
 from actors.tasks import make_task
 from actors.tiny_model import prepare_builtin_policy
 from learner.config import Config, ConfigError
@@ -437,15 +437,25 @@ class Trainer:
 
     def peak_memory(self, timeout_s: float = 30.0) -> dict:
         """Peak resident memory (MiB) of the learner, the largest rollout worker and
-        reward worker, and the driver (Ray's own processes are not included)."""
-        import resource
+        reward worker, and the driver (Ray's own processes are not included).
+        Best effort: an actor that died or does not answer is left out (None when
+        none of a kind answers); a finished run never fails here."""
+        def peaks(actors: list) -> list[float]:
+            refs = [a.where.remote() for a in actors]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            out = []
+            for r in ready:
+                try:
+                    out.append(ray.get(r)["peak_rss_mib"])
+                except ray.exceptions.RayError:
+                    pass
+            return out
 
-        rollouts = self.rollouts.where(timeout_s) if self.rollouts.workers else []
-        rewards = self.rewards.where(timeout_s) if self.rewards.actors else []
-        return {"learner": ray.get(self.learner.where.remote(), timeout=timeout_s)["peak_rss_mib"],
-                "rollout_worker": max((w["peak_rss_mib"] for w in rollouts), default=0.0),
-                "reward_worker": max((w["peak_rss_mib"] for w in rewards), default=0.0),
-                "driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        rollouts = peaks([w.actor for w in self.rollouts.workers.values()])
+        rewards = peaks(list(self.rewards.actors))
+        learner = peaks([self.learner])
+        return {"learner": learner[0] if learner else None, "rollout_worker": max(rollouts, default=None),
+                "reward_worker": max(rewards, default=None), "driver": peak_rss_mib()}
 
     def save_checkpoint(self) -> Path:
         """Atomically: write into ``step-N.tmp``, marker file last, then rename."""

@@ -136,6 +136,32 @@ def test_broadcast_is_exact_and_survives_membership_changes_and_a_dead_reader(ra
             ray.kill(a)
 
 
+def test_a_failed_broadcast_leaves_the_worker_on_its_weights(tiny_policy):
+    """A broadcast that fails midway (another member died) wipes this worker's staging
+    copy; until the trainer's object-store fallback arrives, the refs-less payload of
+    that version must not crash the worker's loop: it keeps its weights. The failure
+    is injected into the plain worker (a collective cannot be made to fail halfway
+    on demand)."""
+    from actors.rollout import RolloutWorker
+    from actors.weight_sync import Payload
+
+    w = RolloutWorker(tiny_policy, RolloutConfig(num_threads=1), default_max_new_tokens=5, name="w", seed=0)
+    digest = w.receiver.version, [b.clone() for b in w.flat.buffers.values()]
+    w.staged.staging = {k: torch.empty_like(b) for k, b in w.flat.buffers.items()}
+    w.staged.rank.check = lambda *a: None
+    w.staged.rank.leave_locked = lambda: None
+
+    def broken(*a):
+        raise RuntimeError("gloo: connection reset by peer")
+
+    w.staged.rank.broadcast = broken
+    with pytest.raises(RuntimeError, match="connection reset"):
+        w.staged.receive(0)
+    assert w.load_weights(Payload(version=1, fingerprint=w.flat.fingerprint)) is False
+    assert w.receiver.version == digest[0]
+    assert all(torch.equal(a, b) for a, b in zip(w.flat.buffers.values(), digest[1]))
+
+
 def test_a_receiver_refuses_another_layout(tiny_policy, other_policy):
     from transformers import AutoModelForCausalLM
 

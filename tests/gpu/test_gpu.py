@@ -84,7 +84,8 @@ def test_learner_step_on_cuda_and_weights_reach_a_bf16_worker(ray_session, tiny_
     p = next(learner.model.parameters())
     assert (p.device.type, p.dtype) == (DEVICE, torch.float32)  # fp32 master weights
     ids = torch.tensor([[3, 4, 5, 6]], device=DEVICE)
-    assert learner.model(input_ids=ids).logits.dtype == torch.float32  # bf16 autocast, fp32 logits
+    # bf16 autocast: logits stay bf16 (the loss upcasts only the gathered completion positions)
+    assert learner.model(input_ids=ids).logits.dtype == torch.bfloat16
     before = learner.param_vector()
     m = learner.train_step(scored(w.generate(PROMPTS)))
     assert learner.policy_version == 1 and math.isfinite(m["loss"]) and m["grad_norm"] > 0
