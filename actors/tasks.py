@@ -37,11 +37,10 @@ class ChatTemplate:
     gives (no second BOS, say); that is checked once, on a probe message.
     """
 
-    def __init__(self, tokenizer_path: str):
-        from transformers import AutoTokenizer
-
+    def __init__(self, tokenizer_path: str, tokenizer=None):
+        """``tokenizer``: the one at ``tokenizer_path`` if the caller already loaded it."""
         self.tokenizer_path = tokenizer_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_path)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"task.chat_template: the tokenizer of {tokenizer_path!r} has no chat template")
         probe = [{"role": "user", "content": "What is 1 + 1?"}]
@@ -56,13 +55,11 @@ class ChatTemplate:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
                                                   add_generation_prompt=True, tokenize=False)
 
-    @staticmethod
-    def available(tokenizer_path: str | None) -> bool:
-        if not tokenizer_path:
-            return False
-        from transformers import AutoTokenizer
 
-        return bool(getattr(AutoTokenizer.from_pretrained(tokenizer_path), "chat_template", None))
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 class Task:
@@ -237,10 +234,15 @@ def make_task(name: str, *, chat_template: bool | None = False, tokenizer_path: 
         cls = TASKS[name]
     except KeyError:
         raise ValueError(f"task.name: unknown task {name!r}; known: {sorted(TASKS)}") from None
-    use_chat = ChatTemplate.available(tokenizer_path) if chat_template is None else chat_template
+    tokenizer = None
+    if chat_template is None:  # automatic: when the policy's tokenizer has a template (loaded once)
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+        use_chat = bool(getattr(tokenizer, "chat_template", None))
+    else:
+        use_chat = chat_template
     if use_chat and not tokenizer_path:
         raise ValueError("task.chat_template: rendering with a chat template needs the policy's tokenizer")
-    return cls(**kwargs, chat=ChatTemplate(tokenizer_path) if use_chat else None)
+    return cls(**kwargs, chat=ChatTemplate(tokenizer_path, tokenizer) if use_chat else None)
 
 
 def exact_match_reward(prompts: list[str], completions: list[str], *, answer: list[str], **_) -> list[float]:

@@ -436,8 +436,8 @@ class Learner(BroadcastSource):
     def _policy_loss(self, logp, old, adv, cmask, agg: dict, *, proximal: list[list[float]] | None):
         """The configured policy loss of one micro-batch (see ``policy_loss``/``off_policy``)."""
         c = self.cfg
-        common = dict(loss_agg=agg["mode"], num_tokens=agg["num_tokens"], num_seqs=agg["num_seqs"],
-                      norm_constant=agg["norm_constant"])
+        common = {k: v for k, v in agg.items() if k not in ("mask", "mode")}
+        common["loss_agg"] = agg["mode"]
         if c.policy_loss == "vanilla":
             cap = c.is_cap if c.off_policy == "tis" else None
             return policy_gradient_loss(logp, old, adv, cmask, is_cap=cap, is_level=c.is_level, **common)
