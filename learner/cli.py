@@ -101,7 +101,7 @@ def cmd_train(argv: list[str]) -> int:
     run_dir = Path(opts.get("--output-dir") or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     import ray
 
-    from learner.trainer import Trainer
+    from learner.driver.trainer import Trainer
 
     started = init_ray(opts.get("--address"))
     trainer = Trainer(cfg, run_dir, progress=not opts.get("--no-progress"))
@@ -179,7 +179,7 @@ def cmd_reward(argv: list[str]) -> int:
         raise UsageError("usage: fleetrl reward {serve,add,remove,list} ...")
     sub, rest = argv[0], argv[1:]
     if sub == "serve":
-        from actors.reward_server import main_serve
+        from actors.reward.server import main_serve
 
         return main_serve(rest)
     prog = f"fleetrl reward {sub}"
@@ -245,7 +245,7 @@ def cmd_scale(argv: list[str]) -> int:
 
 
 def cmd_model(argv: list[str]) -> int:
-    from actors.pretrained import MODELS, PrepareError, prepare
+    from actors.models.wheels import MODELS, PrepareError, prepare
 
     if argv[:1] == ["list"] and len(argv) == 1:
         for spec in MODELS.values():

@@ -24,9 +24,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from actors.device import device_kind
-from actors.reward import RewardConfig
-from actors.rollout import RolloutConfig
-from actors.tasks import Arithmetic
+from actors.reward.worker import RewardConfig
+from actors.rollout.worker import RolloutConfig
+from actors.tasks.base import Arithmetic
 from learner.learner import LearnerConfig
 
 
@@ -94,7 +94,7 @@ class TaskConfig:
             raise ConfigError(str(e)) from None
 
     def task_kwargs(self, tokenizer_path: str | None = None) -> dict:
-        """Keyword arguments of ``actors.tasks.make_task`` for this task (the name excluded)."""
+        """Keyword arguments of ``actors.tasks.base.make_task`` for this task (the name excluded)."""
         own = (dict(num_digits=self.num_digits) if self.name == "reverse" else
                dict(operand_digits=list(self.operand_digits), operations=list(self.operations)))
         return dict(own, seed=self.seed, chat_template=self.chat_template, tokenizer_path=tokenizer_path)

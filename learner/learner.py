@@ -14,14 +14,14 @@ from typing import Literal
 
 import torch
 
-from actors.collective_sync import BroadcastSource
+from actors.weights.collective import BroadcastSource
 from actors.device import check_device, mixed_precision, torch_device, torch_dtype
-from actors.evaluate import greedy_accuracy
-from actors.reward import load_reward_fn
-from actors.rollout import load_policy
-from actors.tasks import Example
+from actors.tasks.evaluate import greedy_accuracy
+from actors.reward.worker import load_reward_fn
+from actors.rollout.worker import load_policy
+from actors.tasks.base import Example
 from actors.types import Group
-from actors.weight_sync import FlatParams, Payload, WeightPublisher
+from actors.weights.object_store import FlatParams, Payload, WeightPublisher
 from learner.core_algos import (aggregate, batch_normalized_advantages, clipped_policy_loss, entropy_from_logits,
                                 group_advantages, kl_estimate, policy_gradient_loss, reinforce_baseline_advantages,
                                 rloo_advantages, token_logprobs, truncated_importance_weights)
@@ -224,7 +224,7 @@ def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
 
 class Learner(BroadcastSource):
     """Holds the trained policy, its optimizer and the weight publisher (and is rank 0
-    of the collective weight-sync group, ``actors.collective_sync``)."""
+    of the collective weight-sync group, ``actors.weights.collective``)."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int, temperature: float = 1.0,
                  seed: int = 0, max_new_tokens: int = 0, publish_dtype: str | None = None):
@@ -506,13 +506,13 @@ class Learner(BroadcastSource):
         return torch.cat([b.detach().float().cpu().reshape(-1) for b in self.flat.buffers.values()])
 
     def where(self) -> dict:
-        from actors.group import where
+        from actors.runtime.actors import where
 
         return where()
 
     def weights_digest(self) -> str:
         """Of the weights as published (the cast the rollout workers hold)."""
-        from actors.group import weights_digest
+        from actors.runtime.actors import weights_digest
 
         return weights_digest(self.publisher.wire())
 
@@ -531,7 +531,7 @@ def _fraction_all_equal(rewards: torch.Tensor, group_index: torch.Tensor) -> flo
 def create_learner(model_path: str, cfg: LearnerConfig, placement: dict | None = None, **kwargs):
     import ray
 
-    from actors.group import actor_env
+    from actors.runtime.actors import actor_env
 
     return ray.remote(Learner).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
                                        runtime_env=actor_env(cfg.num_threads, passive_omp=False),

@@ -50,7 +50,7 @@ def tiny_policy(tmp_path_factory) -> str:
     """A randomly initialised tiny Llama + char tokenizer saved as an HF folder."""
     import torch
 
-    from actors.tiny_model import build_char_tokenizer, build_tiny_llama
+    from actors.models.tiny import build_char_tokenizer, build_tiny_llama
 
     path = tmp_path_factory.mktemp("tiny-policy")
     tok = build_char_tokenizer()
@@ -72,7 +72,7 @@ def fleetrl_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def warm_policy(fleetrl_cache) -> str:
     """The built-in warm-started policy (default recipe), built once per session."""
-    from actors.tiny_model import prepare_builtin_policy
+    from actors.models.tiny import prepare_builtin_policy
 
     path, _ = prepare_builtin_policy(cache_dir=fleetrl_cache)
     return str(path)

@@ -37,7 +37,7 @@ def test_algorithm_runs_end_to_end(ray_session, tiny_policy, tmp_path, extra):
 
 def test_kl_term_pulls_towards_the_reference(tiny_policy):
     """With only the KL term (zero rewards), a perturbed policy's KL to the reference shrinks."""
-    from actors.rollout import RolloutConfig, RolloutWorker
+    from actors.rollout.worker import RolloutConfig, RolloutWorker
     from actors.types import Prompt
     from learner.learner import Learner, LearnerConfig
 
@@ -76,7 +76,7 @@ def test_second_ppo_epoch_sees_the_updated_policy(ray_session, tiny_policy, tmp_
 
 def test_decoupled_equals_behaviour_ratio_when_on_policy(tiny_policy):
     """With fresh samples the proximal policy is the behaviour policy: same gradient."""
-    from actors.rollout import RolloutConfig, RolloutWorker
+    from actors.rollout.worker import RolloutConfig, RolloutWorker
     from actors.types import Prompt
     from learner.learner import Learner, LearnerConfig, TrainBatch
 
@@ -137,7 +137,7 @@ def test_group_filter_runs_end_to_end_with_exact_accounting(ray_session, tiny_po
 
 
 def test_kl_reward_penalty_lowers_rewards_of_a_drifted_policy(tiny_policy):
-    from actors.rollout import RolloutConfig, RolloutWorker
+    from actors.rollout.worker import RolloutConfig, RolloutWorker
     from actors.types import Prompt
     from learner.learner import Learner, LearnerConfig, TrainBatch
 

@@ -1,4 +1,4 @@
-"""Collective weight sync (``actors.collective_sync``) for real: gloo process groups
+"""Collective weight sync (``actors.weights.collective``) for real: gloo process groups
 between real Ray actors (the learner and rollout workers), on CPU.
 
 The same code runs NCCL between GPUs; that part is in ``tests/gpu``.
@@ -13,13 +13,13 @@ import pytest
 import ray
 import torch
 
-from actors.collective_sync import CollectiveConfigError, CollectiveSync, CollectiveSyncError, GroupSpec, choose_backend
-from actors.group import bundle, create_rollout_actor
-from actors.rollout import RolloutConfig
+from actors.weights.collective import CollectiveConfigError, CollectiveSync, CollectiveSyncError, GroupSpec, choose_backend
+from actors.runtime.actors import bundle, create_rollout_actor
+from actors.rollout.worker import RolloutConfig
 from actors.types import Prompt
 from learner.config import ConfigError, load_config
 from learner.learner import LearnerConfig, create_learner
-from learner.trainer import Trainer
+from learner.driver.trainer import Trainer
 from tests.test_pipeline import read_metrics, small_config
 
 TIMEOUT_S = 5.0
@@ -29,7 +29,7 @@ TIMEOUT_S = 5.0
 def other_policy(tmp_path_factory) -> str:
     """The tiny policy's architecture with other random weights: readers start from
     these, so equal digests after a sync prove the bytes moved."""
-    from actors.tiny_model import build_char_tokenizer, build_tiny_llama
+    from actors.models.tiny import build_char_tokenizer, build_tiny_llama
 
     path = tmp_path_factory.mktemp("other-policy")
     tok = build_char_tokenizer()
@@ -142,8 +142,8 @@ def test_a_failed_broadcast_leaves_the_worker_on_its_weights(tiny_policy):
     that version must not crash the worker's loop: it keeps its weights. The failure
     is injected into the plain worker (a collective cannot be made to fail halfway
     on demand)."""
-    from actors.rollout import RolloutWorker
-    from actors.weight_sync import Payload
+    from actors.rollout.worker import RolloutWorker
+    from actors.weights.object_store import Payload
 
     w = RolloutWorker(tiny_policy, RolloutConfig(num_threads=1), default_max_new_tokens=5, name="w", seed=0)
     digest = w.receiver.version, [b.clone() for b in w.flat.buffers.values()]
@@ -165,8 +165,8 @@ def test_a_failed_broadcast_leaves_the_worker_on_its_weights(tiny_policy):
 def test_a_receiver_refuses_another_layout(tiny_policy, other_policy):
     from transformers import AutoModelForCausalLM
 
-    from actors.collective_sync import StagedReceiver
-    from actors.weight_sync import FlatParams
+    from actors.weights.collective import StagedReceiver
+    from actors.weights.object_store import FlatParams
 
     fp32 = FlatParams(AutoModelForCausalLM.from_pretrained(tiny_policy))
     bf16 = StagedReceiver(FlatParams(AutoModelForCausalLM.from_pretrained(other_policy, dtype=torch.bfloat16)), "r0")

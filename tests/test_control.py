@@ -19,7 +19,7 @@ import ray
 
 from actors.serving import ServerConfig, serve
 from learner.config import load_config
-from learner.trainer import Trainer
+from learner.driver.trainer import Trainer
 from protos import control_pb2, control_pb2_grpc, reward_pb2, reward_pb2_grpc
 from tests.conftest import wait_for
 
@@ -230,7 +230,7 @@ def test_hf_reward_model_served_by_the_cli_and_used_in_training(run, tmp_path):
     import subprocess
     import sys
 
-    from actors.hf_reward import build_tiny_reward_model
+    from actors.reward.hf import build_tiny_reward_model
 
     trainer, stub, _ = run
     model_dir = build_tiny_reward_model(tmp_path / "rm")

@@ -5,9 +5,9 @@ import itertools
 
 import pytest
 
-from actors.coordinator import Coordinator, SampleTimeout
+from actors.runtime.coordinator import Coordinator, SampleTimeout
 from actors.types import Group, Prompt, Sample
-from actors.weight_sync import Payload
+from actors.weights.object_store import Payload
 
 
 def stream():

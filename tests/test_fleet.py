@@ -7,7 +7,7 @@ import io
 import pytest
 import ray
 
-from learner.trainer import RunFailed, Trainer
+from learner.driver.trainer import RunFailed, Trainer
 from tests.test_pipeline import read_metrics, run_trainer, small_config
 
 

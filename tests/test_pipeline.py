@@ -8,10 +8,10 @@ import json
 import pytest
 import ray
 
-from actors.rollout import RolloutConfig, RolloutWorker
+from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Prompt
 from learner.config import ConfigError, load_config
-from learner.trainer import RunFailed, Trainer
+from learner.driver.trainer import RunFailed, Trainer
 
 
 def digit_reward(prompts, completions, **_):

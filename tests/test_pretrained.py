@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.pretrained import MARKER, MODELS, PrepareError, WheelModel, is_prepared, locate_gguf, prepare
-from actors.reward import load_reward_fn
-from actors.tasks import Arithmetic, ChatTemplate, make_task
+from actors.models.wheels import MARKER, MODELS, PrepareError, WheelModel, is_prepared, locate_gguf, prepare
+from actors.reward.worker import load_reward_fn
+from actors.tasks.base import Arithmetic, ChatTemplate, make_task
 from learner.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +139,7 @@ def test_chat_template_refused_when_missing_or_inconsistent(tmp_path):
 def test_arithmetic_needs_a_pretrained_policy(tmp_path):
     import io
 
-    from learner.trainer import Trainer
+    from learner.driver.trainer import Trainer
 
     cfg = load_config(ROOT / "deploy" / "smollm2.yaml", ["--model.path", ""])
     with pytest.raises(ConfigError, match="needs a pretrained policy in model.path"):
@@ -159,7 +159,7 @@ def test_arithmetic_chat_task_through_the_pipeline(ray_session, tmp_path):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from learner.trainer import Trainer
+    from learner.driver.trainer import Trainer
 
     policy = build_chat_tokenizer(tmp_path / "policy")
     tok = AutoTokenizer.from_pretrained(policy)
@@ -251,7 +251,7 @@ def smollm2(tmp_path_factory) -> tuple[Path, dict, float]:
 def test_prepare_smollm2(smollm2):
     from transformers import AutoConfig, AutoTokenizer
 
-    from actors.rollout import load_policy
+    from actors.rollout.worker import load_policy
 
     out, info, _ = smollm2
     assert is_prepared(out, "smollm2")

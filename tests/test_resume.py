@@ -10,7 +10,7 @@ import ray
 import torch
 
 from learner.config import ConfigError
-from learner.trainer import Trainer, find_checkpoint
+from learner.driver.trainer import Trainer, find_checkpoint
 from tests.test_pipeline import small_config
 
 

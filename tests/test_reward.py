@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from actors.reward import RewardConfig, RewardWorker, load_reward_fn
+from actors.reward.worker import RewardConfig, RewardWorker, load_reward_fn
 from actors.types import Group, Prompt, Sample
 
 

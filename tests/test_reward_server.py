@@ -23,8 +23,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from actors.hf_reward import HFRewardModel, build_tiny_reward_model, check_checkpoint
-from actors.reward_server import SERVICE_NAME, CallableBackend, HFBackend, main_serve, start_reward_server
+from actors.reward.hf import HFRewardModel, build_tiny_reward_model, check_checkpoint
+from actors.reward.server import SERVICE_NAME, CallableBackend, HFBackend, main_serve, start_reward_server
 from actors.serving import ServerConfig, channel, client_metadata
 from protos import reward_pb2, reward_pb2_grpc
 
@@ -280,7 +280,7 @@ def test_main_serve_bad_arguments(argv, capsys):
 # ---- the command as a real process -------------------------------------------------------------
 
 def test_main_serve_subprocess_sigterm():
-    code = "import sys; from actors.reward_server import main_serve; sys.exit(main_serve(sys.argv[1:]))"
+    code = "import sys; from actors.reward.server import main_serve; sys.exit(main_serve(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "--function", spec(length_reward), "--port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()

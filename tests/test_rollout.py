@@ -2,9 +2,9 @@
 
 import torch
 
-from actors.rollout import RolloutConfig, RolloutWorker
+from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Prompt
-from actors.weight_sync import FlatParams, WeightReceiver
+from actors.weights.object_store import FlatParams, WeightReceiver
 from learner.learner import Learner, LearnerConfig, TrainBatch, pad_micro_batch
 from learner.core_algos import token_logprobs
 
@@ -88,8 +88,8 @@ def test_weights_applied_change_logprobs_and_version(tiny_policy, ray_session):
 def test_flat_params_keep_tied_weights_and_reject_other_layouts(tiny_policy):
     from transformers import AutoModelForCausalLM
 
-    from actors.tiny_model import build_tiny_llama
-    from actors.weight_sync import Payload
+    from actors.models.tiny import build_tiny_llama
+    from actors.weights.object_store import Payload
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy)
     flat = FlatParams(model)

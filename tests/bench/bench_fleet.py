@@ -34,9 +34,9 @@ def report(name, **values):
 def bench_rollout_scaling(policy: str):
     import ray
 
-    from actors.group import RolloutActor, actor_env
-    from actors.rollout import RolloutConfig
-    from actors.tasks import make_task
+    from actors.runtime.actors import RolloutActor, actor_env
+    from actors.rollout.worker import RolloutConfig
+    from actors.tasks.base import make_task
 
     cfg = RolloutConfig(group_size=8, num_threads=1)
     Actor = ray.remote(RolloutActor).options(num_cpus=0.25, runtime_env=actor_env(1))
@@ -94,7 +94,7 @@ def bench_broadcast():
 def main():
     import ray
 
-    from actors.tiny_model import prepare_builtin_policy
+    from actors.models.tiny import prepare_builtin_policy
 
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.2", include_dashboard=False, object_store_memory=2_000_000_000,
              log_to_driver=False)

@@ -34,7 +34,7 @@ def report(name, **values):
 def build(path: Path, vocab_size: int | None = None, **cfg) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from actors.tiny_model import build_char_tokenizer
+    from actors.models.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)
@@ -45,8 +45,8 @@ def build(path: Path, vocab_size: int | None = None, **cfg) -> str:
 
 
 def make_groups(policy: str, n_prompts=16, group=8, new_tokens=16):
-    from actors.rollout import RolloutConfig, RolloutWorker
-    from actors.tasks import make_task
+    from actors.rollout.worker import RolloutConfig, RolloutWorker
+    from actors.tasks.base import make_task
 
     w = RolloutWorker(policy, RolloutConfig(group_size=group, max_new_tokens=new_tokens, num_threads=2), seed=0)
     stream = make_task("reverse").prompt_stream()

@@ -32,7 +32,7 @@ def build(path: Path, hidden: int, layers: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from actors.tiny_model import build_char_tokenizer
+    from actors.models.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
@@ -54,7 +54,7 @@ def batch(i: int):
 
 
 def bench_model(label: str, path: Path) -> dict:
-    from actors.hf_reward import HFRewardModel
+    from actors.reward.hf import HFRewardModel
     from protos import reward_pb2_grpc
 
     env = dict(os.environ, FLEETRL_TOKEN="")

@@ -41,7 +41,7 @@ def report(name: str, **values):
 
 
 def warm_policy() -> str:
-    from actors.tiny_model import prepare_builtin_policy
+    from actors.models.tiny import prepare_builtin_policy
 
     return str(prepare_builtin_policy()[0])
 
@@ -50,9 +50,9 @@ def warm_policy() -> str:
 def bench_rollout(policy: str):
     import ray
 
-    from actors.group import RolloutActor, actor_env
-    from actors.rollout import RolloutConfig, RolloutWorker
-    from actors.tasks import make_task
+    from actors.runtime.actors import RolloutActor, actor_env
+    from actors.rollout.worker import RolloutConfig, RolloutWorker
+    from actors.tasks.base import make_task
 
     # one thread, as the default rollout worker runs (rollout.num_threads=1)
     torch.set_num_threads(1)
@@ -115,7 +115,7 @@ def bench_async(policy: str):
 
 def _bench_async(policy: str, layout: str, extra: list[str]):
     from learner.config import load_config
-    from learner.trainer import Trainer
+    from learner.driver.trainer import Trainer
 
     steps = 40 if QUICK else 120
     res = {0: [], 1: []}
@@ -145,7 +145,7 @@ class SyncPeer:
     def __init__(self, config: dict, threads: int = 1):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from actors.weight_sync import FlatParams, WeightPublisher, WeightReceiver
+        from actors.weights.object_store import FlatParams, WeightPublisher, WeightReceiver
 
         torch.set_num_threads(threads)
         torch.manual_seed(0)
@@ -239,11 +239,11 @@ def bench_control(policy: str):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.evaluate import greedy_accuracy
-    from actors.tasks import make_task
-    from actors.tiny_model import supervised_steps
+    from actors.tasks.evaluate import greedy_accuracy
+    from actors.tasks.base import make_task
+    from actors.models.tiny import supervised_steps
     from learner.config import ModelConfig, load_config
-    from learner.trainer import Trainer
+    from learner.driver.trainer import Trainer
 
     torch.set_num_threads(2)
     task = make_task("reverse")

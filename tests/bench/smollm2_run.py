@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def model_dir() -> Path:
-    from actors.pretrained import prepare
+    from actors.models.wheels import prepare
 
     root = Path(os.environ.get("FLEETRL_CACHE", Path.home() / ".cache" / "fleetrl"))
     path, info = prepare("smollm2", root / "smollm2")
@@ -52,8 +52,8 @@ def probe(argv: list[str]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.reward import load_reward_fn
-    from actors.tasks import make_task
+    from actors.reward.worker import load_reward_fn
+    from actors.tasks.base import make_task
 
     n = int(argv[argv.index("--n") + 1]) if "--n" in argv else 96
     variants = (argv[argv.index("--variants") + 1] if "--variants" in argv else "2x1:+,2x2:+,2x1:+-").split(",")
@@ -90,7 +90,7 @@ def train(argv: list[str]) -> None:
 
     from learner.cli import init_ray, split_args
     from learner.config import load_config
-    from learner.trainer import Trainer
+    from learner.driver.trainer import Trainer
 
     _, opts, overrides = split_args(argv, {"--steps", "--output-dir"})
     path = str(model_dir())

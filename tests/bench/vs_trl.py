@@ -7,13 +7,13 @@ Needs the ``bench`` extra (``pip install torch==2.13.0 -e ".[test,bench]"``).
 What is the same in both frameworks
 -----------------------------------
 - the policy: the built-in warm-started tiny Llama folder
-  (``actors.tiny_model.prepare_builtin_policy()``), loaded in float32 by both;
+  (``actors.models.tiny.prepare_builtin_policy()``), loaded in float32 by both;
 - the task and prompts: reverse a 4-digit string, prompts taken in the same order
   from ``ReverseDigits.prompt_stream()`` (TRL: a ``datasets.Dataset`` of the first
   prompts of that stream with ``shuffle_dataset=False``; fleetrl: its coordinator
   hands them out in the same order, so each step trains on the same prompt ids
   as far as the asynchronous hand-out allows);
-- the reward: the very same function, ``actors.tasks.exact_match_reward``
+- the reward: the very same function, ``actors.tasks.base.exact_match_reward``
   (TRL passes the dataset column ``answer`` as a keyword, fleetrl the prompt's
   metadata);
 - per step: P prompts x G samples (TRL ``per_device_train_batch_size = P * G``,
@@ -131,7 +131,7 @@ def arg(name: str, default: str) -> str:
 
 
 def warm_policy() -> str:
-    from actors.tiny_model import prepare_builtin_policy
+    from actors.models.tiny import prepare_builtin_policy
 
     return str(prepare_builtin_policy()[0])
 
@@ -154,7 +154,7 @@ def trl_worker(spec: dict) -> None:
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from actors.tasks import exact_match_reward, make_task
+    from actors.tasks.base import exact_match_reward, make_task
 
     hf_logging.set_verbosity_error()
     import_s = time.perf_counter() - t_import
@@ -257,7 +257,7 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
     import ray
 
     from learner.config import load_config
-    from learner.trainer import Trainer
+    from learner.driver.trainer import Trainer
 
     class SnapshotTrainer(Trainer):
         """Records the RL clock start and the learner's published weights at fixed times."""
@@ -356,9 +356,9 @@ class Evaluator:
     def __init__(self, policy: str):
         import torch
 
-        from actors.rollout import load_policy
-        from actors.tasks import make_task
-        from actors.weight_sync import FlatParams
+        from actors.rollout.worker import load_policy
+        from actors.tasks.base import make_task
+        from actors.weights.object_store import FlatParams
 
         torch.set_num_threads(THREADS)
         self.policy = policy
@@ -372,7 +372,7 @@ class Evaluator:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from actors.evaluate import greedy_accuracy
+        from actors.tasks.evaluate import greedy_accuracy
 
         if kind == "state_dict":
             self.model.load_state_dict(weights)

@@ -63,7 +63,7 @@ def build_policy(path: Path, model_kwargs: dict, device: str) -> int:
     """A random Llama saved as a from_pretrained folder (with the char tokenizer); returns N."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from actors.tiny_model import build_char_tokenizer
+    from actors.models.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     cfg = LlamaConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
@@ -140,7 +140,7 @@ def bench_learner(path: str, device: str, shape: dict, vocab: int, n_params: int
 
 
 def bench_rollout(path: str, device: str, shape: dict) -> dict:
-    from actors.rollout import RolloutConfig, RolloutWorker
+    from actors.rollout.worker import RolloutConfig, RolloutWorker
     from actors.types import Prompt
 
     cfg = RolloutConfig(device=device, num_gpus=1.0 if device == "cuda" else 0.0, dtype="bfloat16",

@@ -19,12 +19,12 @@ import pytest
 import ray
 import torch
 
-from actors.collective_sync import CollectiveConfigError, CollectiveSync
-from actors.group import create_rollout_actor, weights_digest
-from actors.rollout import RolloutConfig, RolloutWorker
+from actors.weights.collective import CollectiveConfigError, CollectiveSync
+from actors.runtime.actors import create_rollout_actor, weights_digest
+from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Prompt
 from learner.learner import Learner, LearnerConfig, create_learner
-from learner.trainer import Trainer
+from learner.driver.trainer import Trainer
 from tests.test_collective_sync import other_policy  # noqa: F401 - fixture
 from tests.test_pipeline import small_config
 

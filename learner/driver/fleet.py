@@ -14,7 +14,7 @@
 
 With ``train.weight_sync: collective``, ``on_start`` lets the trainer publish
 the current weights through the object store before workers that are not in
-the weight-sync group start (``actors.collective_sync``, invariant 4).
+the weight-sync group start (``actors.weights.collective``, invariant 4).
 
 With ``train.placement`` set, the first ``rollout.num_workers`` workers occupy
 bundles of the run's placement group; workers added later (scale-up,
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import ray
 
-from actors.group import create_rollout_actor
-from actors.rollout import RolloutConfig
+from actors.runtime.actors import create_rollout_actor
+from actors.rollout.worker import RolloutConfig
 
 log = logging.getLogger(__name__)
 

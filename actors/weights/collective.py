@@ -7,7 +7,7 @@ ranks 1..N of a ``torch.distributed`` process group made for weight sync only
 driver (``CollectiveSync``) builds groups and starts each broadcast; ranks never
 decide membership themselves.
 
-Invariant (on top of ``actors.weight_sync``'s, which holds word for word):
+Invariant (on top of ``actors.weights.object_store``'s, which holds word for word):
 
 1. **One group per epoch.** The members of an epoch never change. Any change of
    the rollout workers (scale up or down, retirement, replacement) and any
@@ -54,7 +54,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from actors.weight_sync import FlatParams, Payload, WeightReceiver
+from actors.weights.object_store import FlatParams, Payload, WeightReceiver
 
 STORE_PREFIX = "fleetrl-weights"
 

@@ -138,7 +138,7 @@ def build_tiny_reward_model(path, *, seed: int = 0) -> Path:
     """Save a tiny random ``LlamaForSequenceClassification`` (1 label) + char tokenizer to ``path``."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from actors.tiny_model import build_char_tokenizer
+    from actors.models.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

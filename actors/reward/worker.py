@@ -21,8 +21,8 @@ from actors.types import Group
 
 RewardFn = Callable[..., list[float]]
 
-BUILTIN_REWARDS = {"exact_match": "actors.tasks:exact_match_reward",
-                   "arithmetic": "actors.tasks:arithmetic_reward"}
+BUILTIN_REWARDS = {"exact_match": "actors.tasks.base:exact_match_reward",
+                   "arithmetic": "actors.tasks.base:arithmetic_reward"}
 
 
 @dataclass(kw_only=True)

@@ -23,7 +23,7 @@ Invariant (what every other component may rely on):
 
 Transports: ``ObjectStoreTransport`` moves payloads through Ray's object
 store (one node or many; Ray copies an object once per node). The collective
-transport (``actors.collective_sync``: a ``torch.distributed`` broadcast from
+transport (``actors.weights.collective``: a ``torch.distributed`` broadcast from
 the learner, rank 0, to the rollout workers; NCCL between GPUs, gloo otherwise)
 cannot be a pull-style ``fetch``, since every rank must take part at once; it
 keeps ``FlatParams``, ``Payload`` and this version protocol, and its payloads
@@ -102,7 +102,7 @@ class Payload:
     fingerprint: str
     refs: dict[str, Any] = field(default_factory=dict)
     """dtype name -> transport handle (an ObjectRef for the object store); empty when
-    the bytes were broadcast to the collective group (``actors.collective_sync``)."""
+    the bytes were broadcast to the collective group (``actors.weights.collective``)."""
 
 
 class Transport(Protocol):

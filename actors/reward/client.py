@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from actors.reward import validate_scores
+from actors.reward.worker import validate_scores
 from actors.serving import channel, client_metadata, load_token
 
 Result = list  # list[float | str]: a score, or why the sample could not be scored
@@ -204,7 +204,7 @@ class LocalRewardModel:
     """A local HF sequence-classification reward model with the client's interface."""
 
     def __init__(self, spec: RemoteRewardSpec):
-        from actors.hf_reward import HFRewardModel
+        from actors.reward.hf import HFRewardModel
 
         self.spec = spec
         self.model = HFRewardModel(spec.checkpoint_dir, batch_size=spec.batch_size)

@@ -1,8 +1,8 @@
 """Serve a reward model over gRPC (``fleetrl.reward.v1.RewardModel``).
 
 Two backends: a Python reward callable (``module:function``, the same
-contract as :mod:`actors.reward`) and a Hugging Face sequence-classification
-checkpoint (:class:`actors.hf_reward.HFRewardModel`). The request handling is
+contract as :mod:`actors.reward.worker`) and a Hugging Face sequence-classification
+checkpoint (:class:`actors.reward.hf.HFRewardModel`). The request handling is
 plain functions (:func:`score_request`, :func:`metadata_response`); the gRPC
 servicer only maps their exceptions to status codes:
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from actors.reward import load_reward_fn
+from actors.reward.worker import load_reward_fn
 from actors.serving import DEFAULT_MAX_MESSAGE_BYTES, RunningServer, ServerConfig, serve
 from protos import reward_pb2, reward_pb2_grpc
 
@@ -74,7 +74,7 @@ class HFBackend:
 
     def __init__(self, path, *, name: str | None = None, device: str = "cpu", batch_size: int = 32,
                  max_length: int = 512):
-        from actors.hf_reward import HFRewardModel
+        from actors.reward.hf import HFRewardModel
 
         self.model = HFRewardModel(path, device=device, batch_size=batch_size, max_length=max_length)
         self.name = name or Path(path).resolve().name

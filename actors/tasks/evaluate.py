@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.tasks import Example, exact_match_reward
+from actors.tasks.base import Example, exact_match_reward
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ from collections import Counter, deque
 from typing import Iterator
 
 from actors.types import Group, Prompt
-from actors.weight_sync import Payload, WeightStore
+from actors.weights.object_store import Payload, WeightStore
 
 
 class SampleTimeout(RuntimeError):

@@ -1,6 +1,6 @@
 """The training driver: builds the actors and runs sample -> update -> sync.
 
-Rollout workers stream continuously (``actors.group.RolloutActor.run``); the
+Rollout workers stream continuously (``actors.runtime.actors.RolloutActor.run``); the
 driver's loop is three visible phases per step:
 
 1. **sample**: take ``train.prompts_per_step`` scored groups from the
@@ -29,17 +29,17 @@ from pathlib import Path
 import ray
 import yaml
 
-from actors.collective_sync import CollectiveConfigError, CollectiveSync, CollectiveSyncError
-from actors.coordinator import SampleTimeout
+from actors.weights.collective import CollectiveConfigError, CollectiveSync, CollectiveSyncError
+from actors.runtime.coordinator import SampleTimeout
 from actors.device import device_kind, dtype_name
-from actors.reward import load_reward_fn
-from actors.group import create_coordinator, create_reward_group, peak_rss_mib
-from actors.tasks import make_task
-from actors.tiny_model import prepare_builtin_policy
+from actors.reward.worker import load_reward_fn
+from actors.runtime.actors import create_coordinator, create_reward_group, peak_rss_mib
+from actors.tasks.base import make_task
+from actors.models.tiny import prepare_builtin_policy
 from learner.config import Config, ConfigError
 from actors.serving import ServerConfig
-from learner.control import RewardRegistry, start_control_server
-from learner.fleet import FleetError, RolloutFleet
+from learner.control.service import RewardRegistry, start_control_server
+from learner.driver.fleet import FleetError, RolloutFleet
 from learner.learner import create_learner
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class Trainer:
     def placement_group(self) -> list[dict]:
         """With ``train.placement``: one placement group, bundle 0 the learner, then the
         rollout workers, then the reward workers; returns each one's actor options."""
-        from actors.group import bundle, in_bundle
+        from actors.runtime.actors import bundle, in_bundle
 
         c = self.cfg
         n = 1 + c.rollout.num_workers + c.reward.num_workers

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from actors.coordinator import Coordinator
-from actors.reward import RewardConfig, RewardWorker
-from actors.rollout import RolloutConfig, RolloutWorker
-from actors.tasks import make_task
+from actors.runtime.coordinator import Coordinator
+from actors.reward.worker import RewardConfig, RewardWorker
+from actors.rollout.worker import RolloutConfig, RolloutWorker
+from actors.tasks.base import make_task
 from actors.types import Group, Prompt
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class RolloutActor:
     def weights_digest(self) -> str:
         return weights_digest(self.worker.flat)
 
-    # -- collective weight sync (actors.collective_sync): called by the driver, on the
+    # -- collective weight sync (actors.weights.collective): called by the driver, on the
     # actor's second thread while ``run`` generates on the first
     def sync_device(self) -> dict:
         return self.worker.staged.device_info()
@@ -185,7 +185,7 @@ class RewardModelActor:
     """Ray actor around one registered reward model (remote server or local checkpoint)."""
 
     def __init__(self, spec):
-        from actors.remote_reward import make_reward_model
+        from actors.reward.client import make_reward_model
 
         self.model = make_reward_model(spec)
 

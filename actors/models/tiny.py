@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from actors.evaluate import greedy_accuracy
-from actors.tasks import Example, make_task
+from actors.tasks.evaluate import greedy_accuracy
+from actors.tasks.base import Example, make_task
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Rollout worker: generates groups of completions with the current policy.
 
-A plain class (no Ray inside ``generate``): ``actors.group`` turns it into a Ray
+A plain class (no Ray inside ``generate``): ``actors.runtime.actors`` turns it into a Ray
 actor and runs the streaming loop around it; unit tests build it directly.
 """
 
@@ -13,10 +13,10 @@ from typing import Literal
 
 import torch
 
-from actors.collective_sync import StagedReceiver
+from actors.weights.collective import StagedReceiver
 from actors.device import check_device, torch_device, torch_dtype
 from actors.types import Group, Prompt, Sample
-from actors.weight_sync import FlatParams, Payload, WeightReceiver
+from actors.weights.object_store import FlatParams, Payload, WeightReceiver
 
 log = logging.getLogger(__name__)
 

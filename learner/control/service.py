@@ -18,8 +18,8 @@ import threading
 import grpc
 import ray
 
-from actors.group import create_reward_model_actor
-from actors.remote_reward import RemoteRewardSpec
+from actors.runtime.actors import create_reward_model_actor
+from actors.reward.client import RemoteRewardSpec
 from protos import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def validate_spec(spec: RemoteRewardSpec) -> RemoteRewardSpec:
     if spec.endpoint and not _endpoint_ok(spec.endpoint):
         raise ControlError(bad, f"endpoint {spec.endpoint!r} is not host:port")
     if spec.checkpoint_dir:
-        from actors.hf_reward import check_checkpoint
+        from actors.reward.hf import check_checkpoint
 
         try:
             check_checkpoint(spec.checkpoint_dir)

@@ -1,0 +1,10 @@
+"""Weights: the policy's parameters as flat buffers, and versioned payloads to move them.
+
+``flat.py`` ``FlatParams``, ``Payload``, ``weights_digest``; ``object_store.py``
+publisher/receiver/store over Ray's object store (the version invariant is
+written at its top); ``collective.py`` the ranks of a ``torch.distributed``
+broadcast (its invariant extends the object store's). The driver-side policy
+(when to use which, fallback, newcomers) is ``learner/driver/weight_sync.py``.
+Imports torch and numpy only; ``ray`` is imported lazily by the object-store
+transport's two calls, which run inside actors.
+"""
