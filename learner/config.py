@@ -26,7 +26,7 @@ import yaml
 from actors.device import device_kind
 from actors.reward.worker import RewardConfig
 from actors.rollout.worker import RolloutConfig
-from actors.tasks.base import Arithmetic
+from actors.tasks.arithmetic import Arithmetic
 from learner.learner import LearnerConfig
 
 

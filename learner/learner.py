@@ -1,7 +1,10 @@
 """The learner: turns scored groups into one optimizer step per batch.
 
-A plain class; ``create_learner`` makes it a Ray actor (placed by its declared
-``num_cpus``/``num_gpus``/resources, so it can sit on a GPU node).
+A plain class (no Ray): ``learner.actor.create_learner`` makes it a Ray actor.
+It holds the policy, its AdamW optimizer and the weight publisher (the version
+counter), and, by composition, rank 0 of the collective weight-sync group
+(``self.broadcast``). Advantage estimators and policy losses are looked up by
+name in ``learner.estimators``; the math is ``learner.core_algos``.
 """
 
 from __future__ import annotations
@@ -14,17 +17,19 @@ from typing import Literal
 
 import torch
 
-from actors.weights.collective import BroadcastSource
 from actors.device import check_device, mixed_precision, torch_device, torch_dtype
-from actors.tasks.evaluate import greedy_accuracy
-from actors.reward.worker import load_reward_fn
-from actors.rollout.worker import load_policy
+from actors.reward.functions import load_reward_fn
+from actors.rollout.policy import load_policy
 from actors.tasks.base import Example
+from actors.tasks.evaluate import greedy_accuracy
 from actors.types import Group
-from actors.weights.object_store import FlatParams, Payload, WeightPublisher
-from learner.core_algos import (aggregate, batch_normalized_advantages, clipped_policy_loss, entropy_from_logits,
-                                group_advantages, kl_estimate, policy_gradient_loss, reinforce_baseline_advantages,
-                                rloo_advantages, token_logprobs, truncated_importance_weights)
+from actors.weights.collective import BroadcastSource
+from actors.weights.flat import FlatParams, Payload, weights_digest
+from actors.weights.object_store import WeightPublisher
+from learner import checkpoint
+from learner.batch import TrainBatch, pad_micro_batch
+from learner.core_algos import aggregate, entropy_from_logits, kl_estimate, token_logprobs
+from learner.estimators import ADVANTAGES, POLICY_LOSSES, EstimatorState
 
 
 @dataclass(kw_only=True)
@@ -157,74 +162,9 @@ def lr_lambda(cfg: LearnerConfig, total_steps: int):
     return f
 
 
-@dataclass
-class TrainBatch:
-    """Trainable samples of a list of groups, flattened (one row per sample)."""
-
-    sequences: list[list[int]]  # prompt + completion ids
-    prompt_lens: list[int]
-    behaviour_logprobs: list[list[float]]
-    rewards: torch.Tensor  # [B]
-    group_index: torch.Tensor  # [B]
-    versions: list[int]
-
-    @classmethod
-    def from_groups(cls, groups: list[Group], *, overlong_penalty: float = 0.0,
-                    filter_equal_groups: bool = False) -> "TrainBatch":
-        """``overlong_penalty`` is subtracted from the reward of samples cut at
-        max_new_tokens (no EOS); ``filter_equal_groups`` leaves out groups whose
-        rewards (after the penalty) are all equal: they carry no group-relative signal."""
-        seqs, plens, lps, rewards, gidx, versions = [], [], [], [], [], []
-        gi = 0
-        for g in groups:
-            samples = g.trainable_samples()
-            rs = [float(s.reward) - (0.0 if s.finished else overlong_penalty) for s in samples]
-            if not samples or (filter_equal_groups and len(set(rs)) == 1):
-                continue
-            for s, r in zip(samples, rs):
-                seqs.append(list(g.prompt_ids) + list(s.completion_ids))
-                plens.append(len(g.prompt_ids))
-                lps.append(list(s.logprobs))
-                rewards.append(r)
-                gidx.append(gi)
-                versions.append(s.policy_version)
-            gi += 1
-        return cls(seqs, plens, lps, torch.tensor(rewards, dtype=torch.float32),
-                   torch.tensor(gidx, dtype=torch.long), versions)
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-
-def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
-    """Right-padded tensors for rows ``idx``: input_ids/attention/positions ``[b, L]``,
-    completion targets, behaviour log-probs and mask ``[b, T]`` aligned to the
-    logits that predict them."""
-    rows = [batch.sequences[i] for i in idx]
-    L = max(len(r) for r in rows)
-    T = max(len(r) - batch.prompt_lens[i] for r, i in zip(rows, idx))
-    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), L), dtype=torch.long)
-    targets = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    old = torch.zeros((len(rows), T), dtype=torch.float32)
-    cmask = torch.zeros((len(rows), T), dtype=torch.float32)
-    pred_pos = torch.zeros((len(rows), T), dtype=torch.long)  # position of the logit predicting token t
-    for b, (r, i) in enumerate(zip(rows, idx)):
-        p, c = batch.prompt_lens[i], len(r) - batch.prompt_lens[i]
-        input_ids[b, : len(r)] = torch.tensor(r)
-        attn[b, : len(r)] = 1
-        targets[b, :c] = torch.tensor(r[p:])
-        old[b, :c] = torch.tensor(batch.behaviour_logprobs[i])
-        cmask[b, :c] = 1
-        pred_pos[b, :c] = torch.arange(p - 1, p - 1 + c)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    return (input_ids.to(device), attn.to(device), positions.to(device), targets.to(device), old.to(device),
-            cmask.to(device), pred_pos.to(device))
-
-
-class Learner(BroadcastSource):
-    """Holds the trained policy, its optimizer and the weight publisher (and is rank 0
-    of the collective weight-sync group, ``actors.weights.collective``)."""
+class Learner:
+    """Holds the trained policy, its optimizer and the weight publisher; ``broadcast``
+    is its rank-0 role in the collective weight-sync group (``actors.weights.collective``)."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int, temperature: float = 1.0,
                  seed: int = 0, max_new_tokens: int = 0, publish_dtype: str | None = None):
@@ -245,13 +185,14 @@ class Learner(BroadcastSource):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            eps=cfg.eps, weight_decay=cfg.weight_decay,
                                            fused=True if self.device.type == "cuda" else None)
+        self.broadcast = BroadcastSource(self.publisher, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.temperature = temperature if temperature > 0 else 1.0
         self.norm_constant = float(cfg.loss_norm_constant or max_new_tokens)
         if cfg.loss_agg == "seq-mean-token-sum-norm" and self.norm_constant <= 0:
             raise ValueError("learner.loss_norm_constant: set it (> 0) or pass the max completion length")
         self.pad_id = self.tokenizer.pad_token_id
-        self.baseline = 0.0  # advantage="reinforce": moving average of rewards
+        self.estimator = EstimatorState()
         self.ref_model = None
         if cfg.kl_coef > 0:  # frozen copy of the initial policy
             self.ref_model, _ = load_policy(model_path, device=self.device, dtype="float32")
@@ -271,84 +212,55 @@ class Learner(BroadcastSource):
         batch = TrainBatch.from_groups(sorted(groups, key=lambda g: g.prompt.uid),
                                        overlong_penalty=self.cfg.overlong_penalty,
                                        filter_equal_groups=self.cfg.filter_equal_groups)
-        if len(batch) == 0:
-            if self.cfg.filter_equal_groups:  # every group filtered: a step without an update
-                self.scheduler.step()
-                self.publisher.bump()
-                return {"loss": 0.0, "grad_norm": 0.0, "lr": self.scheduler.get_last_lr()[0], "skipped_step": 0,
-                        "clip_frac": None, "ratio_mean": None, "ratio_max": None, "approx_kl": None,
-                        "reward_mean": _mean_reward(groups), "reward_std": 0.0, "adv_abs_mean": 0.0,
-                        "zero_adv_group_frac": 1.0, "samples": sum(len(g.trainable_samples()) for g in groups),
-                        "active_samples": 0, "tokens": 0, "sequence_tokens": 0,
-                        "response_len_mean": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
-                        "behaviour_versions": [], "update_s": time.perf_counter() - t0, "reward_by_name": {},
-                        "filtered_groups": len(groups)}
+        if len(batch) == 0 and not self.cfg.filter_equal_groups:
             raise ValueError("train_step got no trainable samples")
-        if self.ref_model is not None and self.cfg.kl_in_reward:
-            batch.rewards = batch.rewards - self.cfg.kl_coef * self.sequence_kl(batch)
-        adv = self.advantages(batch)
-        proximal = self.proximal_logprobs(batch) if self.cfg.off_policy == "decoupled" else None
-        parts = [list(range(len(batch)))[i::self.cfg.mini_batches] for i in range(self.cfg.mini_batches)]
-        parts = [p for p in parts if p]
         lr = self.scheduler.get_last_lr()[0]
-        losses, skipped, active = [], 0, 0
+        if len(batch) == 0:  # every group filtered: a step without an update
+            out = _empty_step_metrics(groups)
+        else:
+            if self.ref_model is not None and self.cfg.kl_in_reward:
+                batch.rewards = batch.rewards - self.cfg.kl_coef * self.sequence_kl(batch)
+            adv = self.advantages(batch)
+            out = self._optimize(batch, adv)
+            out.update(_batch_metrics(groups, batch, adv, self.publisher.version))
+        self.scheduler.step()
+        self.publisher.bump()
+        return {**out, "lr": lr, "update_s": time.perf_counter() - t0}
+
+    def _optimize(self, batch: TrainBatch, adv: torch.Tensor) -> dict:
+        """``ppo_epochs`` passes of ``mini_batches`` optimizer steps over the batch; a part whose
+        gradient is not finite is skipped (the weights are never touched by it)."""
+        proximal = self.proximal_logprobs(batch) if self.cfg.off_policy == "decoupled" else None
+        parts = [p for p in (list(range(len(batch)))[i::self.cfg.mini_batches]
+                             for i in range(self.cfg.mini_batches)) if p]
+        losses, skipped, active, grad_norm = [], 0, 0, 0.0
         for _ in range(self.cfg.ppo_epochs):
             for part in parts:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, n_active, ratio_metrics = self.accumulate_gradients(batch, adv, rows=part, proximal=proximal)
                 losses.append(loss)
                 active = max(active, n_active)
-                grads = [p for p in self.model.parameters() if p.grad is not None]
-                if not grads:  # every group had all-equal rewards: nothing to learn from this part
-                    grad_norm = 0.0
-                elif self.cfg.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
-                else:
-                    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
-                if math.isfinite(grad_norm):  # never let a non-finite gradient touch the weights
-                    if grads:
-                        self.optimizer.step()
-                else:
+                grad_norm = self._clip_grad_norm()
+                if not math.isfinite(grad_norm):  # never let a non-finite gradient touch the weights
                     skipped += 1
-        loss = sum(losses) / len(losses)
-        self.scheduler.step()
-        self.publisher.bump()
-        num_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
-        stale = [self.publisher.version - 1 - v for v in batch.versions]
-        per_name: dict[str, list[float]] = {}
-        for g in groups:
-            for s in g.trainable_samples():
-                for name, r in s.rewards.items():
-                    per_name.setdefault(name, []).append(r)
-        return {
-            "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped_step": skipped, **ratio_metrics,
-            "reward_mean": float(batch.rewards.mean()),
-            "reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
-            "adv_abs_mean": float(adv.abs().mean()),
-            "zero_adv_group_frac": _fraction_all_equal(batch.rewards, batch.group_index),
-            # samples consumed (trained on, or filtered out by filter_equal_groups)
-            "samples": sum(len(g.trainable_samples()) for g in groups), "active_samples": active,
-            "filtered_groups": len(groups) - int(batch.group_index.max()) - 1 if len(batch) else len(groups),
-            "tokens": num_tokens, "sequence_tokens": sum(len(s) for s in batch.sequences),
-            "response_len_mean": num_tokens / len(batch),
-            "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
-            "behaviour_versions": sorted(set(batch.versions)), "update_s": time.perf_counter() - t0,
-            "reward_by_name": {name: sum(v) / len(v) for name, v in per_name.items()},
-        }
+                elif any(p.grad is not None for p in self.model.parameters()):
+                    self.optimizer.step()
+        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "skipped_step": skipped,
+                "active_samples": active, **ratio_metrics}
+
+    def _clip_grad_norm(self) -> float:
+        """The global gradient norm (clipped to ``max_grad_norm`` when > 0); 0.0 when no
+        parameter has a gradient (every group of the part had all-equal rewards)."""
+        grads = [p for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        if self.cfg.max_grad_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
 
     def advantages(self, batch: TrainBatch) -> torch.Tensor:
-        """``[B]`` advantages of the batch with the configured estimator."""
-        kind, r, g = self.cfg.advantage, batch.rewards, batch.group_index
-        if kind == "grpo":
-            return group_advantages(r, g, norm_by_std=self.cfg.norm_adv_by_std)
-        if kind == "drgrpo":
-            return group_advantages(r, g, norm_by_std=False)
-        if kind == "rloo":
-            return rloo_advantages(r, g)
-        if kind == "reinforce":
-            adv, self.baseline = reinforce_baseline_advantages(r, self.baseline)
-            return adv
-        return batch_normalized_advantages(r)
+        """``[B]`` advantages of the batch with the configured estimator (``learner.advantage``)."""
+        return ADVANTAGES[self.cfg.advantage](batch.rewards, batch.group_index, self.cfg, self.estimator)
 
     @torch.no_grad()
     def sequence_kl(self, batch: TrainBatch) -> torch.Tensor:
@@ -410,10 +322,11 @@ class Learner(BroadcastSource):
             idx = rows[start : start + mb]
             ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
             pred, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
-            agg = dict(mask=cmask, mode=self.cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                       norm_constant=self.norm_constant)
-            loss, m = self._policy_loss(logp, old, adv[idx].to(self.device), cmask, agg,
-                                        proximal=[proximal[i] for i in idx] if proximal is not None else None)
+            norms = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=self.norm_constant)
+            agg = dict(mask=cmask, mode=self.cfg.loss_agg, **norms)
+            prox = _pad_rows([proximal[i] for i in idx], like=old) if proximal is not None else None
+            loss, m = POLICY_LOSSES[self.cfg.policy_loss](logp, old, adv[idx].to(self.device), cmask, self.cfg,
+                                                          dict(loss_agg=self.cfg.loss_agg, **norms), prox)
             if self.ref_model is not None and not self.cfg.kl_in_reward:
                 with torch.no_grad():
                     _, ref_logp = self._completion_logprobs(self.ref_model, ids, attn, pos, pred_pos, targets)
@@ -432,24 +345,6 @@ class Learner(BroadcastSource):
         metrics = {k: sums.get(k) for k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "entropy")
                    if k in sums or k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl")}
         return loss_total, len(rows), metrics
-
-    def _policy_loss(self, logp, old, adv, cmask, agg: dict, *, proximal: list[list[float]] | None):
-        """The configured policy loss of one micro-batch (see ``policy_loss``/``off_policy``)."""
-        c = self.cfg
-        common = {k: v for k, v in agg.items() if k not in ("mask", "mode")}
-        common["loss_agg"] = agg["mode"]
-        if c.policy_loss == "vanilla":
-            cap = c.is_cap if c.off_policy == "tis" else None
-            return policy_gradient_loss(logp, old, adv, cmask, is_cap=cap, is_level=c.is_level, **common)
-        weights = None
-        if proximal is not None:  # decoupled PPO: clip against the proximal policy, IS-weight to behaviour
-            prox = torch.zeros_like(old)
-            for b, row in enumerate(proximal):
-                prox[b, : len(row)] = torch.tensor(row)
-            weights = truncated_importance_weights(prox, old, cap=c.is_cap, mask=cmask, level=c.is_level) * cmask
-            old = prox
-        return clipped_policy_loss(logp, old, adv, cmask, clip_low=c.clip_low, clip_high=c.clip_high,
-                                   dual_clip=c.dual_clip, token_weights=weights, **common)
 
     # -- phase 3: sync weights ----------------------------------------------------------------
     def publish_weights(self, after_update: dict | None = None) -> Payload:
@@ -470,50 +365,19 @@ class Learner(BroadcastSource):
         return path
 
     def save_state(self, path: str) -> None:
-        """Policy (safetensors via save_pretrained) + optimizer, scheduler, RNG, version."""
-        import random
-
-        self.save_policy(os.path.join(path, "policy"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "policy_version": self.publisher.version, "baseline": self.baseline,
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
-                   os.path.join(path, "learner_state.pt"))
+        """Policy, optimizer, scheduler, RNG, version (``learner.checkpoint``)."""
+        checkpoint.save_learner_state(self, path)
 
     def load_state(self, path: str) -> int:
-        """Load what ``save_state`` wrote (our own file: weights_only=False is safe here)."""
-        import random
-
-        from safetensors.torch import load_file
-
-        weights = {}
-        for f in sorted(os.listdir(os.path.join(path, "policy"))):
-            if f.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(path, "policy", f)))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-            raise ValueError(f"checkpoint {path} does not match the policy: missing {missing}, unexpected {unexpected}")
-        state = torch.load(os.path.join(path, "learner_state.pt"), weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.baseline = state["baseline"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.publisher.version = state["policy_version"]
-        return self.publisher.version
+        """Load what ``save_state`` wrote; returns the restored ``policy_version``."""
+        return checkpoint.load_learner_state(self, path)
 
     def param_vector(self) -> torch.Tensor:
         """A copy of all parameters (tests compare weights across components)."""
         return torch.cat([b.detach().float().cpu().reshape(-1) for b in self.flat.buffers.values()])
 
-    def where(self) -> dict:
-        from actors.runtime.actors import where
-
-        return where()
-
     def weights_digest(self) -> str:
         """Of the weights as published (the cast the rollout workers hold)."""
-        from actors.runtime.actors import weights_digest
-
         return weights_digest(self.publisher.wire())
 
 
@@ -528,11 +392,44 @@ def _fraction_all_equal(rewards: torch.Tensor, group_index: torch.Tensor) -> flo
     return same / max(1, len(groups))
 
 
-def create_learner(model_path: str, cfg: LearnerConfig, placement: dict | None = None, **kwargs):
-    import ray
+def _pad_rows(rows: list[list[float]], *, like: torch.Tensor) -> torch.Tensor:
+    """Per-row lists of per-token values, zero-padded to ``like``'s ``[b, T]``."""
+    out = torch.zeros_like(like)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row)
+    return out
 
-    from actors.runtime.actors import actor_env
 
-    return ray.remote(Learner).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
-                                       runtime_env=actor_env(cfg.num_threads, passive_omp=False),
-                                       **(placement or {})).remote(model_path, cfg, **kwargs)
+def _batch_metrics(groups: list[Group], batch: TrainBatch, adv: torch.Tensor, version: int) -> dict:
+    """What one update trained on (``version``: the learner's before the update)."""
+    num_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
+    stale = [version - v for v in batch.versions]
+    per_name: dict[str, list[float]] = {}
+    for g in groups:
+        for s in g.trainable_samples():
+            for name, r in s.rewards.items():
+                per_name.setdefault(name, []).append(r)
+    return {
+        "reward_mean": float(batch.rewards.mean()),
+        "reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+        "adv_abs_mean": float(adv.abs().mean()),
+        "zero_adv_group_frac": _fraction_all_equal(batch.rewards, batch.group_index),
+        # samples consumed (trained on, or filtered out by filter_equal_groups)
+        "samples": sum(len(g.trainable_samples()) for g in groups),
+        "filtered_groups": len(groups) - int(batch.group_index.max()) - 1,
+        "tokens": num_tokens, "sequence_tokens": sum(len(s) for s in batch.sequences),
+        "response_len_mean": num_tokens / len(batch),
+        "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+        "behaviour_versions": sorted(set(batch.versions)),
+        "reward_by_name": {name: sum(v) / len(v) for name, v in per_name.items()},
+    }
+
+
+def _empty_step_metrics(groups: list[Group]) -> dict:
+    """A step whose every group was filtered out (``filter_equal_groups``): nothing trained."""
+    return {"loss": 0.0, "grad_norm": 0.0, "skipped_step": 0, "clip_frac": None, "ratio_mean": None,
+            "ratio_max": None, "approx_kl": None, "reward_mean": _mean_reward(groups), "reward_std": 0.0,
+            "adv_abs_mean": 0.0, "zero_adv_group_frac": 1.0,
+            "samples": sum(len(g.trainable_samples()) for g in groups), "active_samples": 0, "tokens": 0,
+            "sequence_tokens": 0, "response_len_mean": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
+            "behaviour_versions": [], "reward_by_name": {}, "filtered_groups": len(groups)}

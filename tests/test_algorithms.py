@@ -78,7 +78,8 @@ def test_decoupled_equals_behaviour_ratio_when_on_policy(tiny_policy):
     """With fresh samples the proximal policy is the behaviour policy: same gradient."""
     from actors.rollout.worker import RolloutConfig, RolloutWorker
     from actors.types import Prompt
-    from learner.learner import Learner, LearnerConfig, TrainBatch
+    from learner.batch import TrainBatch
+    from learner.learner import Learner, LearnerConfig
 
     w = RolloutWorker(tiny_policy, RolloutConfig(group_size=4, max_new_tokens=4), seed=5)
     groups = w.generate([Prompt(uid=i, text=f"{i}{i}=") for i in range(3)])
@@ -111,7 +112,7 @@ def test_dual_clip_and_token_weights_by_hand():
 
 def test_overlong_penalty_and_group_filter():
     from actors.types import Group, Prompt, Sample
-    from learner.learner import TrainBatch
+    from learner.batch import TrainBatch
 
     def group(uid, rewards, finished):
         return Group(prompt=Prompt(uid=uid, text="1="), prompt_ids=[3], samples=[
@@ -139,7 +140,8 @@ def test_group_filter_runs_end_to_end_with_exact_accounting(ray_session, tiny_po
 def test_kl_reward_penalty_lowers_rewards_of_a_drifted_policy(tiny_policy):
     from actors.rollout.worker import RolloutConfig, RolloutWorker
     from actors.types import Prompt
-    from learner.learner import Learner, LearnerConfig, TrainBatch
+    from learner.batch import TrainBatch
+    from learner.learner import Learner, LearnerConfig
 
     learner = Learner(tiny_policy, LearnerConfig(num_threads=1, kl_coef=1.0, kl_in_reward=True, kl_estimator="k3"),
                       total_steps=1)

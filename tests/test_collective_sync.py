@@ -13,12 +13,15 @@ import pytest
 import ray
 import torch
 
-from actors.weights.collective import CollectiveConfigError, CollectiveSync, CollectiveSyncError, GroupSpec, choose_backend
-from actors.runtime.actors import bundle, create_rollout_actor
+from actors.weights.collective import CollectiveConfigError, CollectiveSyncError, GroupSpec, choose_backend
+from learner.driver.weight_sync import CollectiveSync
+from actors.runtime.actors import create_rollout_actor
+from actors.runtime.placement import bundle
 from actors.rollout.worker import RolloutConfig
 from actors.types import Prompt
 from learner.config import ConfigError, load_config
-from learner.learner import LearnerConfig, create_learner
+from learner.actor import create_learner
+from learner.learner import LearnerConfig
 from learner.driver.trainer import Trainer
 from tests.test_pipeline import read_metrics, small_config
 
@@ -143,7 +146,7 @@ def test_a_failed_broadcast_leaves_the_worker_on_its_weights(tiny_policy):
     is injected into the plain worker (a collective cannot be made to fail halfway
     on demand)."""
     from actors.rollout.worker import RolloutWorker
-    from actors.weights.object_store import Payload
+    from actors.weights.flat import Payload
 
     w = RolloutWorker(tiny_policy, RolloutConfig(num_threads=1), default_max_new_tokens=5, name="w", seed=0)
     digest = w.receiver.version, [b.clone() for b in w.flat.buffers.values()]
@@ -166,7 +169,7 @@ def test_a_receiver_refuses_another_layout(tiny_policy, other_policy):
     from transformers import AutoModelForCausalLM
 
     from actors.weights.collective import StagedReceiver
-    from actors.weights.object_store import FlatParams
+    from actors.weights.flat import FlatParams
 
     fp32 = FlatParams(AutoModelForCausalLM.from_pretrained(tiny_policy))
     bf16 = StagedReceiver(FlatParams(AutoModelForCausalLM.from_pretrained(other_policy, dtype=torch.bfloat16)), "r0")

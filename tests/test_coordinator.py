@@ -7,7 +7,7 @@ import pytest
 
 from actors.runtime.coordinator import Coordinator, SampleTimeout
 from actors.types import Group, Prompt, Sample
-from actors.weights.object_store import Payload
+from actors.weights.flat import Payload
 
 
 def stream():

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from actors.models.wheels import MARKER, MODELS, PrepareError, WheelModel, is_prepared, locate_gguf, prepare
-from actors.reward.worker import load_reward_fn
-from actors.tasks.base import Arithmetic, ChatTemplate, make_task
+from actors.reward.functions import load_reward_fn
+from actors.tasks.arithmetic import Arithmetic
+from actors.tasks.chat import ChatTemplate
+from actors.tasks.registry import make_task
 from learner.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,7 +253,7 @@ def smollm2(tmp_path_factory) -> tuple[Path, dict, float]:
 def test_prepare_smollm2(smollm2):
     from transformers import AutoConfig, AutoTokenizer
 
-    from actors.rollout.worker import load_policy
+    from actors.rollout.policy import load_policy
 
     out, info, _ = smollm2
     assert is_prepared(out, "smollm2")

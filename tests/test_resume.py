@@ -10,7 +10,8 @@ import ray
 import torch
 
 from learner.config import ConfigError
-from learner.driver.trainer import Trainer, find_checkpoint
+from learner.checkpoint import find_checkpoint
+from learner.driver.trainer import Trainer
 from tests.test_pipeline import small_config
 
 

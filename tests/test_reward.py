@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from actors.reward.worker import RewardConfig, RewardWorker, load_reward_fn
+from actors.reward.functions import load_reward_fn
+from actors.reward.worker import RewardConfig, RewardWorker
 from actors.types import Group, Prompt, Sample
 
 

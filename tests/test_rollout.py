@@ -4,8 +4,10 @@ import torch
 
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Prompt
-from actors.weights.object_store import FlatParams, WeightReceiver
-from learner.learner import Learner, LearnerConfig, TrainBatch, pad_micro_batch
+from actors.weights.flat import FlatParams
+from actors.weights.object_store import WeightReceiver
+from learner.batch import TrainBatch, pad_micro_batch
+from learner.learner import Learner, LearnerConfig
 from learner.core_algos import token_logprobs
 
 
@@ -89,7 +91,7 @@ def test_flat_params_keep_tied_weights_and_reject_other_layouts(tiny_policy):
     from transformers import AutoModelForCausalLM
 
     from actors.models.tiny import build_tiny_llama
-    from actors.weights.object_store import Payload
+    from actors.weights.flat import Payload
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy)
     flat = FlatParams(model)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from actors.tasks.evaluate import greedy_accuracy
-from actors.tasks.base import Example, make_task
+from actors.tasks.base import Example
+from actors.tasks.registry import make_task
 
 log = logging.getLogger(__name__)
 

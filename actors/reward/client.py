@@ -13,47 +13,30 @@ A failure never becomes a score: the affected samples get a reason string
 (``reward_timeout: ...``, ``reward_unavailable: ...``, ``reward_unhealthy: ...``,
 ``reward_count: ...``, ``reward_nonfinite: ...``) and are excluded upstream.
 
-``LocalRewardModel`` scores with a local HF sequence-classification folder
-(safetensors only) with the same interface and counters.
+The spec and the local-checkpoint model with the same interface are in
+``actors.reward.models``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
-from actors.reward.worker import validate_scores
+from actors.reward.scores import validate_scores
 from actors.serving import channel, client_metadata, load_token
+
+if TYPE_CHECKING:
+    from actors.reward.models import RewardModelSpec
 
 Result = list  # list[float | str]: a score, or why the sample could not be scored
 
 
-@dataclass(kw_only=True)
-class RemoteRewardSpec:
-    """How to reach and use one registered reward model."""
+class RewardStats:
+    """Counters one reward model reports through Control (thread-safe)."""
 
-    name: str
-    endpoint: str = ""
-    """host:port of a fleetrl.reward.v1.RewardModel server."""
-    checkpoint_dir: str = ""
-    """Local HF sequence-classification folder (safetensors only)."""
-    weight: float = 1.0
-    timeout_s: float = 10.0
-    batch_size: int = 64
-    token_file: str | None = None
-    token: str | None = field(default=None, repr=False)
-    """Bearer token for the reward server, resolved by the driver from
-    $FLEETRL_REWARD_TOKEN / $FLEETRL_REWARD_TOKEN_FILE (never the Control token)."""
-    tls_ca: str | None = None
-    max_attempts: int = 3
-    failure_threshold: int = 3
-    cooldown_s: float = 2.0
-
-
-class _Stats:
     def __init__(self):
         self.lock = threading.Lock()
         self.scored = 0
@@ -118,7 +101,7 @@ class CircuitBreaker:
 class RemoteRewardClient:
     """Scores samples with a remote RewardModel server (see module docstring)."""
 
-    def __init__(self, spec: RemoteRewardSpec):
+    def __init__(self, spec: RewardModelSpec):
         from protos import reward_pb2_grpc
 
         self.spec = spec
@@ -126,7 +109,7 @@ class RemoteRewardClient:
         self.channel = channel(spec.endpoint, tls_ca=spec.tls_ca)
         self.stub = reward_pb2_grpc.RewardModelStub(self.channel)
         self.breaker = CircuitBreaker(spec.failure_threshold, spec.cooldown_s)
-        self.stats = _Stats()
+        self.stats = RewardStats()
 
     def close(self) -> None:
         self.channel.close()
@@ -200,37 +183,3 @@ class RemoteRewardClient:
         return result
 
 
-class LocalRewardModel:
-    """A local HF sequence-classification reward model with the client's interface."""
-
-    def __init__(self, spec: RemoteRewardSpec):
-        from actors.reward.hf import HFRewardModel
-
-        self.spec = spec
-        self.model = HFRewardModel(spec.checkpoint_dir, batch_size=spec.batch_size)
-        self.stats = _Stats()
-
-    def close(self) -> None:
-        pass
-
-    def info(self) -> dict:
-        return {"healthy": True, **self.stats.snapshot()}
-
-    def probe(self) -> dict:
-        return {"name": self.spec.name, "version": self.model.version, "kind": self.model.kind,
-                "max_batch_size": self.spec.batch_size}
-
-    def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list]) -> Result:
-        try:
-            result = validate_scores(self.spec.name, self.model.score(prompts, completions, **metadata), len(prompts))
-        except Exception as e:  # noqa: BLE001 - a model failure flags the samples
-            result = [f"reward_error: {self.spec.name!r} raised {type(e).__name__}: {e}"] * len(prompts)
-        if all(not isinstance(r, str) for r in result):
-            self.stats.ok(result)
-        else:
-            self.stats.fail(len(prompts), next(r for r in result if isinstance(r, str)))
-        return result
-
-
-def make_reward_model(spec: RemoteRewardSpec):
-    return LocalRewardModel(spec) if spec.checkpoint_dir else RemoteRewardClient(spec)

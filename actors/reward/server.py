@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import signal
 import sys
 import threading
@@ -28,7 +27,8 @@ from pathlib import Path
 
 import grpc
 
-from actors.reward.worker import load_reward_fn
+from actors.reward.functions import load_reward_fn
+from actors.reward.scores import validate_scores
 from actors.serving import DEFAULT_MAX_MESSAGE_BYTES, RunningServer, ServerConfig, serve
 from protos import reward_pb2, reward_pb2_grpc
 
@@ -174,24 +174,14 @@ def request_to_lists(request: reward_pb2.ScoreRequest) -> tuple[list[str], list[
     return [s.prompt for s in samples], [s.completion for s in samples], metadata
 
 
-def validate_scores(scores, n: int) -> list[float]:
-    """Exactly ``n`` finite floats, or BackendError saying what is wrong."""
-    try:
-        values = list(scores)
-    except TypeError:
-        raise BackendError(f"backend returned {type(scores).__name__}, not a list of floats") from None
-    if len(values) != n:
-        raise BackendError(f"backend returned {len(values)} scores for {n} samples")
-    out = []
-    for i, v in enumerate(values):
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise BackendError(f"backend returned non-numeric score {v!r} for sample {i}") from None
-        if not math.isfinite(f):
-            raise BackendError(f"backend returned non-finite score {f} for sample {i}")
-        out.append(f)
-    return out
+def checked_scores(scores, n: int) -> list[float]:
+    """Exactly ``n`` finite floats (``actors.reward.scores.validate_scores``, the check every
+    reward path shares), or BackendError with the first reason."""
+    result = validate_scores("backend", scores, n)
+    bad = next((r for r in result if isinstance(r, str)), None)
+    if bad is not None:
+        raise BackendError(bad)
+    return result
 
 
 def score_request(backend, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
@@ -203,7 +193,7 @@ def score_request(backend, request: reward_pb2.ScoreRequest) -> reward_pb2.Score
         raw = backend.score(prompts, completions, metadata)
     except Exception as e:  # a backend may raise anything; it is never the client's fault
         raise BackendError(f"backend raised {type(e).__name__}: {e}") from e
-    return reward_pb2.ScoreResponse(scores=validate_scores(raw, len(prompts)))
+    return reward_pb2.ScoreResponse(scores=checked_scores(raw, len(prompts)))
 
 
 def metadata_response(backend) -> reward_pb2.ModelMetadata:

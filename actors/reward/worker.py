@@ -12,17 +12,12 @@ samples ``excluded`` with the reason, and they are counted as dropped.
 
 from __future__ import annotations
 
-import importlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from actors.reward.functions import RewardFn, load_reward_fn
+from actors.reward.scores import validate_scores
 from actors.types import Group
-
-RewardFn = Callable[..., list[float]]
-
-BUILTIN_REWARDS = {"exact_match": "actors.tasks.base:exact_match_reward",
-                   "arithmetic": "actors.tasks.base:arithmetic_reward"}
 
 
 @dataclass(kw_only=True)
@@ -47,42 +42,6 @@ class RewardConfig:
             raise ValueError("reward.functions: at least one reward function is required")
         if self.weights and len(self.weights) != len(self.functions):
             raise ValueError(f"reward.weights: {len(self.weights)} weights for {len(self.functions)} functions")
-
-
-def load_reward_fn(spec: str) -> RewardFn:
-    """Resolve ``"module:function"`` (or a built-in alias) to a callable."""
-    target = BUILTIN_REWARDS.get(spec, spec)
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward.functions: {spec!r} is neither a built-in "
-                         f"({', '.join(BUILTIN_REWARDS)}) nor 'module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward.functions: cannot load {spec!r}: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"reward.functions: {spec!r} is not callable")
-    return fn
-
-
-def validate_scores(name: str, scores, n: int) -> list[float | str]:
-    """Per sample: a finite float, or a string saying why it is unusable (the one
-    check every reward source goes through: functions, remote and local models)."""
-    try:
-        values = list(scores)
-    except TypeError:
-        return [f"reward_invalid: {name!r} returned {type(scores).__name__}, not a list of floats"] * n
-    if len(values) != n:
-        return [f"reward_count: {name!r} returned {len(values)} scores for {n} samples"] * n
-    out: list[float | str] = []
-    for v in values:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            out.append(f"reward_invalid: {name!r} returned non-numeric {v!r}")
-            continue
-        out.append(f if math.isfinite(f) else f"reward_nonfinite: {name!r} returned {f}")
-    return out
 
 
 class RewardWorker:

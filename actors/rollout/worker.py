@@ -7,7 +7,6 @@ actor and runs the streaming loop around it; unit tests build it directly.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,8 +14,11 @@ import torch
 
 from actors.weights.collective import StagedReceiver
 from actors.device import check_device, torch_device, torch_dtype
+from actors.rollout.engines.hf import HFEngine
+from actors.rollout.policy import load_policy
 from actors.types import Group, Prompt, Sample
-from actors.weights.object_store import FlatParams, Payload, WeightReceiver
+from actors.weights.flat import FlatParams, Payload
+from actors.weights.object_store import WeightReceiver
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +76,6 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ValueError(f"{key}: {msg}")
 
 
-def load_policy(path: str, *, device: torch.device, dtype: str | torch.dtype = "auto"):
-    """``from_pretrained`` a causal LM and its tokenizer (left padding)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"model.path: {path!r} does not exist and the hub is offline")
-    dtype_arg = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_arg).to(device)
-    return model, tokenizer
-
-
 class RolloutWorker:
     """Generates ``group_size`` samples per prompt and records behaviour log-probs."""
 
@@ -104,6 +89,7 @@ class RolloutWorker:
         # the learner publishes its weights cast to this dtype: the flat buffers match bit for bit
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype=self.dtype)
         self.model.eval()
+        self.engine = HFEngine(self.model, self.tokenizer, device=self.device)
         self.flat = FlatParams(self.model)
         self.receiver = WeightReceiver(self.flat)
         self.staged = StagedReceiver(self.flat, name=name)  # weights broadcast to the collective group
@@ -162,49 +148,14 @@ class RolloutWorker:
         return groups  # type: ignore[return-value]
 
     def _generate_ids(self, prompt_ids: list[list[int]], prompts: list[Prompt], version: int) -> list[Group]:
-        tok, n, cfg = self.tokenizer, self.cfg.group_size, self.cfg
+        cfg = self.cfg
         # sampling depends only on (run seed, prompts, weights), not on which worker got them
         # or what it generated before: a resumed run draws the same samples
-        torch.manual_seed((self.seed * 1_000_003 + prompts[0].uid) % (2**63))
-        width = max(len(x) for x in prompt_ids)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompt_ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=self.device)
-        greedy = cfg.temperature == 0
-        # each prompt repeated n times in a row (works for greedy too, unlike num_return_sequences)
-        out = self.model.generate(
-            input_ids=input_ids.repeat_interleave(n, dim=0),
-            attention_mask=mask.repeat_interleave(n, dim=0),
-            do_sample=not greedy,
-            temperature=None if greedy else cfg.temperature,
-            top_p=None if greedy else cfg.top_p,
-            top_k=None,
-            max_new_tokens=self.max_new_tokens,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
-        )
-        gen = out.sequences[:, width:]  # [P*n, T]
-        logits = torch.stack(out.logits, dim=1).float()  # [P*n, T, V] raw (pre-processing) logits
-        if not greedy and cfg.temperature != 1.0:
-            logits = logits / cfg.temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
-        eos = tok.eos_token_id
-        gen_l, logp_l = gen.tolist(), logp.tolist()
-        groups = []
-        for j, (p, ids) in enumerate(zip(prompts, prompt_ids)):
-            samples = []
-            for k in range(j * n, (j + 1) * n):
-                toks = gen_l[k]
-                length = toks.index(eos) + 1 if eos in toks else len(toks)
-                toks = toks[:length]
-                samples.append(Sample(
-                    completion_ids=toks,
-                    completion_text=tok.decode(toks, skip_special_tokens=True),
-                    logprobs=logp_l[k][:length],
-                    policy_version=version,
-                    finished=bool(toks) and toks[-1] == eos,
-                ))
-            groups.append(Group(prompt=p, prompt_ids=ids, samples=samples, worker=self.name))
-        return groups
+        seed = (self.seed * 1_000_003 + prompts[0].uid) % (2**63)
+        completions = self.engine.generate(prompt_ids, n=cfg.group_size, temperature=cfg.temperature,
+                                           top_p=cfg.top_p, max_new_tokens=self.max_new_tokens, seed=seed)
+        decode = self.tokenizer.decode
+        return [Group(prompt=p, prompt_ids=ids, worker=self.name, samples=[
+                    Sample(completion_ids=c.ids, completion_text=decode(c.ids, skip_special_tokens=True),
+                           logprobs=c.logprobs, policy_version=version, finished=c.finished) for c in row])
+                for p, ids, row in zip(prompts, prompt_ids, completions)]

@@ -1,88 +1,28 @@
-"""Turns the plain workers into Ray actors and runs the streaming loop.
+"""The Ray actors around the plain workers, and their factories.
 
-The only module in ``actors`` that knows about Ray actors. ``RolloutActor.run``
-is the continuous loop of one rollout worker:
-
-    acquire prompts (waits at the staleness gate)
-    -> load newer weights if the coordinator has them
-    -> generate a group per prompt
-    -> hand the groups to a reward actor, which scores them and puts them
-       into the coordinator's buffer (one reward call in flight per worker,
-       so scoring overlaps the next generation).
+``RolloutActor``, ``RewardActor``, ``RewardModelActor`` and
+``CoordinatorActor`` wrap ``RolloutWorker``, ``RewardWorker``, one reward model
+and ``Coordinator``; ``ActorSet`` is a set of actors the driver queries
+together. The streaming loop is ``rollout_loop.py``; placement helpers are
+``placement.py``. The learner's actor is ``learner/actor.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-from dataclasses import dataclass
 
 import ray
-import torch
 
-from actors.runtime.coordinator import Coordinator
 from actors.reward.worker import RewardConfig, RewardWorker
 from actors.rollout.worker import RolloutConfig, RolloutWorker
-from actors.tasks.base import make_task
+from actors.runtime.coordinator import Coordinator
+from actors.runtime.placement import actor_env, where
+from actors.runtime.rollout_loop import run_rollout_loop
+from actors.tasks.registry import make_task
 from actors.types import Group, Prompt
+from actors.weights.flat import weights_digest
 
 log = logging.getLogger(__name__)
-
-
-def actor_env(num_threads: int, *, passive_omp: bool = True) -> dict:
-    """Runtime env for actors sharing CPU cores: bounded threads; passive OpenMP
-    waits for side actors so they yield the cores when idle. The learner keeps
-    OpenMP's default (spinning) waits: passive made its step 1.6x slower here
-    (75 vs 47 ms for 128 samples on 2 threads, measured in one process)."""
-    env = {"OMP_NUM_THREADS": str(num_threads), "TOKENIZERS_PARALLELISM": "false"}
-    if passive_omp:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return {"env_vars": env}
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB (``ru_maxrss`` is KiB on Linux)."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def where() -> dict:
-    """Where this actor runs, and its peak resident memory so far (MiB)."""
-    ctx = ray.get_runtime_context()
-    pg = ray.util.get_current_placement_group()
-    return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-            "node_ip": ray.util.get_node_ip_address(), "placement_group": pg.id.hex() if pg else None,
-            "peak_rss_mib": peak_rss_mib()}
-
-
-def bundle(num_cpus: float, num_gpus: float = 0.0, resources: dict | None = None) -> dict:
-    """The placement-group bundle an actor with these requirements occupies."""
-    b = {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}
-    return {k: v for k, v in b.items() if v > 0} or {"CPU": 0.01}
-
-
-def in_bundle(pg, index: int | None) -> dict:
-    """Actor options that schedule it into bundle ``index`` of ``pg`` (nothing if no pg)."""
-    if pg is None or index is None:
-        return {}
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                                    placement_group_bundle_index=index)}
-
-
-def weights_digest(flat) -> str:
-    """sha256 of a policy's flat parameter buffers (a ``FlatParams`` or its ``buffers``
-    dict; compare weights across actors)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, buf in sorted(getattr(flat, "buffers", flat).items()):
-        h.update(name.encode())
-        h.update(buf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class RolloutActor:
@@ -121,33 +61,7 @@ class RolloutActor:
 
     def run(self, coordinator, reward_actors: list) -> dict:
         """Stream until the coordinator says stop; returns this worker's counters."""
-        pending = None
-        calls = 0
-        # start from the learner's weights, not our own from_pretrained copy (they differ
-        # when a checkpoint leaves some weights to random initialisation)
-        payload = ray.get(coordinator.latest_weights.remote())
-        if payload is not None:
-            self.worker.load_weights(payload, force=True)
-        while True:
-            prompts, version = ray.get(coordinator.acquire.remote(self.name, 5.0))
-            if prompts is None:
-                break
-            if pending is not None and ray.wait([pending], timeout=0)[0]:
-                ray.get(pending)  # surfaces a dead reward actor now, not as a timeout later
-                pending = None
-            if not prompts:
-                continue
-            if version > self.worker.policy_version:
-                self.worker.load_weights(ray.get(coordinator.latest_weights.remote()))
-            groups = self.worker.generate(prompts)
-            if pending is not None:
-                ray.get(pending)
-            pending = reward_actors[calls % len(reward_actors)].score_and_put.remote(groups, coordinator)
-            calls += 1
-        if pending is not None:
-            ray.get(pending)
-        return {"name": self.name, "generate_calls": calls, "samples": self.worker.generated_samples,
-                "policy_version": self.worker.policy_version}
+        return run_rollout_loop(self.worker, coordinator, reward_actors)
 
 
 class RewardActor:
@@ -158,9 +72,6 @@ class RewardActor:
 
     def where(self) -> dict:
         return where()
-
-    def score(self, groups: list[Group]) -> list[Group]:
-        return self.worker.score(groups)
 
     def score_and_put(self, groups: list[Group], coordinator) -> None:
         ray.get(coordinator.put.remote(self.worker.score(groups)))
@@ -185,7 +96,7 @@ class RewardModelActor:
     """Ray actor around one registered reward model (remote server or local checkpoint)."""
 
     def __init__(self, spec):
-        from actors.reward.client import make_reward_model
+        from actors.reward.models import make_reward_model
 
         self.model = make_reward_model(spec)
 
@@ -216,16 +127,21 @@ class CoordinatorActor(Coordinator):
         return [ray.put(await self.get_batch(version, timeout_s))]
 
 
-@dataclass
-class WorkerGroup:
-    """A set of homogeneous actors created with the same resources."""
+class ActorSet:
+    """Named actors the driver queries together (the reward workers, the rollout fleet)."""
 
-    actors: list
-    names: list[str]
+    def __init__(self, actors: dict[str, object] | None = None):
+        self.by_name: dict[str, object] = dict(actors or {})
+
+    @property
+    def actors(self) -> list:
+        return list(self.by_name.values())
 
     def where(self, timeout_s: float | None = None) -> list[dict]:
-        found = ray.get([a.where.remote() for a in self.actors], timeout=timeout_s)
-        return [dict(name=n, **w) for n, w in zip(self.names, found)]
+        """Each actor's ``where()`` with its name; raises ``GetTimeoutError`` after ``timeout_s``."""
+        names = list(self.by_name)
+        found = ray.get([self.by_name[n].where.remote() for n in names], timeout=timeout_s)
+        return [dict(name=n, **w) for n, w in zip(names, found)]
 
 
 def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int,
@@ -238,12 +154,11 @@ def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed
     return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed)
 
 
-def create_reward_group(cfg: RewardConfig, placements: list[dict] | None = None) -> WorkerGroup:
-    names = [f"reward-{i}" for i in range(cfg.num_workers)]
-    placements = placements or [{}] * len(names)
-    actors = [ray.remote(RewardActor).options(num_cpus=cfg.num_cpus, resources=cfg.resources or None,
-                                              runtime_env=actor_env(1), **p).remote(cfg) for p in placements]
-    return WorkerGroup(actors, names)
+def create_reward_group(cfg: RewardConfig, placements: list[dict] | None = None) -> ActorSet:
+    placements = placements or [{}] * cfg.num_workers
+    return ActorSet({f"reward-{i}": ray.remote(RewardActor).options(
+        num_cpus=cfg.num_cpus, resources=cfg.resources or None, runtime_env=actor_env(1), **p).remote(cfg)
+        for i, p in enumerate(placements)})
 
 
 def create_reward_model_actor(spec, *, num_cpus: float = 0.0):

@@ -29,7 +29,8 @@ from collections import Counter, deque
 from typing import Iterator
 
 from actors.types import Group, Prompt
-from actors.weights.object_store import Payload, WeightStore
+from actors.weights.flat import Payload
+from actors.weights.object_store import WeightStore
 
 
 class SampleTimeout(RuntimeError):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.tasks.base import Example, exact_match_reward
+from actors.reward.functions import exact_match_reward
+from actors.tasks.base import Example
 
 
 @torch.inference_mode()

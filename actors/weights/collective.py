@@ -4,7 +4,7 @@ Ranks. The learner is rank 0; the rollout workers of the current group are
 ranks 1..N of a ``torch.distributed`` process group made for weight sync only
 (the default group of each of those processes; the learner serves its
 ``TCPStore`` on its node IP and every group uses a fresh key prefix). The
-driver (``CollectiveSync``) builds groups and starts each broadcast; ranks never
+driver (``learner.driver.weight_sync.CollectiveSync``) builds groups and starts each broadcast; ranks never
 decide membership themselves.
 
 Invariant (on top of ``actors.weights.object_store``'s, which holds word for word):
@@ -46,15 +46,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from actors.weights.object_store import FlatParams, Payload, WeightReceiver
+from actors.weights.flat import FlatParams, Payload
+from actors.weights.object_store import WeightPublisher, WeightReceiver
 
 STORE_PREFIX = "fleetrl-weights"
 
@@ -146,38 +145,33 @@ class _Rank:
 
 
 class BroadcastSource:
-    """Mixin for the learner actor: rank 0 of the weight-sync group.
+    """Rank 0 of the weight-sync group: the learner's side, held by the learner
+    (composition). Sends the ``publisher``'s wire buffers from ``device``."""
 
-    Uses the host class's ``publisher`` (a ``WeightPublisher``) and ``device``.
-    """
+    def __init__(self, publisher: WeightPublisher, device: torch.device):
+        self.publisher, self.device = publisher, device
+        self.rank = _Rank()
+        self.store = None
+        self.host: str | None = None
 
-    def _rank0(self) -> _Rank:
-        if not hasattr(self, "_sync_rank"):
-            self._sync_rank = _Rank()
-            self._sync_store = None
-        return self._sync_rank
-
-    def sync_device(self) -> dict:
+    def device_info(self) -> dict:
         return device_info(self.device, self.publisher.wire_fingerprint)
 
-    def sync_open_store(self) -> tuple[str, int]:
-        """Serve the rendezvous store (once per process; every group uses its own prefix)."""
-        self._rank0()
-        if self._sync_store is None:
-            import ray
+    def open_store(self, host: str) -> tuple[str, int]:
+        """Serve the rendezvous store on ``host`` (once per process; every group uses its own prefix)."""
+        if self.store is None:
+            self.store = dist.TCPStore(host, 0, None, True, timedelta(seconds=60), wait_for_workers=False)
+            self.host = host
+        return self.host, self.store.port
 
-            host = ray.util.get_node_ip_address()
-            self._sync_store = dist.TCPStore(host, 0, None, True, timedelta(seconds=60), wait_for_workers=False)
-            self._sync_host = host
-        return self._sync_host, self._sync_store.port
+    def join(self, spec: GroupSpec, rank: int) -> None:
+        if rank != 0:
+            raise CollectiveConfigError(f"the learner is rank 0 of the weight-sync group, asked to be rank {rank}")
+        self.rank.join(spec, 0, self.device, store=self.store)
 
-    def sync_join(self, spec: GroupSpec, rank: int) -> None:
-        assert rank == 0, "the learner is rank 0"
-        self._rank0().join(spec, 0, self.device, store=self._sync_store)
-
-    def sync_broadcast(self, epoch: int) -> Payload:
+    def broadcast(self, epoch: int) -> Payload:
         """Broadcast the current weights (the wire cast); returns the payload to announce (no refs)."""
-        rank = self._rank0()
+        rank = self.rank
         with rank.lock:
             rank.check(epoch, "the learner")
             buffers = self.publisher.wire()
@@ -270,96 +264,3 @@ def choose_backend(requested: str, infos: dict[str, dict]) -> str:
             raise CollectiveConfigError("train.weight_sync_backend: nccl, but this torch build has no NCCL")
         return "nccl"
     return "nccl" if not on_cpu and not shared and dist.is_nccl_available() else "gloo"
-
-
-def _reason(e: BaseException) -> str:
-    cause = getattr(e, "cause", None) or e
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
-
-
-class CollectiveSync:
-    """Driver side: builds weight-sync groups and runs one broadcast per published version."""
-
-    def __init__(self, learner, *, backend: str = "auto", timeout_s: float = 60.0, startup_timeout_s: float = 120.0):
-        self.learner = learner
-        self.requested = backend
-        self.timeout_s = timeout_s
-        self.startup_timeout_s = startup_timeout_s  # a new worker may still be loading its model
-        self.epoch = 0
-        self.members: dict[str, Any] = {}
-        self.backend: str | None = None
-        self.broken = True  # no group yet
-        self.rebuilds = 0
-        self.broadcasts = 0
-        self.last_broadcast_s = 0.0
-
-    def publish(self, members: dict[str, Any]) -> Payload:
-        """Broadcast the learner's current weights to ``members`` (name -> rollout actor),
-        building a new group first if the members changed or the last sync failed.
-        Returns the payload to announce (no refs). Raises ``CollectiveSyncError``."""
-        if self.broken or list(members) != list(self.members):
-            self.build(members)
-        t0 = time.perf_counter()
-        names = ["learner"] + list(self.members)
-        refs = [self.learner.sync_broadcast.remote(self.epoch)] + \
-               [a.sync_receive.remote(self.epoch) for a in self.members.values()]
-        results = self._gather("broadcast", names, refs, self.timeout_s + 10.0)
-        payload = results["learner"]
-        wrong = {n: v for n, v in results.items() if n != "learner" and v != payload.version}
-        if wrong:
-            self.broken = True
-            raise CollectiveSyncError(f"weight broadcast of version {payload.version}: members staged {wrong}")
-        self.broadcasts += 1
-        self.last_broadcast_s = time.perf_counter() - t0
-        return payload
-
-    def build(self, members: dict[str, Any]) -> None:
-        """A new group (epoch + 1): the learner as rank 0, ``members`` as ranks 1..N."""
-        self.broken = True
-        self.members = {}
-        names = ["learner"] + list(members)
-        actors = [self.learner] + list(members.values())
-        infos = self._gather("device check", names, [a.sync_device.remote() for a in actors],
-                             self.startup_timeout_s)
-        learner_fp = infos["learner"]["fingerprint"]
-        other = {n: i["fingerprint"] for n, i in infos.items() if i["fingerprint"] != learner_fp}
-        if other:
-            raise CollectiveConfigError(f"weight layouts differ from the learner's {learner_fp}: {other} "
-                                        f"(rollout.dtype must match what the learner publishes)")
-        backend = choose_backend(self.requested, infos)
-        (host, port), = self._gather("store", ["learner"], [self.learner.sync_open_store.remote()],
-                                     self.timeout_s).values()
-        self.epoch += 1
-        spec = GroupSpec(self.epoch, host, port, len(actors), backend, self.timeout_s, learner_fp)
-        self._gather("join", names, [a.sync_join.remote(spec, r) for r, a in enumerate(actors)], self.timeout_s + 10.0)
-        self.members, self.backend, self.broken = dict(members), backend, False
-        self.rebuilds += 1
-
-    def _gather(self, what: str, names: list[str], refs: list, deadline_s: float) -> dict:
-        """Results by name; waits for every ref (bounded) so that no rank is left mid-operation
-        when this raises, then raises naming every rank that failed."""
-        import ray
-
-        pending = dict(zip(refs, names))
-        results, errors = {}, []
-        deadline = time.monotonic() + deadline_s
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            for ref in ready:
-                name = pending.pop(ref)
-                try:
-                    results[name] = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - reported with the rank's name below
-                    errors.append((name, e))
-        msgs = [f"{n} ({'rank 0' if n == 'learner' else 'member'}): {_reason(e)}" for n, e in errors]
-        msgs += [f"{n}: no answer within {deadline_s:.0f}s" for n in pending.values()]
-        if msgs:
-            self.broken = True
-            config = [e for _, e in errors if isinstance(getattr(e, "cause", None) or e, CollectiveConfigError)]
-            cls = CollectiveConfigError if config else CollectiveSyncError
-            raise cls(f"weight sync {what} failed (group epoch {self.epoch}, backend {self.backend or '-'}, "
-                      f"timeout {self.timeout_s:.0f}s): " + "; ".join(msgs))
-        return results

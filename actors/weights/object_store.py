@@ -36,79 +36,13 @@ bf16 cast of the master buffer, and "payload ``v``" means that cast.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-# numpy has no bfloat16: such buffers travel as int16 bit patterns (exact).
-_WIRE_VIEW = {torch.bfloat16: torch.int16}
-
-
-class FlatParams:
-    """A model's parameters as views into one contiguous buffer per dtype.
-
-    Tied parameters (e.g. ``lm_head`` sharing the embedding) appear once.
-    Build it *before* creating an optimizer: parameters keep their identity,
-    only their storage moves.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        params = dict(model.named_parameters())  # deduplicates tied weights
-        by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
-        for name, p in params.items():
-            by_dtype.setdefault(p.dtype, []).append((name, p))
-        self.buffers: dict[str, torch.Tensor] = {}
-        spec = []
-        for dtype, items in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-            total = sum(p.numel() for _, p in items)
-            flat = torch.empty(total, dtype=dtype, device=items[0][1].device)
-            offset = 0
-            for name, p in items:
-                n = p.numel()
-                view = flat[offset : offset + n].view_as(p)
-                view.copy_(p.data)
-                p.data = view
-                spec.append((name, tuple(p.shape), str(dtype), offset))
-                offset += n
-            self.buffers[str(dtype)] = flat
-        self.spec = spec
-        self.fingerprint = _fingerprint(spec)
-        self.numel = sum(b.numel() for b in self.buffers.values())
-
-    def fingerprint_as(self, dtype: torch.dtype) -> str:
-        """The fingerprint ``FlatParams`` computes for this model cast to ``dtype``
-        (all parameters in one buffer, the same order and offsets)."""
-        if len(self.buffers) != 1:
-            raise ValueError(f"casting weights for publishing needs one dtype, the policy has {list(self.buffers)}")
-        return _fingerprint([(name, shape, str(dtype), offset) for name, shape, _, offset in self.spec])
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-
-def _fingerprint(spec) -> str:
-    return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Payload:
-    """What travels from the learner to receivers for one version."""
-
-    version: int
-    fingerprint: str
-    refs: dict[str, Any] = field(default_factory=dict)
-    """dtype name -> transport handle (an ObjectRef for the object store); empty when
-    the bytes were broadcast to the collective group (``actors.weights.collective``)."""
-
-
-class Transport(Protocol):
-    def publish(self, buffers: dict[str, torch.Tensor]) -> dict[str, Any]: ...
-
-    def fetch(self, refs: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+from actors.weights.flat import WIRE_VIEW, FlatParams, Payload
 
 
 class ObjectStoreTransport:
@@ -120,8 +54,8 @@ class ObjectStoreTransport:
         out = {}
         for name, flat in buffers.items():
             wire = flat.detach()
-            if wire.dtype in _WIRE_VIEW:
-                wire = wire.view(_WIRE_VIEW[wire.dtype])
+            if wire.dtype in WIRE_VIEW:
+                wire = wire.view(WIRE_VIEW[wire.dtype])
             out[name] = ray.put(wire.cpu().numpy())
         return out
 
@@ -141,7 +75,7 @@ class ObjectStoreTransport:
 class WeightPublisher:
     """Learner side: owns the version counter and publishes flat buffers."""
 
-    def __init__(self, flat: FlatParams, transport: Transport | None = None, wire_dtype: torch.dtype | None = None):
+    def __init__(self, flat: FlatParams, transport: ObjectStoreTransport | None = None, wire_dtype: torch.dtype | None = None):
         self.flat = flat
         self.transport = transport or ObjectStoreTransport()
         self.version = 0
@@ -174,7 +108,7 @@ class WeightPublisher:
 class WeightReceiver:
     """Rollout side: applies payloads into its own flat buffers."""
 
-    def __init__(self, flat: FlatParams, transport: Transport | None = None, version: int = 0):
+    def __init__(self, flat: FlatParams, transport: ObjectStoreTransport | None = None, version: int = 0):
         self.flat = flat
         self.transport = transport or ObjectStoreTransport()
         self.version = version
@@ -194,8 +128,8 @@ class WeightReceiver:
         with torch.no_grad():
             for name, src in incoming.items():
                 dst = self.flat.buffers[name]
-                if dst.dtype in _WIRE_VIEW:
-                    dst = dst.view(_WIRE_VIEW[dst.dtype])
+                if dst.dtype in WIRE_VIEW:
+                    dst = dst.view(WIRE_VIEW[dst.dtype])
                 dst.copy_(src.to(dst.device), non_blocking=False)
         del incoming  # release the object-store views promptly
         self.version = payload.version

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import ray
 
-from actors.runtime.actors import create_rollout_actor
+from actors.runtime.actors import ActorSet, create_rollout_actor
 from actors.rollout.worker import RolloutConfig
+from actors.validation import require
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class RolloutFleet:
         self.on_start = None  # called with the names of workers about to start their loops
 
     # -- membership -----------------------------------------------------------------------------
-    def _new(self, n: int) -> list[str]:
+    def create(self, n: int) -> list[str]:
+        """Create ``n`` workers (their loops start with ``start``); returns their names."""
         names = []
         for _ in range(n):
             name = f"rollout-{self.next_id}"
@@ -76,9 +78,6 @@ class RolloutFleet:
             self.next_id += 1
             names.append(name)
         return names
-
-    def create(self, n: int) -> list[str]:
-        return self._new(n)
 
     def _start(self, names) -> None:
         if names and self.on_start is not None:
@@ -99,14 +98,8 @@ class RolloutFleet:
     def actors(self) -> list:
         return [w.actor for w in self.workers.values()]
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.workers)
-
     def where(self, timeout_s: float | None = None) -> list[dict]:
-        names = list(self.workers)
-        found = ray.get([self.workers[n].actor.where.remote() for n in names], timeout=timeout_s)
-        return [dict(name=n, **w) for n, w in zip(names, found)]
+        return ActorSet({n: w.actor for n, w in self.workers.items()}).where(timeout_s)
 
     def loop_refs(self) -> list:
         return [w.loop for w in self.workers.values() if w.loop is not None]
@@ -114,8 +107,7 @@ class RolloutFleet:
     # -- scaling ---------------------------------------------------------------------------------
     def request_scale(self, n: int) -> int:
         """Ask for ``n`` live workers (thread-safe); applied at the next ``tick``."""
-        if n < 1:
-            raise ValueError(f"rollout workers must be >= 1, got {n}")
+        require(n >= 1, "rollout.num_workers", f"must be >= 1, got {n}")
         with self._lock:
             self._target = n
         return n
@@ -127,7 +119,7 @@ class RolloutFleet:
             return
         live = self.live
         if target > len(live):
-            names = self._new(target - len(live))
+            names = self.create(target - len(live))
             self._start(names)
             self.say(f"scaled rollout workers {len(live)} -> {target}: started {', '.join(names)}")
         elif target < len(live):
@@ -166,7 +158,7 @@ class RolloutFleet:
             raise FleetError(f"{name} failed ({reason}) and rollout.max_replacements="
                              f"{self.cfg.max_replacements} replacements are used up")
         self.replacements += 1
-        (new,) = self._new(1)
+        (new,) = self.create(1)
         try:
             ray.get(self.workers[new].actor.where.remote(), timeout=self.cfg.replace_timeout_s)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
@@ -190,7 +182,3 @@ class RolloutFleet:
                 log.warning("%s ended with an error: %s", self.owner(ref), e)
         if pending:
             log.warning("%d rollout workers did not stop within %.0fs", len(pending), timeout_s)
-
-    def kill_all(self) -> None:
-        for w in self.workers.values():
-            ray.kill(w.actor)

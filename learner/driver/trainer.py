@@ -1,24 +1,24 @@
-"""The training driver: builds the actors and runs sample -> update -> sync.
+"""The training driver: builds the run's actors and runs sample -> update -> sync.
 
-Rollout workers stream continuously (``actors.runtime.actors.RolloutActor.run``); the
+Rollout workers stream continuously (``actors.runtime.rollout_loop``); the
 driver's loop is three visible phases per step:
 
 1. **sample**: take ``train.prompts_per_step`` scored groups from the
    coordinator's buffer (groups staler than ``train.max_staleness`` are dropped
    there and counted);
 2. **update**: one optimizer step on the learner (policy_version += 1);
-3. **sync weights**: the learner publishes its flat weights to the object
-   store under the new version (or, with ``train.weight_sync: collective``,
-   broadcasts them to the rollout workers' staging buffers); the coordinator
-   keeps the newest payload, which also opens the staleness gate for the next
-   batch of prompts.
+3. **sync weights**: the new version reaches the rollout workers
+   (``weight_sync.WeightSync``: object store or collective broadcast); the
+   coordinator keeps the newest payload, which also opens the staleness gate
+   for the next batch of prompts, and commits the step's groups as trained.
+
+Checkpoints are ``learner.checkpoint``; metrics rows, the summary and peak
+memory are ``report.py``; the rollout fleet is ``fleet.py``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
 import sys
 import threading
@@ -29,43 +29,27 @@ from pathlib import Path
 import ray
 import yaml
 
-from actors.weights.collective import CollectiveConfigError, CollectiveSync, CollectiveSyncError
-from actors.runtime.coordinator import SampleTimeout
 from actors.device import device_kind, dtype_name
-from actors.reward.worker import load_reward_fn
-from actors.runtime.actors import create_coordinator, create_reward_group, peak_rss_mib
-from actors.tasks.base import make_task
 from actors.models.tiny import prepare_builtin_policy
-from learner.config import Config, ConfigError
+from actors.reward.functions import load_reward_fn
+from actors.runtime.actors import create_coordinator, create_reward_group
+from actors.runtime.coordinator import SampleTimeout
+from actors.runtime.placement import bundle, in_bundle
 from actors.serving import ServerConfig
-from learner.control.service import RewardRegistry, start_control_server
+from actors.tasks.registry import make_task
+from actors.weights.collective import CollectiveConfigError
+from learner import checkpoint
+from learner.actor import create_learner
+from learner.config import Config, ConfigError
+from learner.control.registry import RewardRegistry
+from learner.control.service import start_control_server
 from learner.driver.fleet import FleetError, RolloutFleet
-from learner.learner import create_learner
-
-log = logging.getLogger(__name__)
+from learner.driver.report import RunReport, peak_memory
+from learner.driver.weight_sync import CollectiveSync, WeightSync
 
 
 class RunFailed(RuntimeError):
     """The run cannot continue (a worker died, no samples arrive, ...)."""
-
-
-CHECKPOINT_MARKER = "COMPLETE"
-
-
-def find_checkpoint(where: str, run_dir: Path, say=print) -> tuple[Path, dict]:
-    """The newest complete checkpoint under ``where`` ("auto" = ``run_dir``): a
-    checkpoint folder itself, or a run directory / its ``checkpoints`` folder."""
-    base = run_dir if where == "auto" else Path(where)
-    if (base / CHECKPOINT_MARKER).exists():
-        candidates = [base]
-    else:
-        root = base / "checkpoints" if (base / "checkpoints").is_dir() else base
-        candidates = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
-    for c in candidates:
-        if (c / CHECKPOINT_MARKER).exists():
-            return c, json.loads((c / "trainer_state.json").read_text())
-        say(f"warning: skipping incomplete checkpoint {c} (no {CHECKPOINT_MARKER} marker)")
-    raise ConfigError(f"train.resume: no complete checkpoint under {base}")
 
 
 class StopRequested(Exception):
@@ -107,39 +91,67 @@ class Trainer:
         self.control = None
         self.registry = None
         self.pg = None
+        self.resume = None
         self.stop_requested = threading.Event()  # set from another thread to end the run after this step
-        self.last_metrics: dict = {}
-        self.counters: dict = {}
+        self.report: RunReport | None = None
+        self.weights: WeightSync | None = None
         self.prefetched = None  # the next batch's request, when sampling runs ahead
         self.waiting = None  # a batch request the driver gave up on (run failing)
-        self.history: list[dict] = []
-        self.collective: CollectiveSync | None = None
-        self.sync_fallbacks = 0  # collective syncs that failed and went through the object store
 
     def say(self, msg: str) -> None:
         print(msg, file=self.out, flush=True)
 
+    @property
+    def counters(self) -> dict:
+        """The coordinator's counters after the last weight publish."""
+        return self.weights.counters if self.weights is not None else {}
+
+    @property
+    def history(self) -> list[dict]:
+        return self.report.history if self.report is not None else []
+
+    @property
+    def last_metrics(self) -> dict:
+        return self.history[-1] if self.history else {}
+
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Policy and task, then the actors (coordinator, learner, reward, rollout), Control,
+        placement; resume if asked; every worker starts from the learner's weights."""
         cfg = self.cfg
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         t0 = time.perf_counter()
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        task_kwargs = self.setup_policy_and_task()
+        if cfg.train.resume:
+            self.resume = checkpoint.find_checkpoint(cfg.train.resume, self.run_dir, self.say)
+        point = self.resume[1] if self.resume else {"step": 0, "cursor": 0, "skip": []}
+        self.coordinator = create_coordinator(
+            cfg.task.name, task_kwargs, start=point["cursor"], skip=point["skip"], start_step=point["step"],
+            groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
+            max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
+        self.create_actors(self.placement_group())
+        self.start_control()
+        self.report_placement(self.place(timeout_s=cfg.rollout.replace_timeout_s))
+        if self.resume:
+            self.step = ray.get(self.learner.load_state.remote(str(self.resume[0])))
+            self.say(f"resumed from {self.resume[0]} at step {self.step} (prompt cursor {point['cursor']})")
+        self.sync_weights(None)  # every worker starts from the learner's weights (version 0, or the resumed one)
+        self.setup_s = time.perf_counter() - t0
+
+    def setup_policy_and_task(self) -> dict:
+        """Check the reward functions, resolve (or build) the policy, build the task; returns
+        the task's keyword arguments for the coordinator."""
+        cfg = self.cfg
         for spec in cfg.reward.functions:  # fail here, naming the key, not inside an actor
-            try:
-                load_reward_fn(spec)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            load_reward_fn(spec)
         self.policy_path, self.warm_start = resolve_policy(cfg)
         if self.warm_start:
             ws = self.warm_start
             took = "cached" if ws["cached"] else f"{ws['seconds']}s"
             self.say(f"built-in policy: {self.policy_path} (warm start: {ws['steps']} supervised steps on "
                      f"{ws['labelled']} labelled examples, validation accuracy {ws['val_accuracy']:.2f}, {took})")
-        try:
-            task_kwargs = cfg.task.task_kwargs(self.policy_path)
-            self.task = make_task(cfg.task.name, **task_kwargs)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        task_kwargs = cfg.task.task_kwargs(self.policy_path)
+        self.task = make_task(cfg.task.name, **task_kwargs)
         task_kwargs["chat_template"] = self.task.chat is not None  # decided once, not again in the coordinator
         self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
         if self.task.reward not in cfg.reward.functions:
@@ -147,57 +159,45 @@ class Trainer:
                      f"which reward.functions ({cfg.reward.functions}) does not include")
         if self.task.chat is not None:
             self.say(f"prompts rendered with the chat template of {self.policy_path}")
-        self.resume = find_checkpoint(cfg.train.resume, self.run_dir, self.say) if cfg.train.resume else None
-        point = self.resume[1] if self.resume else {"step": 0, "cursor": 0, "skip": []}
-        self.coordinator = create_coordinator(
-            cfg.task.name, task_kwargs,
-            start=point["cursor"], skip=point["skip"], start_step=point["step"],
-            groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
-            max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
-        bundles = self.placement_group()
+        return task_kwargs
+
+    def create_actors(self, bundles: list[dict]) -> None:
+        """The learner (bundle 0), the weight sync, the reward workers and the rollout fleet."""
+        cfg = self.cfg
         rollout_dtype = dtype_name(cfg.rollout.dtype, device_kind(cfg.rollout.device, cfg.rollout.num_gpus))
         self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=cfg.train.steps,
                                       temperature=cfg.rollout.temperature, seed=cfg.train.seed,
                                       max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype)
+        collective = None
         if cfg.train.weight_sync == "collective":
-            self.collective = CollectiveSync(self.learner, backend=cfg.train.weight_sync_backend,
-                                             timeout_s=cfg.train.weight_sync_timeout_s,
-                                             startup_timeout_s=cfg.rollout.replace_timeout_s)
+            collective = CollectiveSync(self.learner, backend=cfg.train.weight_sync_backend,
+                                        timeout_s=cfg.train.weight_sync_timeout_s,
+                                        startup_timeout_s=cfg.rollout.replace_timeout_s)
+        self.weights = WeightSync(self.learner, self.coordinator, collective=collective, say=self.say)
         n_roll = cfg.rollout.num_workers
         self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
         self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
                                      reward_actors=self.rewards.actors, default_max_new_tokens=self.max_new_tokens,
                                      seed=cfg.train.seed, say=self.say)
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
-        if self.collective is not None:
-            self.rollouts.on_start = self.weights_for_newcomers
-        self.rollouts.create(cfg.rollout.num_workers)
+        self.rollouts.on_start = self.weights.for_newcomers
+        self.rollouts.create(n_roll)
         self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions)
-        if cfg.control.enabled:
-            c = cfg.control
-            self.control = start_control_server(self.registry, self.status, ServerConfig(
-                host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key),
-                scale_fn=self.rollouts.request_scale)
-            (self.run_dir / "control.json").write_text(json.dumps({"address": self.control.address}))
-            self.say(f"control server listening on {self.control.address}"
-                     f"{'' if self.control.authenticated else ' (no token: loopback only)'}")
-        placement = self.place(timeout_s=cfg.rollout.replace_timeout_s)
-        (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
-        self.say(f"learner on node {placement['learner']['node_ip']} pid {placement['learner']['pid']}")
-        for kind in ("rollout", "reward"):
-            for w in placement[kind]:
-                self.say(f"{w['name']} on node {w['node_ip']} pid {w['pid']}")
-        if self.resume:
-            self.step = ray.get(self.learner.load_state.remote(str(self.resume[0])))
-            self.say(f"resumed from {self.resume[0]} at step {self.step} (prompt cursor {point['cursor']})")
-        self.sync_weights(None)  # every worker starts from the learner's weights (version 0, or the resumed one)
-        self.setup_s = time.perf_counter() - t0
+
+    def start_control(self) -> None:
+        c = self.cfg.control
+        if not c.enabled:
+            return
+        self.control = start_control_server(self.registry, self.status, ServerConfig(
+            host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key),
+            scale_fn=self.rollouts.request_scale)
+        (self.run_dir / "control.json").write_text(json.dumps({"address": self.control.address}))
+        self.say(f"control server listening on {self.control.address}"
+                 f"{'' if self.control.authenticated else ' (no token: loopback only)'}")
 
     def placement_group(self) -> list[dict]:
         """With ``train.placement``: one placement group, bundle 0 the learner, then the
         rollout workers, then the reward workers; returns each one's actor options."""
-        from actors.runtime.actors import bundle, in_bundle
-
         c = self.cfg
         n = 1 + c.rollout.num_workers + c.reward.num_workers
         if c.train.placement == "none":
@@ -230,6 +230,13 @@ class Trainer:
                 f"num_gpus={c.rollout.num_gpus} resources={c.rollout.resources}; each of {c.reward.num_workers} "
                 f"reward workers: num_cpus={c.reward.num_cpus} resources={c.reward.resources}; "
                 f"cluster: {ray.cluster_resources()}") from None
+
+    def report_placement(self, placement: dict) -> None:
+        (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
+        self.say(f"learner on node {placement['learner']['node_ip']} pid {placement['learner']['pid']}")
+        for kind in ("rollout", "reward"):
+            for w in placement[kind]:
+                self.say(f"{w['name']} on node {w['node_ip']} pid {w['pid']}")
 
     # -- the three phases ------------------------------------------------------------------------
     def _request_batch(self, step: int):
@@ -276,51 +283,14 @@ class Trainer:
         return self.learner.train_step.remote(batch)
 
     def sync_weights(self, update) -> tuple[dict | None, int]:
-        """Phase 3: the learner publishes its weights; the coordinator keeps only the
-        newest and commits the step's groups (``train.prompts_per_step``; none when
-        ``update`` is None: the initial publish). Returns the update's metrics and
-        the new ``policy_version``.
-
-        Object store: publish is queued on the learner behind the update and takes
-        the update's result as an argument, so a failed update publishes and
-        commits nothing; the payload ref goes from the learner to the coordinator
-        and the driver waits once for the whole chain.
-
-        Collective: after the update, the learner broadcasts to every rollout worker
-        (the group is rebuilt first when the workers changed); the coordinator then
-        gets a payload without refs. If the broadcast fails, this version goes
-        through the object store and the group is rebuilt at the next sync."""
+        """Phase 3: publish the weights after ``update`` (None: the initial publish) and
+        commit the step's groups; returns the update's metrics and the new ``policy_version``."""
         n = self.cfg.train.prompts_per_step if update is not None else 0  # get_batch hands out exactly this many
-        m = None
-        if self.collective is not None:
-            m = ray.get(update) if update is not None else None
-            payload = self.collective_payload() or self.learner.publish_weights.remote()
-        else:
-            payload = self.learner.publish_weights.remote(update)
-        counters = self.coordinator.publish.remote(payload, commit_groups=n)
-        if update is not None and m is None:
-            m = ray.get(update)
-        self.counters = ray.get(counters)
-        return m, self.counters["policy_version"]
-
-    def collective_payload(self):
+        members = {name: w.actor for name, w in self.rollouts.workers.items()}
         try:
-            return self.collective.publish({name: w.actor for name, w in self.rollouts.workers.items()})
+            return self.weights.sync(update, commit_groups=n, members=members)
         except CollectiveConfigError as e:
             raise RunFailed(str(e)) from None
-        except CollectiveSyncError as e:
-            self.sync_fallbacks += 1
-            self.say(f"warning: {e}; this version goes through the object store, the weight-sync group "
-                     f"is rebuilt at the next sync")
-            return None
-
-    def weights_for_newcomers(self, names: list[str]) -> None:
-        """Workers outside the weight-sync group get the current version through the
-        object store (the next sync builds a group that includes them)."""
-        if all(n in self.collective.members for n in names) and not self.collective.broken:
-            return
-        payload = self.learner.publish_weights.remote()
-        self.counters = ray.get(self.coordinator.publish.remote(payload, commit_groups=0))
 
     # -- the run -------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -342,136 +312,80 @@ class Trainer:
         return ray.get(self.coordinator.drain.remote())
 
     def train(self) -> dict:
+        """Setup, held-out evaluation, the training loop, a final checkpoint, evaluation and summary."""
         cfg = self.cfg
         t_start = time.perf_counter()
         self.setup()
         eval_before = self.evaluate()
         self.say(f"held-out accuracy before RL (greedy, {cfg.task.eval_size} prompts): {eval_before:.3f}")
-        metrics_path = self.run_dir / "metrics.jsonl"
-        bar = _progress(cfg.train.steps, self.progress, self.out)
+        self.report = RunReport(self.run_dir, total_steps=cfg.train.steps, progress=self.progress, out=self.out,
+                                log_every=cfg.train.log_every, resume=self.resume is not None)
         t_rl = time.perf_counter()
-        trained = 0
         try:
-            with metrics_path.open("a" if self.resume else "w") as mf:
-                self.start_rollouts()
-                while self.step < cfg.train.steps:
-                    if self.stop_requested.is_set():
-                        self.say(f"stopping at step {self.step}: stop requested")
-                        break
-                    if cfg.train.max_wall_s and time.perf_counter() - t_rl > cfg.train.max_wall_s:
-                        self.say(f"stopping at step {self.step}: train.max_wall_s={cfg.train.max_wall_s} reached")
-                        break
-                    t0 = time.perf_counter()
-                    try:
-                        batch = self.sample()
-                    except StopRequested:
-                        self.say(f"stopping at step {self.step}: stop requested")
-                        break
-                    t1 = time.perf_counter()
-                    update = self.update(batch)
-                    m, version = self.sync_weights(update)
-                    t3 = time.perf_counter()
-                    self.step += 1
-                    trained += m["samples"]
-                    elapsed = t3 - t_rl
-                    stats = self.counters
-                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                        m["eval_accuracy"] = self.evaluate()  # the learner's weights after this step
-                    row = {"step": self.step, "policy_version": version, "time_s": round(elapsed, 3),
-                           "sample_s": t1 - t0, "update_sync_s": t3 - t1,
-                           "samples_per_s": trained / elapsed, **m,
-                           **{k: stats[k] for k in ("produced", "trained", "dropped", "buffered_groups")}}
-                    mf.write(json.dumps(row) + "\n")
-                    mf.flush()
-                    self.history.append(row)
-                    self.last_metrics = row
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", v=version, sps=f"{row['samples_per_s']:.0f}",
-                                    refresh=False)  # the bar itself redraws at most every mininterval
-                    if self.progress is False and cfg.train.log_every and self.step % cfg.train.log_every == 0:
-                        self.say(f"step {self.step} reward {m['reward_mean']:.3f} samples/s {row['samples_per_s']:.0f}")
-                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                        self.save_checkpoint()
+            self.start_rollouts()
+            self.run_steps(t_rl)
             if not cfg.train.checkpoint_every or self.step % cfg.train.checkpoint_every:
                 self.save_checkpoint()  # the end of the run
         finally:
-            bar.close()
+            self.report.close()
             stats = self.stop_rollouts() if self.rollouts.started else ray.get(self.coordinator.stats.remote())
             self.stop_control()
-        rl_s = time.perf_counter() - t_rl
+        return self.finish(stats, eval_before, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
+
+    def run_steps(self, t_rl: float) -> None:
+        """sample -> update -> sync weights, until ``train.steps``, ``train.max_wall_s`` or a stop request."""
+        cfg = self.cfg
+        while self.step < cfg.train.steps:
+            if self.stop_requested.is_set():
+                self.say(f"stopping at step {self.step}: stop requested")
+                return
+            if cfg.train.max_wall_s and time.perf_counter() - t_rl > cfg.train.max_wall_s:
+                self.say(f"stopping at step {self.step}: train.max_wall_s={cfg.train.max_wall_s} reached")
+                return
+            t0 = time.perf_counter()
+            try:
+                batch = self.sample()
+            except StopRequested:
+                self.say(f"stopping at step {self.step}: stop requested")
+                return
+            t1 = time.perf_counter()
+            m, version = self.sync_weights(self.update(batch))
+            t3 = time.perf_counter()
+            self.step += 1
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                m["eval_accuracy"] = self.evaluate()  # the learner's weights after this step
+            self.report.step(self.step, version, m, self.counters, elapsed_s=t3 - t_rl, sample_s=t1 - t0,
+                             update_sync_s=t3 - t1)
+            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                self.save_checkpoint()
+
+    def finish(self, stats: dict, eval_before: float, *, rl_s: float, wall_t0: float) -> dict:
+        """Evaluate, save the policy, write ``summary.json``; returns the summary."""
         eval_after = self.evaluate()
         self.say(f"held-out accuracy after RL (greedy): {eval_after:.3f} (before {eval_before:.3f})")
         policy_dir = ray.get(self.learner.save_policy.remote(str((self.run_dir / "policy").resolve())))
-        memory = self.peak_memory()
+        memory = peak_memory(self.learner, self.rollouts.actors, self.rewards.actors)
         self.say("peak RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in memory.items()))
-        rewards = [r["reward_mean"] for r in self.history]
-        k = max(1, len(rewards) // 10)
+        first, last = self.report.reward_first_last()
         summary = {
-            "eval_before": eval_before,
-            "eval_after": eval_after,
-            "steps": self.step,
-            "wall_s": round(time.perf_counter() - t_start, 2),
-            "rl_s": round(rl_s, 2),
+            "eval_before": eval_before, "eval_after": eval_after, "steps": self.step,
+            "wall_s": round(time.perf_counter() - wall_t0, 2), "rl_s": round(rl_s, 2),
             "setup_s": round(self.setup_s, 2),
             "samples_per_s": round(stats["trained"] / rl_s, 2) if rl_s > 0 else 0.0,
-            "produced": stats["produced"],
-            "trained": stats["trained"],
-            "dropped": stats["dropped"],
-            "dropped_by_reason": stats["dropped_by_reason"],
-            "final_policy_version": stats["policy_version"],
-            "reward_first": sum(rewards[:k]) / k if rewards else math.nan,
-            "reward_last": sum(rewards[-k:]) / k if rewards else math.nan,
-            "max_staleness": cfg.train.max_staleness,
-            "policy_dir": policy_dir,
-            "run_dir": str(self.run_dir.resolve()),
-            "rollout_replacements": self.rollouts.replacements,
-            "weight_sync": cfg.train.weight_sync,
-            **({"weight_sync_backend": self.collective.backend, "weight_sync_groups": self.collective.rebuilds,
-                "weight_sync_broadcasts": self.collective.broadcasts, "weight_sync_fallbacks": self.sync_fallbacks}
-               if self.collective is not None else {}),
-            "reclaimed_prompts": stats.get("reclaimed_prompts", 0),
-            "peak_rss_mib": memory,
+            **{k: stats[k] for k in ("produced", "trained", "dropped", "dropped_by_reason")},
+            "final_policy_version": stats["policy_version"], "reward_first": first, "reward_last": last,
+            "max_staleness": self.cfg.train.max_staleness, "policy_dir": policy_dir,
+            "run_dir": str(self.run_dir.resolve()), "rollout_replacements": self.rollouts.replacements,
+            "weight_sync": self.cfg.train.weight_sync, **self.weights.summary(),
+            "reclaimed_prompts": stats.get("reclaimed_prompts", 0), "peak_rss_mib": memory,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def peak_memory(self, timeout_s: float = 30.0) -> dict:
-        """Peak resident memory (MiB) of the learner, the largest rollout worker and
-        reward worker, and the driver (Ray's own processes are not included).
-        Best effort: an actor that died or does not answer is left out (None when
-        none of a kind answers); a finished run never fails here."""
-        def peaks(actors: list) -> list[float]:
-            refs = [a.where.remote() for a in actors]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-            out = []
-            for r in ready:
-                try:
-                    out.append(ray.get(r)["peak_rss_mib"])
-                except ray.exceptions.RayError:
-                    pass
-            return out
-
-        rollouts = peaks([w.actor for w in self.rollouts.workers.values()])
-        rewards = peaks(list(self.rewards.actors))
-        learner = peaks([self.learner])
-        return {"learner": learner[0] if learner else None, "rollout_worker": max(rollouts, default=None),
-                "reward_worker": max(rewards, default=None), "driver": peak_rss_mib()}
-
     def save_checkpoint(self) -> Path:
-        """Atomically: write into ``step-N.tmp``, marker file last, then rename."""
-        import shutil
-
-        root = self.run_dir / "checkpoints"
-        final, tmp = root / f"step-{self.step:06d}", root / f"step-{self.step:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        ray.get(self.learner.save_state.remote(str(tmp.resolve())))
         point = ray.get(self.coordinator.resume_point.remote())
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, **point}))
-        (tmp / CHECKPOINT_MARKER).write_text("complete\n")  # written last: the checkpoint is whole
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        return final
+        return checkpoint.write_checkpoint(self.run_dir, self.step,
+                                           lambda d: ray.get(self.learner.save_state.remote(d)), point)
 
     def status(self) -> dict:
         """What ``fleetrl status`` shows (fields of control.v1.GetStatusResponse)."""
@@ -502,10 +416,3 @@ class Trainer:
                   *getattr(getattr(self, "rewards", None), "actors", [])]:
             if a is not None:
                 ray.kill(a)
-
-
-def _progress(total: int, enabled: bool, out):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="RL", unit="step", disable=not enabled, file=out, dynamic_ncols=True,
-                mininterval=0.5 if getattr(out, "isatty", lambda: False)() else 5.0)

@@ -34,9 +34,10 @@ def report(name, **values):
 def bench_rollout_scaling(policy: str):
     import ray
 
-    from actors.runtime.actors import RolloutActor, actor_env
+    from actors.runtime.actors import RolloutActor
+    from actors.runtime.placement import actor_env
     from actors.rollout.worker import RolloutConfig
-    from actors.tasks.base import make_task
+    from actors.tasks.registry import make_task
 
     cfg = RolloutConfig(group_size=8, num_threads=1)
     Actor = ray.remote(RolloutActor).options(num_cpus=0.25, runtime_env=actor_env(1))

@@ -46,7 +46,7 @@ def build(path: Path, vocab_size: int | None = None, **cfg) -> str:
 
 def make_groups(policy: str, n_prompts=16, group=8, new_tokens=16):
     from actors.rollout.worker import RolloutConfig, RolloutWorker
-    from actors.tasks.base import make_task
+    from actors.tasks.registry import make_task
 
     w = RolloutWorker(policy, RolloutConfig(group_size=group, max_new_tokens=new_tokens, num_threads=2), seed=0)
     stream = make_task("reverse").prompt_stream()
@@ -58,7 +58,8 @@ def make_groups(policy: str, n_prompts=16, group=8, new_tokens=16):
 
 
 def bench_throughput(label: str, policy: str):
-    from learner.learner import Learner, LearnerConfig, TrainBatch, pad_micro_batch
+    from learner.batch import TrainBatch, pad_micro_batch
+    from learner.learner import Learner, LearnerConfig
 
     torch.set_num_threads(2)
     groups = make_groups(policy)

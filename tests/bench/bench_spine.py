@@ -50,9 +50,10 @@ def warm_policy() -> str:
 def bench_rollout(policy: str):
     import ray
 
-    from actors.runtime.actors import RolloutActor, actor_env
+    from actors.runtime.actors import RolloutActor
+    from actors.runtime.placement import actor_env
     from actors.rollout.worker import RolloutConfig, RolloutWorker
-    from actors.tasks.base import make_task
+    from actors.tasks.registry import make_task
 
     # one thread, as the default rollout worker runs (rollout.num_threads=1)
     torch.set_num_threads(1)
@@ -145,7 +146,8 @@ class SyncPeer:
     def __init__(self, config: dict, threads: int = 1):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from actors.weights.object_store import FlatParams, WeightPublisher, WeightReceiver
+        from actors.weights.flat import FlatParams
+        from actors.weights.object_store import WeightPublisher, WeightReceiver
 
         torch.set_num_threads(threads)
         torch.manual_seed(0)
@@ -157,7 +159,7 @@ class SyncPeer:
         self.scratch = {k: v.clone() for k, v in self.flat.buffers.items()}
 
     def nbytes(self):
-        return self.flat.nbytes()
+        return sum(b.numel() * b.element_size() for b in self.flat.buffers.values())
 
     def publish(self):
         self.pub.bump()
@@ -240,7 +242,7 @@ def bench_control(policy: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.tasks.evaluate import greedy_accuracy
-    from actors.tasks.base import make_task
+    from actors.tasks.registry import make_task
     from actors.models.tiny import supervised_steps
     from learner.config import ModelConfig, load_config
     from learner.driver.trainer import Trainer

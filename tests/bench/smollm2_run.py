@@ -52,8 +52,8 @@ def probe(argv: list[str]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.reward.worker import load_reward_fn
-    from actors.tasks.base import make_task
+    from actors.reward.functions import load_reward_fn
+    from actors.tasks.registry import make_task
 
     n = int(argv[argv.index("--n") + 1]) if "--n" in argv else 96
     variants = (argv[argv.index("--variants") + 1] if "--variants" in argv else "2x1:+,2x2:+,2x1:+-").split(",")

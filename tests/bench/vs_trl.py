@@ -154,7 +154,8 @@ def trl_worker(spec: dict) -> None:
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from actors.tasks.base import exact_match_reward, make_task
+    from actors.reward.functions import exact_match_reward
+    from actors.tasks.registry import make_task
 
     hf_logging.set_verbosity_error()
     import_s = time.perf_counter() - t_import
@@ -356,9 +357,9 @@ class Evaluator:
     def __init__(self, policy: str):
         import torch
 
-        from actors.rollout.worker import load_policy
-        from actors.tasks.base import make_task
-        from actors.weights.object_store import FlatParams
+        from actors.rollout.policy import load_policy
+        from actors.tasks.registry import make_task
+        from actors.weights.flat import FlatParams
 
         torch.set_num_threads(THREADS)
         self.policy = policy

@@ -19,11 +19,14 @@ import pytest
 import ray
 import torch
 
-from actors.weights.collective import CollectiveConfigError, CollectiveSync
-from actors.runtime.actors import create_rollout_actor, weights_digest
+from actors.weights.collective import CollectiveConfigError
+from learner.driver.weight_sync import CollectiveSync
+from actors.runtime.actors import create_rollout_actor
+from actors.weights.flat import weights_digest
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Prompt
-from learner.learner import Learner, LearnerConfig, create_learner
+from learner.actor import create_learner
+from learner.learner import Learner, LearnerConfig
 from learner.driver.trainer import Trainer
 from tests.test_collective_sync import other_policy  # noqa: F401 - fixture
 from tests.test_pipeline import small_config
