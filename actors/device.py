@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from actors.validation import require
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -40,14 +42,12 @@ def dtype_name(dtype: str, kind: str) -> str:
 
 
 def check_device(section: str, device: str, dtype: str, num_gpus: float) -> None:
-    """Config-time checks of one component's device fields (raise ValueError naming the key)."""
-    if device not in DEVICES:
-        raise ValueError(f"{section}.device: {device!r} is not one of {', '.join(map(repr, DEVICES))}")
-    if dtype not in DTYPES:
-        raise ValueError(f"{section}.dtype: {dtype!r} is not one of {', '.join(map(repr, DTYPES))}")
-    if device == "cuda" and num_gpus <= 0:
-        raise ValueError(f"{section}.device: cuda needs {section}.num_gpus > 0 (Ray hides GPUs from actors "
-                         f"that reserve none; e.g. --{section}.num_gpus 1, or 0.5 to share a GPU)")
+    """Config-time checks of one component's device fields (ConfigError naming the key)."""
+    require(device in DEVICES, f"{section}.device", f"{device!r} is not one of {', '.join(map(repr, DEVICES))}")
+    require(dtype in DTYPES, f"{section}.dtype", f"{dtype!r} is not one of {', '.join(map(repr, DTYPES))}")
+    require(device != "cuda" or num_gpus > 0, f"{section}.device",
+            f"cuda needs {section}.num_gpus > 0 (Ray hides GPUs from actors that reserve none; "
+            f"e.g. --{section}.num_gpus 1, or 0.5 to share a GPU)")
 
 
 def torch_device(device: str, num_gpus: float, key: str) -> torch.device:

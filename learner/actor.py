@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ray
 
+from actors.runtime import object_store
 from actors.runtime.placement import actor_env, where
 from actors.weights.collective import GroupSpec
 from actors.weights.flat import Payload
@@ -17,6 +18,9 @@ from learner.learner import Learner, LearnerConfig
 
 
 class LearnerActor(Learner):
+    def __init__(self, model_path: str, cfg: LearnerConfig, **kwargs):
+        super().__init__(model_path, cfg, put_weights=object_store.put, **kwargs)
+
     def where(self) -> dict:
         return where()
 

@@ -144,7 +144,7 @@ def _control_parser(prog: str):
 
 
 def _control_stub(args):
-    from actors.serving import channel, load_token
+    from actors.serving import channel, client_metadata, load_token
     from protos import control_pb2_grpc
 
     address = args.control or os.environ.get("FLEETRL_CONTROL")
@@ -155,9 +155,7 @@ def _control_stub(args):
         address = json.loads(path.read_text())["address"]
     if not address:
         raise UsageError("no Control address: pass --control HOST:PORT, --run-dir DIR or set FLEETRL_CONTROL")
-    token = load_token(args.token_file)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return control_pb2_grpc.ControlStub(channel(address, tls_ca=args.tls_ca)), metadata
+    return control_pb2_grpc.ControlStub(channel(address, tls_ca=args.tls_ca)), client_metadata(load_token(args.token_file))
 
 
 def _rpc(prog: str, fn):

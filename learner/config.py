@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import math
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,11 +27,9 @@ from actors.device import device_kind
 from actors.reward.worker import RewardConfig
 from actors.rollout.worker import RolloutConfig
 from actors.tasks.arithmetic import Arithmetic
+from actors.tasks.reverse import ReverseDigits
+from actors.validation import ConfigError, require  # noqa: F401 - ConfigError is part of this module's API
 from learner.learner import LearnerConfig
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key."""
 
 
 @dataclass(kw_only=True)
@@ -52,16 +50,12 @@ class ModelConfig:
     """Built-in policy only: number of transformer layers."""
 
     def __post_init__(self):
-        if self.warm_start_examples < 1:
-            raise ConfigError("model.warm_start_examples: must be >= 1")
-        if self.warm_start_max_steps < 1:
-            raise ConfigError("model.warm_start_max_steps: must be >= 1")
-        if self.hidden_size < 4 or self.hidden_size % 4:
-            raise ConfigError("model.hidden_size: must be a positive multiple of 4 (4 attention heads)")
-        if self.num_layers < 1:
-            raise ConfigError("model.num_layers: must be >= 1")
-        if not 0 <= self.warm_start_target <= 1:
-            raise ConfigError("model.warm_start_target: must be in [0, 1]")
+        require(self.warm_start_examples >= 1, "model.warm_start_examples", "must be >= 1")
+        require(self.warm_start_max_steps >= 1, "model.warm_start_max_steps", "must be >= 1")
+        require(self.hidden_size >= 4 and self.hidden_size % 4 == 0, "model.hidden_size",
+                "must be a positive multiple of 4 (4 attention heads)")
+        require(self.num_layers >= 1, "model.num_layers", "must be >= 1")
+        require(0 <= self.warm_start_target <= 1, "model.warm_start_target", "must be in [0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -84,17 +78,12 @@ class TaskConfig:
     """Held-out prompts scored with greedy decoding before and after training."""
 
     def __post_init__(self):
-        if self.num_digits < 1:
-            raise ConfigError("task.num_digits: must be >= 1")
-        if self.eval_size < 1:
-            raise ConfigError("task.eval_size: must be >= 1")
-        try:
-            Arithmetic.check(self.operand_digits, self.operations)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        ReverseDigits.check(self.num_digits)
+        require(self.eval_size >= 1, "task.eval_size", "must be >= 1")
+        Arithmetic.check(self.operand_digits, self.operations)
 
     def task_kwargs(self, tokenizer_path: str | None = None) -> dict:
-        """Keyword arguments of ``actors.tasks.base.make_task`` for this task (the name excluded)."""
+        """Keyword arguments of ``actors.tasks.registry.make_task`` for this task (the name excluded)."""
         own = (dict(num_digits=self.num_digits) if self.name == "reverse" else
                dict(operand_digits=list(self.operand_digits), operations=list(self.operations)))
         return dict(own, seed=self.seed, chat_template=self.chat_template, tokenizer_path=tokenizer_path)
@@ -138,24 +127,15 @@ class TrainConfig:
     the broadcast within it, and that version goes out through the object store instead."""
 
     def __post_init__(self):
-        if self.weight_sync_timeout_s <= 0:
-            raise ConfigError("train.weight_sync_timeout_s: must be > 0")
-        if self.steps < 1:
-            raise ConfigError("train.steps: must be >= 1")
-        if self.max_wall_s < 0:
-            raise ConfigError("train.max_wall_s: must be >= 0 (0 = no limit)")
-        if self.log_every < 0:
-            raise ConfigError("train.log_every: must be >= 0")
-        if self.checkpoint_every < 0:
-            raise ConfigError("train.checkpoint_every: must be >= 0")
-        if self.eval_every < 0:
-            raise ConfigError("train.eval_every: must be >= 0")
-        if self.prompts_per_step < 1:
-            raise ConfigError("train.prompts_per_step: must be >= 1")
-        if self.max_staleness < 0:
-            raise ConfigError("train.max_staleness: must be >= 0")
-        if self.sample_timeout_s <= 0:
-            raise ConfigError("train.sample_timeout_s: must be > 0")
+        require(self.weight_sync_timeout_s > 0, "train.weight_sync_timeout_s", "must be > 0")
+        require(self.steps >= 1, "train.steps", "must be >= 1")
+        require(self.max_wall_s >= 0, "train.max_wall_s", "must be >= 0 (0 = no limit)")
+        require(self.log_every >= 0, "train.log_every", "must be >= 0")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        require(self.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+        require(self.max_staleness >= 0, "train.max_staleness", "must be >= 0")
+        require(self.sample_timeout_s > 0, "train.sample_timeout_s", "must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -174,8 +154,7 @@ class ControlConfig:
     """PEM private key for tls_cert."""
 
     def __post_init__(self):
-        if not 0 <= self.port < 65536:
-            raise ConfigError("control.port: must be in [0, 65535]")
+        require(0 <= self.port < 65536, "control.port", "must be in [0, 65535]")
 
 
 @dataclass(kw_only=True)
@@ -199,10 +178,9 @@ class Config:
         if self.train.weight_sync == "collective" and self.train.weight_sync_backend == "nccl":
             for section in ("learner", "rollout"):
                 c = getattr(self, section)
-                if device_kind(c.device, c.num_gpus) != "cuda":
-                    raise ConfigError(f"train.weight_sync_backend: nccl needs the {section} on CUDA "
-                                      f"({section}.device {c.device!r}, {section}.num_gpus {c.num_gpus}); "
-                                      f"use auto or gloo")
+                require(device_kind(c.device, c.num_gpus) == "cuda", "train.weight_sync_backend",
+                        f"nccl needs the {section} on CUDA ({section}.device {c.device!r}, {section}.num_gpus "
+                        f"{c.num_gpus}); use auto or gloo")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,16 +263,7 @@ def from_dict(cls, data: Any, prefix: str = ""):
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{key}: unknown key (known keys{' of ' + prefix if prefix else ''}: {known})")
         kwargs[k] = _coerce(v, hints[k], key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as e:  # __post_init__ checks already name their key
-        raise ConfigError(str(e)) from None
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    return cls(**kwargs)  # __post_init__ checks raise ConfigError naming their key
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:

@@ -23,9 +23,10 @@ from actors.rollout.policy import load_policy
 from actors.tasks.base import Example
 from actors.tasks.evaluate import greedy_accuracy
 from actors.types import Group
+from actors.validation import require
 from actors.weights.collective import BroadcastSource
 from actors.weights.flat import FlatParams, Payload, weights_digest
-from actors.weights.object_store import WeightPublisher
+from actors.weights.object_store import Put, WeightPublisher
 from learner import checkpoint
 from learner.batch import TrainBatch, pad_micro_batch
 from learner.core_algos import aggregate, entropy_from_logits, kl_estimate, token_logprobs
@@ -113,38 +114,34 @@ class LearnerConfig:
     cores, a 2-thread learner oversubscribes them and async steps got slower)."""
 
     def __post_init__(self):
-        checks = [
-            (self.lr > 0, "learner.lr", "must be > 0"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "learner.betas", "must be two values in [0, 1)"),
-            (self.weight_decay >= 0, "learner.weight_decay", "must be >= 0"),
-            (self.eps > 0, "learner.eps", "must be > 0"),
-            (self.num_cpus >= 0, "learner.num_cpus", "must be >= 0"),
-            (self.num_gpus >= 0, "learner.num_gpus", "must be >= 0"),
-            (self.max_grad_norm >= 0, "learner.max_grad_norm", "must be >= 0"),
-            (self.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1"),
-            (self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0"),
-            (0 <= self.clip_low < 1, "learner.clip_low", "must be in [0, 1)"),
-            (self.clip_high >= 0, "learner.clip_high", "must be >= 0"),
-            (self.num_threads >= 1, "learner.num_threads", "must be >= 1"),
-            (self.kl_coef >= 0, "learner.kl_coef", "must be >= 0"),
-            (self.ppo_epochs >= 1, "learner.ppo_epochs", "must be >= 1"),
-            (self.mini_batches >= 1, "learner.mini_batches", "must be >= 1"),
-            (self.dual_clip == 0 or self.dual_clip > 1, "learner.dual_clip", "must be 0 (off) or > 1"),
-            (self.is_cap > 0, "learner.is_cap", "must be > 0"),
-            (self.overlong_penalty >= 0, "learner.overlong_penalty", "must be >= 0"),
-            (self.entropy_coef >= 0, "learner.entropy_coef", "must be >= 0"),
-            (self.loss_norm_constant >= 0, "learner.loss_norm_constant", "must be >= 0"),
-            (self.off_policy != "tis" or self.policy_loss == "vanilla", "learner.off_policy",
-             "tis weights the vanilla policy gradient: set learner.policy_loss=vanilla (PPO-clip already "
-             "takes its ratio against the behaviour policy; decoupled is its truncated-IS variant)"),
-            (self.off_policy != "decoupled" or self.policy_loss == "ppo_clip", "learner.off_policy",
-             "decoupled needs learner.policy_loss=ppo_clip (use tis with vanilla)"),
-            (self.dual_clip == 0 or self.policy_loss == "ppo_clip", "learner.dual_clip",
-             "only applies to learner.policy_loss=ppo_clip"),
-        ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ValueError(f"{key}: {msg}")
+        require(self.lr > 0, "learner.lr", "must be > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "learner.betas",
+                "must be two values in [0, 1)")
+        require(self.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
+        require(self.eps > 0, "learner.eps", "must be > 0")
+        require(self.num_cpus >= 0, "learner.num_cpus", "must be >= 0")
+        require(self.num_gpus >= 0, "learner.num_gpus", "must be >= 0")
+        require(self.max_grad_norm >= 0, "learner.max_grad_norm", "must be >= 0")
+        require(self.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
+        require(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
+        require(0 <= self.clip_low < 1, "learner.clip_low", "must be in [0, 1)")
+        require(self.clip_high >= 0, "learner.clip_high", "must be >= 0")
+        require(self.num_threads >= 1, "learner.num_threads", "must be >= 1")
+        require(self.kl_coef >= 0, "learner.kl_coef", "must be >= 0")
+        require(self.ppo_epochs >= 1, "learner.ppo_epochs", "must be >= 1")
+        require(self.mini_batches >= 1, "learner.mini_batches", "must be >= 1")
+        require(self.dual_clip == 0 or self.dual_clip > 1, "learner.dual_clip", "must be 0 (off) or > 1")
+        require(self.is_cap > 0, "learner.is_cap", "must be > 0")
+        require(self.overlong_penalty >= 0, "learner.overlong_penalty", "must be >= 0")
+        require(self.entropy_coef >= 0, "learner.entropy_coef", "must be >= 0")
+        require(self.loss_norm_constant >= 0, "learner.loss_norm_constant", "must be >= 0")
+        require(self.off_policy != "tis" or self.policy_loss == "vanilla", "learner.off_policy",
+                "tis weights the vanilla policy gradient: set learner.policy_loss=vanilla (PPO-clip already "
+                "takes its ratio against the behaviour policy; decoupled is its truncated-IS variant)")
+        require(self.off_policy != "decoupled" or self.policy_loss == "ppo_clip", "learner.off_policy",
+                "decoupled needs learner.policy_loss=ppo_clip (use tis with vanilla)")
+        require(self.dual_clip == 0 or self.policy_loss == "ppo_clip", "learner.dual_clip",
+                "only applies to learner.policy_loss=ppo_clip")
         check_device("learner", self.device, self.dtype, self.num_gpus)
 
 
@@ -167,9 +164,12 @@ class Learner:
     is its rank-0 role in the collective weight-sync group (``actors.weights.collective``)."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int, temperature: float = 1.0,
-                 seed: int = 0, max_new_tokens: int = 0, publish_dtype: str | None = None):
+                 seed: int = 0, max_new_tokens: int = 0, publish_dtype: str | None = None,
+                 put_weights: Put | None = None):
         """``max_new_tokens``: the completion-length limit (the default Dr.GRPO loss constant);
-        ``publish_dtype``: the rollout workers' weight dtype (default: the master's, float32)."""
+        ``publish_dtype``: the rollout workers' weight dtype (default: the master's, float32);
+        ``put_weights``: stores a wire array for ``publish_weights`` (``actors.runtime.object_store.put``)."""
+        self.put_weights = put_weights
         torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(seed)
         self.cfg = cfg
@@ -189,8 +189,8 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.temperature = temperature if temperature > 0 else 1.0
         self.norm_constant = float(cfg.loss_norm_constant or max_new_tokens)
-        if cfg.loss_agg == "seq-mean-token-sum-norm" and self.norm_constant <= 0:
-            raise ValueError("learner.loss_norm_constant: set it (> 0) or pass the max completion length")
+        require(cfg.loss_agg != "seq-mean-token-sum-norm" or self.norm_constant > 0, "learner.loss_norm_constant",
+                "set it (> 0) or pass the max completion length")
         self.pad_id = self.tokenizer.pad_token_id
         self.estimator = EstimatorState()
         self.ref_model = None
@@ -351,7 +351,10 @@ class Learner:
         """Publish the current weights. ``after_update`` is the result of the
         ``train_step`` this publish follows: passed as an object ref it makes the
         publish depend on that step (a failed step publishes nothing)."""
-        return self.publisher.publish()
+        if self.put_weights is None:
+            raise RuntimeError("publish_weights: this learner was built without put_weights "
+                               "(actors.runtime.object_store.put)")
+        return self.publisher.publish(self.put_weights)
 
     # -- evaluation and output -------------------------------------------------------------------
     def evaluate(self, examples: list[Example], max_new_tokens: int, reward: str = "exact_match") -> float:

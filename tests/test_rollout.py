@@ -71,9 +71,11 @@ def test_greedy_is_deterministic(tiny_policy):
 
 def test_weights_applied_change_logprobs_and_version(tiny_policy, ray_session):
     cfg = RolloutConfig(group_size=2, temperature=0.0, max_new_tokens=4)
-    w = RolloutWorker(tiny_policy, cfg)
+    from actors.runtime import object_store
+
+    w = RolloutWorker(tiny_policy, cfg, fetch_weights=object_store.fetch)
     (before,) = w.generate(prompts("12="))
-    learner = Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1)
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1, put_weights=object_store.put)
     with torch.no_grad():
         for p in learner.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -102,7 +104,7 @@ def test_flat_params_keep_tied_weights_and_reject_other_layouts(tiny_policy):
     import pytest
 
     with pytest.raises(ValueError, match="layout"):
-        r.apply(Payload(version=1, fingerprint=flat.fingerprint, refs={}))
+        r.apply(Payload(version=1, fingerprint=flat.fingerprint, refs={}), fetch=lambda refs: refs)
     assert r.version == 0
 
 

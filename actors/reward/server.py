@@ -92,8 +92,7 @@ class MainThreadRunner:
     call (dynamic batching).
 
     Why: torch's intra-op parallelism gave no speed-up when the model ran on a
-    gRPC worker thread here (a 32-sample forward of a 4-layer h256 reward model:
-    26 ms on a worker thread, 16 ms on the main thread, 24 ms single-threaded).
+    gRPC worker thread (measured: README, "Measurements behind design choices").
     """
 
     def __init__(self, backend, max_merge: int = 256):

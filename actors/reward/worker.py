@@ -18,6 +18,7 @@ from typing import Callable
 from actors.reward.functions import RewardFn, load_reward_fn
 from actors.reward.scores import validate_scores
 from actors.types import Group
+from actors.validation import require
 
 
 @dataclass(kw_only=True)
@@ -34,14 +35,11 @@ class RewardConfig:
     """Weight of each function in the combined reward; empty = all 1.0."""
 
     def __post_init__(self):
-        if self.num_workers < 1:
-            raise ValueError("reward.num_workers: must be >= 1")
-        if self.num_cpus < 0:
-            raise ValueError("reward.num_cpus: must be >= 0")
-        if not self.functions:
-            raise ValueError("reward.functions: at least one reward function is required")
-        if self.weights and len(self.weights) != len(self.functions):
-            raise ValueError(f"reward.weights: {len(self.weights)} weights for {len(self.functions)} functions")
+        require(self.num_workers >= 1, "reward.num_workers", "must be >= 1")
+        require(self.num_cpus >= 0, "reward.num_cpus", "must be >= 0")
+        require(bool(self.functions), "reward.functions", "at least one reward function is required")
+        require(not self.weights or len(self.weights) == len(self.functions), "reward.weights",
+                f"{len(self.weights)} weights for {len(self.functions)} functions")
 
 
 class RewardWorker:

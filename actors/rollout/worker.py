@@ -17,8 +17,9 @@ from actors.device import check_device, torch_device, torch_dtype
 from actors.rollout.engines.hf import HFEngine
 from actors.rollout.policy import load_policy
 from actors.types import Group, Prompt, Sample
+from actors.validation import require
 from actors.weights.flat import FlatParams, Payload
-from actors.weights.object_store import WeightReceiver
+from actors.weights.object_store import Fetch, WeightReceiver
 
 log = logging.getLogger(__name__)
 
@@ -57,31 +58,29 @@ class RolloutConfig:
     """How long a replacement worker may take to start; with no worker alive, the run then fails."""
 
     def __post_init__(self):
-        _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
-        _check(self.num_cpus >= 0, "rollout.num_cpus", "must be >= 0")
-        _check(self.num_gpus >= 0, "rollout.num_gpus", "must be >= 0")
+        require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        require(self.num_cpus >= 0, "rollout.num_cpus", "must be >= 0")
+        require(self.num_gpus >= 0, "rollout.num_gpus", "must be >= 0")
         check_device("rollout", self.device, self.dtype, self.num_gpus)
-        _check(self.num_threads >= 1, "rollout.num_threads", "must be >= 1")
-        _check(self.group_size >= 1, "rollout.group_size", "must be >= 1")
-        _check(self.prompts_per_request >= 1, "rollout.prompts_per_request", "must be >= 1")
-        _check(self.temperature >= 0, "rollout.temperature", "must be >= 0")
-        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-        _check(self.max_new_tokens >= 0, "rollout.max_new_tokens", "must be >= 0")
-        _check(self.max_replacements >= 0, "rollout.max_replacements", "must be >= 0")
-        _check(self.replace_timeout_s > 0, "rollout.replace_timeout_s", "must be > 0")
-
-
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}: {msg}")
+        require(self.num_threads >= 1, "rollout.num_threads", "must be >= 1")
+        require(self.group_size >= 1, "rollout.group_size", "must be >= 1")
+        require(self.prompts_per_request >= 1, "rollout.prompts_per_request", "must be >= 1")
+        require(self.temperature >= 0, "rollout.temperature", "must be >= 0")
+        require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        require(self.max_new_tokens >= 0, "rollout.max_new_tokens", "must be >= 0")
+        require(self.max_replacements >= 0, "rollout.max_replacements", "must be >= 0")
+        require(self.replace_timeout_s > 0, "rollout.replace_timeout_s", "must be > 0")
 
 
 class RolloutWorker:
     """Generates ``group_size`` samples per prompt and records behaviour log-probs."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int = 16,
-                 name: str = "rollout-0", seed: int = 0):
+                 name: str = "rollout-0", seed: int = 0, fetch_weights: Fetch | None = None):
+        """``fetch_weights`` maps a payload's refs to arrays (``actors.runtime.object_store.fetch``;
+        the actor hands it in, so this class needs no Ray)."""
         torch.set_num_threads(cfg.num_threads)
+        self.fetch_weights = fetch_weights
         self.cfg = cfg
         self.name = name
         self.device = torch_device(cfg.device, cfg.num_gpus, "rollout.device")
@@ -121,7 +120,10 @@ class RolloutWorker:
             raise RuntimeError(
                 f"{self.name}: weights of version {payload.version} were broadcast to a collective group this "
                 f"worker is not in (staged: {self.staged.staged_version}) and have no object-store copy")
-        return self.receiver.apply(payload, force=force)
+        if self.fetch_weights is None:
+            raise RuntimeError(f"{self.name}: a payload with object-store refs, but this worker was built "
+                               f"without fetch_weights (actors.runtime.object_store.fetch)")
+        return self.receiver.apply(payload, self.fetch_weights, force=force)
 
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt]) -> list[Group]:

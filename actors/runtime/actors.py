@@ -15,6 +15,7 @@ import ray
 
 from actors.reward.worker import RewardConfig, RewardWorker
 from actors.rollout.worker import RolloutConfig, RolloutWorker
+from actors.runtime import object_store
 from actors.runtime.coordinator import Coordinator
 from actors.runtime.placement import actor_env, where
 from actors.runtime.rollout_loop import run_rollout_loop
@@ -30,7 +31,7 @@ class RolloutActor:
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, name: str, seed: int):
         self.worker = RolloutWorker(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name,
-                                    seed=seed)
+                                    seed=seed, fetch_weights=object_store.fetch)
         self.name = name
 
     def where(self) -> dict:

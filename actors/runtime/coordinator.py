@@ -41,8 +41,7 @@ class Coordinator:
     def __init__(self, prompts: Iterator[Prompt], *, groups_per_step: int, prompts_per_request: int,
                  max_staleness: int, total_groups: int | None = None, start_step: int = 0, start_uid: int = 0,
                  committed_uids: list[int] = ()):
-        if max_staleness < 0:
-            raise ValueError("train.max_staleness: must be >= 0")
+        """``max_staleness`` and the sizes are validated by the config (``TrainConfig``)."""
         self.prompts = prompts
         self.groups_per_step = groups_per_step
         self.prompts_per_request = prompts_per_request

@@ -7,6 +7,7 @@ import re
 
 from actors.tasks.base import Task
 from actors.tasks.chat import ChatTemplate
+from actors.validation import require
 
 
 class Arithmetic(Task):
@@ -35,13 +36,12 @@ class Arithmetic(Task):
 
     @classmethod
     def check(cls, operand_digits, operations) -> None:
-        """Raise ValueError naming the config key if the task parameters are invalid."""
-        if len(operand_digits) != 2 or not all(1 <= d <= 9 for d in operand_digits):
-            raise ValueError(f"task.operand_digits: two digit counts in 1..9, got {list(operand_digits)}")
-        if not operations or any(op not in cls.OPERATIONS for op in operations) \
-                or len(set(operations)) != len(operations):
-            raise ValueError(f"task.operations: a non-empty list of distinct {list(cls.OPERATIONS)}, "
-                             f"got {list(operations)}")
+        """ConfigError naming the config key if the task parameters are invalid."""
+        require(len(operand_digits) == 2 and all(1 <= d <= 9 for d in operand_digits), "task.operand_digits",
+                f"two digit counts in 1..9, got {list(operand_digits)}")
+        require(bool(operations) and all(op in cls.OPERATIONS for op in operations)
+                and len(set(operations)) == len(operations), "task.operations",
+                f"a non-empty list of distinct {list(cls.OPERATIONS)}, got {list(operations)}")
 
     @property
     def max_new_tokens(self) -> int:

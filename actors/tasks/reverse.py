@@ -6,6 +6,7 @@ import random
 
 from actors.tasks.base import Task
 from actors.tasks.chat import ChatTemplate
+from actors.validation import require
 
 
 class ReverseDigits(Task):
@@ -20,10 +21,14 @@ class ReverseDigits(Task):
     alphabet = "0123456789="
 
     def __init__(self, num_digits: int = 4, seed: int = 0, chat: ChatTemplate | None = None):
-        if num_digits < 1:
-            raise ValueError("task.num_digits must be >= 1")
+        self.check(num_digits)
         super().__init__(seed, chat)
         self.num_digits = num_digits
+
+    @staticmethod
+    def check(num_digits: int) -> None:
+        """ConfigError naming the config key if ``num_digits`` is invalid."""
+        require(num_digits >= 1, "task.num_digits", "must be >= 1")
 
     @property
     def max_new_tokens(self) -> int:

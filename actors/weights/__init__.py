@@ -5,6 +5,6 @@ publisher/receiver/store over Ray's object store (the version invariant is
 written at its top); ``collective.py`` the ranks of a ``torch.distributed``
 broadcast (its invariant extends the object store's). The driver-side policy
 (when to use which, fallback, newcomers) is ``learner/driver/weight_sync.py``.
-Imports torch and numpy only; ``ray`` is imported lazily by the object-store
-transport's two calls, which run inside actors.
+Imports torch and numpy only: the object store's two Ray calls (``put``,
+``fetch``) are ``actors/runtime/object_store.py``, handed in by the actors.
 """

@@ -5,7 +5,7 @@ dtype** (``FlatParams`` rebinds every parameter as a view into it). Publishing
 is then a single ``ray.put`` of that buffer as a numpy array; every reader on
 the node maps the same object-store copy and does one ``flat.copy_`` into its
 own buffer. N readers cost one serialisation, not N (a plain
-``ray.put(state_dict)`` pickles through ``torch.save`` and is ~10x slower).
+``ray.put(state_dict)`` pickles through ``torch.save``; README, Benchmarks).
 
 Invariant (what every other component may rely on):
 
@@ -21,8 +21,9 @@ Invariant (what every other component may rely on):
 4. Receivers apply weights only *between* generate calls, so every sample is
    tagged with the version of the weights that generated all of its tokens.
 
-Transports: ``ObjectStoreTransport`` moves payloads through Ray's object
-store (one node or many; Ray copies an object once per node). The collective
+Transport: the object store (one node or many; Ray copies an object once per
+node). This module is pure torch/numpy: the two Ray calls (``put``, ``fetch``)
+are ``actors.runtime.object_store``, handed in by the actors. The collective
 transport (``actors.weights.collective``: a ``torch.distributed`` broadcast from
 the learner, rank 0, to the rollout workers; NCCL between GPUs, gloo otherwise)
 cannot be a pull-style ``fetch``, since every rank must take part at once; it
@@ -37,7 +38,7 @@ bf16 cast of the master buffer, and "payload ``v``" means that cast.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,39 +46,35 @@ import torch
 from actors.weights.flat import WIRE_VIEW, FlatParams, Payload
 
 
-class ObjectStoreTransport:
-    """Ray object store: one ``ray.put`` per dtype buffer, zero-copy reads."""
+Put = Callable[[np.ndarray], Any]
+"""Stores one wire array and returns its handle (``actors.runtime.object_store.put``: ``ray.put``)."""
+Fetch = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns ``{dtype name: handle}`` back into ``{dtype name: array}`` (``actors.runtime.object_store.fetch``)."""
 
-    def publish(self, buffers: dict[str, torch.Tensor]) -> dict[str, Any]:
-        import ray
 
-        out = {}
-        for name, flat in buffers.items():
-            wire = flat.detach()
-            if wire.dtype in WIRE_VIEW:
-                wire = wire.view(WIRE_VIEW[wire.dtype])
-            out[name] = ray.put(wire.cpu().numpy())
-        return out
+def to_wire(buffers: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The flat buffers as numpy arrays (bf16 as its int16 bit pattern: numpy has no bf16)."""
+    out = {}
+    for name, flat in buffers.items():
+        wire = flat.detach()
+        if wire.dtype in WIRE_VIEW:
+            wire = wire.view(WIRE_VIEW[wire.dtype])
+        out[name] = wire.cpu().numpy()
+    return out
 
-    def fetch(self, refs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        import ray
 
-        arrays = ray.get(list(refs.values()))
-        out = {}
-        for (name, _), arr in zip(refs.items(), arrays):
-            # a read-only view of the object store's copy: we only ever read from it
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                out[name] = torch.from_numpy(np.asarray(arr))
-        return out
+def from_wire(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Tensors viewing fetched wire arrays (read-only object-store memory: only ever read)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(np.asarray(arr)) for name, arr in arrays.items()}
 
 
 class WeightPublisher:
     """Learner side: owns the version counter and publishes flat buffers."""
 
-    def __init__(self, flat: FlatParams, transport: ObjectStoreTransport | None = None, wire_dtype: torch.dtype | None = None):
+    def __init__(self, flat: FlatParams, wire_dtype: torch.dtype | None = None):
         self.flat = flat
-        self.transport = transport or ObjectStoreTransport()
         self.version = 0
         same = wire_dtype is None or all(b.dtype == wire_dtype for b in flat.buffers.values())
         self.wire_dtype = None if same else wire_dtype
@@ -101,27 +98,28 @@ class WeightPublisher:
             self._cast.copy_(src)
         return {str(self.wire_dtype): self._cast}
 
-    def publish(self) -> Payload:
-        return Payload(self.version, self.wire_fingerprint, self.transport.publish(self.wire()))
+    def publish(self, put: Put) -> Payload:
+        """The current version as a payload whose buffers ``put`` stored (one call per dtype)."""
+        return Payload(self.version, self.wire_fingerprint, {k: put(a) for k, a in to_wire(self.wire()).items()})
 
 
 class WeightReceiver:
     """Rollout side: applies payloads into its own flat buffers."""
 
-    def __init__(self, flat: FlatParams, transport: ObjectStoreTransport | None = None, version: int = 0):
+    def __init__(self, flat: FlatParams, version: int = 0):
         self.flat = flat
-        self.transport = transport or ObjectStoreTransport()
         self.version = version
 
-    def apply(self, payload: Payload, *, force: bool = False) -> bool:
-        """Apply ``payload`` if newer than what we hold (or ``force``); True if applied."""
+    def apply(self, payload: Payload, fetch: Fetch, *, force: bool = False) -> bool:
+        """Apply ``payload`` (its buffers fetched with ``fetch``) if newer than what we hold
+        (or ``force``); True if applied."""
         if payload.version <= self.version and not (force and payload.version == self.version):
             return False
         if payload.fingerprint != self.flat.fingerprint:
             raise ValueError(
                 f"weight payload layout {payload.fingerprint} does not match this policy's "
                 f"{self.flat.fingerprint}: learner and rollout workers loaded different architectures")
-        incoming = self.transport.fetch(payload.refs)
+        incoming = from_wire(fetch(payload.refs))
         if incoming.keys() != self.flat.buffers.keys() or any(
                 incoming[k].numel() != self.flat.buffers[k].numel() for k in incoming):
             raise ValueError("weight payload sizes do not match this policy's parameters")

@@ -13,6 +13,7 @@ import grpc
 
 from actors.reward.models import RewardModelSpec
 from actors.serving import load_token, serve
+from actors.validation import ConfigError
 from learner.control.registry import ControlError, RewardRegistry
 from protos import control_pb2, control_pb2_grpc
 
@@ -78,10 +79,12 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def ScaleRollout(self, request, context):
         if self.scale_fn is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server cannot scale rollout workers")
-        if request.num_workers < 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"num_workers must be >= 1, got {request.num_workers}")
         previous = self.status_fn().get("rollout_workers", 0)
-        return control_pb2.ScaleRolloutResponse(previous=previous, target=self.scale_fn(request.num_workers))
+        try:  # the fleet validates the request (rollout.num_workers >= 1)
+            target = self.scale_fn(request.num_workers)
+        except ConfigError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return control_pb2.ScaleRolloutResponse(previous=previous, target=target)
 
 
 def start_control_server(registry: RewardRegistry, status_fn, cfg, scale_fn=None):

@@ -22,63 +22,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling procs.py
+from procs import descendants, pss_mib, role  # noqa: E402
+
 BUDGET_MIB = 4096
-
-
-def children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = defaultdict(list)
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        kids[ppid].append(int(d))
-    return kids
-
-
-def tree(root: int) -> list[int]:
-    kids, out, todo = children_map(), [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
-
-
-def pss_mib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def kind(pid: int) -> str:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return "?"
-    for key, name in (("ray::Learner", "learner"), ("ray::RolloutActor", "rollout actor"),
-                      ("ray::RewardActor", "reward actor"), ("ray::CoordinatorActor", "coordinator"),
-                      ("ray::IDLE", "ray idle (pre-started) workers"), ("gcs_server", "ray gcs"),
-                      ("raylet", "ray raylet"), ("Dashboard", "ray dashboard + agent"),
-                      ("dashboard", "ray dashboard + agent"), ("RuntimeEnvAgent", "ray runtime-env agent"),
-                      ("log_monitor", "ray log monitor"), ("fleetrl", "driver")):
-        if key in cmd:
-            return name
-    parts = cmd.split()
-    script = next((Path(p).name for p in parts[1:] if p.endswith(".py")), parts[0] if parts else "?")
-    return "other: " + script
 
 
 def main() -> None:
@@ -94,8 +44,8 @@ def main() -> None:
         nonlocal peak_total
         while not done.is_set():
             by_kind: dict[str, float] = defaultdict(float)
-            for pid in tree(proc.pid):
-                by_kind[kind(pid)] += pss_mib(pid)
+            for pid in descendants(proc.pid):
+                by_kind[role(pid)] += pss_mib(pid)
             peak_total = max(peak_total, sum(by_kind.values()))
             for k, v in by_kind.items():
                 peak_by_kind[k] = max(peak_by_kind[k], v)

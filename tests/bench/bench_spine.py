@@ -164,12 +164,16 @@ class SyncPeer:
     def publish(self):
         self.pub.bump()
         t0 = time.perf_counter()
-        p = self.pub.publish()
+        import ray
+
+        p = self.pub.publish(ray.put)
         return p, time.perf_counter() - t0
 
     def apply(self, payload):
         t0 = time.perf_counter()
-        assert self.recv.apply(payload)
+        import ray
+
+        assert self.recv.apply(payload, lambda refs: dict(zip(refs, ray.get(list(refs.values())))))
         return time.perf_counter() - t0
 
     def floor(self):

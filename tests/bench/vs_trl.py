@@ -103,6 +103,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the sibling procs.py
+from procs import cpu_by_process, cpu_delta  # noqa: E402
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -312,42 +315,6 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
             "setup_s": s["setup_s"], "process_s": time.perf_counter() - t_start, "snaps": t.snaps,
             "final": (rows[-1]["time_s"], s["policy_dir"]), "kind": "flat", "cpu_s": t.cpu_s,
             "dropped": s["dropped"], "staleness_mean": statistics.mean(r["staleness_mean"] for r in rows)}
-
-
-def cpu_by_process() -> dict[int, tuple[str, float]]:
-    """pid -> (role, user + system CPU seconds) for this process and all its descendants
-    (the Ray daemons and actor processes of a local instance are descendants of the driver)."""
-    import psutil
-
-    me = psutil.Process()
-    out = {}
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            with p.oneshot():
-                t = p.cpu_times()
-                name = "driver" if p.pid == me.pid else p.name()
-            if name.startswith("py-spy"):  # vs_trl_profile.py's profilers are not part of the run
-                continue
-            out[p.pid] = (_role(name), t.user + t.system)
-        except psutil.Error:
-            pass
-    return out
-
-
-def _role(name: str) -> str:
-    for prefix, role in (("driver", "driver"), ("ray::Learner", "learner"), ("ray::RolloutAct", "rollout"),
-                         ("ray::RewardActor", "reward"), ("ray::Coordinator", "coordinator"), ("raylet", "raylet"),
-                         ("gcs_server", "gcs")):
-        if name.startswith(prefix):
-            return role
-    return "other ray"  # dashboard/runtime-env agents, monitors, idle workers
-
-
-def cpu_delta(before: dict, after: dict) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for pid, (role, t) in after.items():
-        out[role] = out.get(role, 0.0) + t - before.get(pid, (role, 0.0))[1]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

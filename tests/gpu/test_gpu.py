@@ -82,8 +82,12 @@ def test_rollout_generates_on_cuda_in_bf16(tiny_policy):
 
 
 def test_learner_step_on_cuda_and_weights_reach_a_bf16_worker(ray_session, tiny_policy):
-    w = RolloutWorker(tiny_policy, rollout_cfg(group_size=4, max_new_tokens=6), seed=0)
-    learner = Learner(tiny_policy, learner_cfg(lr=1e-2), total_steps=10, publish_dtype="bfloat16")
+    from actors.runtime import object_store
+
+    w = RolloutWorker(tiny_policy, rollout_cfg(group_size=4, max_new_tokens=6), seed=0,
+                      fetch_weights=object_store.fetch)
+    learner = Learner(tiny_policy, learner_cfg(lr=1e-2), total_steps=10, publish_dtype="bfloat16",
+                      put_weights=object_store.put)
     p = next(learner.model.parameters())
     assert (p.device.type, p.dtype) == (DEVICE, torch.float32)  # fp32 master weights
     ids = torch.tensor([[3, 4, 5, 6]], device=DEVICE)
