@@ -1,4 +1,5 @@
-"""The learner's view of a batch: trainable samples flattened, and padded micro-batches."""
+"""The learner's view of a batch: trainable samples flattened, padded micro-batches, and the
+metrics of what one update trained on."""
 
 from __future__ import annotations
 
@@ -72,3 +73,49 @@ def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     return (input_ids.to(device), attn.to(device), positions.to(device), targets.to(device), old.to(device),
             cmask.to(device), pred_pos.to(device))
+
+
+def _mean_reward(groups: list[Group]) -> float:
+    rs = [s.reward for g in groups for s in g.trainable_samples()]
+    return sum(rs) / len(rs) if rs else 0.0
+
+
+def _fraction_all_equal(rewards: torch.Tensor, group_index: torch.Tensor) -> float:
+    groups = group_index.unique()
+    same = sum(1 for g in groups if rewards[group_index == g].unique().numel() == 1)
+    return same / max(1, len(groups))
+
+
+def batch_metrics(groups: list[Group], batch: TrainBatch, adv: torch.Tensor, version: int) -> dict:
+    """What one update trained on (``version``: the learner's before the update)."""
+    num_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
+    stale = [version - v for v in batch.versions]
+    per_name: dict[str, list[float]] = {}
+    for g in groups:
+        for s in g.trainable_samples():
+            for name, r in s.rewards.items():
+                per_name.setdefault(name, []).append(r)
+    return {
+        "reward_mean": float(batch.rewards.mean()),
+        "reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+        "adv_abs_mean": float(adv.abs().mean()),
+        "zero_adv_group_frac": _fraction_all_equal(batch.rewards, batch.group_index),
+        # samples consumed (trained on, or filtered out by filter_equal_groups)
+        "samples": sum(len(g.trainable_samples()) for g in groups),
+        "filtered_groups": len(groups) - int(batch.group_index.max()) - 1,
+        "tokens": num_tokens, "sequence_tokens": sum(len(s) for s in batch.sequences),
+        "response_len_mean": num_tokens / len(batch),
+        "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+        "behaviour_versions": sorted(set(batch.versions)),
+        "reward_by_name": {name: sum(v) / len(v) for name, v in per_name.items()},
+    }
+
+
+def empty_step_metrics(groups: list[Group]) -> dict:
+    """A step whose every group was filtered out (``filter_equal_groups``): nothing trained."""
+    return {"loss": 0.0, "grad_norm": 0.0, "skipped_step": 0, "clip_frac": None, "ratio_mean": None,
+            "ratio_max": None, "approx_kl": None, "reward_mean": _mean_reward(groups), "reward_std": 0.0,
+            "adv_abs_mean": 0.0, "zero_adv_group_frac": 1.0,
+            "samples": sum(len(g.trainable_samples()) for g in groups), "active_samples": 0, "tokens": 0,
+            "sequence_tokens": 0, "response_len_mean": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
+            "behaviour_versions": [], "reward_by_name": {}, "filtered_groups": len(groups)}

@@ -19,7 +19,6 @@ memory are ``report.py``; the rollout fleet is ``fleet.py``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -30,7 +29,6 @@ import ray
 import yaml
 
 from actors.device import device_kind, dtype_name
-from actors.models.tiny import prepare_builtin_policy
 from actors.reward.functions import load_reward_fn
 from actors.runtime.actors import create_coordinator, create_reward_group
 from actors.runtime.coordinator import SampleTimeout
@@ -40,10 +38,11 @@ from actors.tasks.registry import make_task
 from actors.weights.collective import CollectiveConfigError
 from learner import checkpoint
 from learner.actor import create_learner
-from learner.config import Config, ConfigError
+from learner.config import Config
 from learner.control.registry import RewardRegistry
 from learner.control.service import start_control_server
 from learner.driver.fleet import FleetError, RolloutFleet
+from learner.driver.policy import resolve_policy
 from learner.driver.report import RunReport, peak_memory
 from learner.driver.weight_sync import CollectiveSync, WeightSync
 
@@ -54,28 +53,6 @@ class RunFailed(RuntimeError):
 
 class StopRequested(Exception):
     """``stop_requested`` was set while the driver waited for a batch."""
-
-
-def resolve_policy(cfg: Config) -> tuple[str, dict]:
-    """The policy folder to load everywhere, building the built-in one if needed."""
-    if cfg.model.path:
-        from transformers import AutoConfig
-
-        try:
-            AutoConfig.from_pretrained(cfg.model.path)
-        except Exception as e:  # noqa: BLE001 - surface any loader error with the key name
-            raise ConfigError(f"model.path: cannot load {cfg.model.path!r}: {type(e).__name__}: {e}") from None
-        if os.path.isdir(cfg.model.path):  # actors need not share the driver's working directory
-            return str(Path(cfg.model.path).resolve()), {}
-        return cfg.model.path, {}
-    if cfg.task.name != "reverse":
-        raise ConfigError(f"task.name: {cfg.task.name!r} needs a pretrained policy in model.path (the built-in tiny "
-                          f"policy is warm-started for reverse only), e.g. `fleetrl model prepare smollm2 DIR`")
-    path, info = prepare_builtin_policy(
-        task_name=cfg.task.name, num_digits=cfg.task.num_digits, seed=cfg.task.seed,
-        labelled_examples=cfg.model.warm_start_examples, target_accuracy=cfg.model.warm_start_target,
-        max_steps=cfg.model.warm_start_max_steps, hidden_size=cfg.model.hidden_size, num_layers=cfg.model.num_layers)
-    return str(path), info
 
 
 class Trainer:
