@@ -160,9 +160,11 @@ def client_metadata(token: str | None) -> tuple:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def channel(target: str, *, tls_ca: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+def channel(target: str, *, tls_ca: bytes | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    """A client channel to ``target``: TLS verified against ``tls_ca`` (PEM certificate
+    bytes, not a path: the caller reads the file where it lives), else plaintext."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     if tls_ca:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()), options=options)
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_ca), options=options)
     return grpc.insecure_channel(target, options=options)

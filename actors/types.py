@@ -7,13 +7,53 @@ Vocabulary (see the README glossary):
   *sample*  one completion of one prompt, with its behaviour log-probs and the
             ``policy_version`` of the weights that generated it;
   *group*   the ``n`` samples of one prompt (GRPO/RLOO compare within a group).
+
+Why a sample or group is not trained on is an ``Excluded``: a kind
+(``Exclusion``, the counter key in ``dropped_by_reason``) and a free-text
+detail, kept apart so nothing parses "kind: text" strings.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
+
+
+class Exclusion(str, Enum):
+    """Why a sample is not trained on; the value is its ``dropped_by_reason`` key."""
+
+    REWARD_ERROR = "reward_error"
+    """A reward function or model raised, or its actor died."""
+    REWARD_INVALID = "reward_invalid"
+    """A score that is not a number (or no list of scores at all)."""
+    REWARD_NONFINITE = "reward_nonfinite"
+    """A score that is NaN or +-inf."""
+    REWARD_COUNT = "reward_count"
+    """Not exactly one score per sample."""
+    REWARD_TIMEOUT = "reward_timeout"
+    """A reward server missed the call's deadline."""
+    REWARD_UNAVAILABLE = "reward_unavailable"
+    """A reward server could not be reached (after the retries)."""
+    REWARD_UNHEALTHY = "reward_unhealthy"
+    """A reward model's circuit is open: the call failed fast."""
+    PROMPT_TOO_LONG = "prompt_too_long"
+    """Prompt tokens + max_new_tokens exceed the policy's context."""
+    UNSCORED = "unscored"
+    """No reward was set (a reward worker bug)."""
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """Why one sample (or a whole group) must not be trained on."""
+
+    kind: Exclusion
+    detail: str = ""
+    """Human-readable: which function or model, and what it did."""
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.detail}" if self.detail else self.kind.value
 
 
 @dataclass(kw_only=True)
@@ -47,7 +87,7 @@ class Sample:
     """Combined reward; None until scored or when the sample is excluded."""
     rewards: dict[str, float] = field(default_factory=dict)
     """Per reward-function scores (name -> score) that make up ``reward``."""
-    excluded: str | None = None
+    excluded: Excluded | None = None
     """Why this sample must not be trained on (reward error, NaN, ...); None = ok."""
 
     @property
@@ -64,7 +104,7 @@ class Group:
     samples: list[Sample]
     worker: str = ""
     """Name of the rollout worker that generated the group."""
-    excluded: str | None = None
+    excluded: Excluded | None = None
     """Set when the whole group is unusable (e.g. prompt longer than the context)."""
 
     @property

@@ -4,7 +4,9 @@
     fleetrl config [CONFIG.yaml] [--section.key VALUE ...]   # print the resolved config
     fleetrl config --reference                               # the configuration reference (Markdown)
     fleetrl reward serve (--model DIR | --function MODULE:FN) [--port P] ...   # serve a reward model
-    fleetrl reward add NAME (--endpoint HOST:PORT | --checkpoint DIR) [--weight W] [--timeout S] [--batch-size N]
+    fleetrl reward add NAME (--endpoint HOST:PORT | --checkpoint DIR) [--weight W] [--score-timeout S]
+                       [--batch-size N] [--reward-tls-ca FILE] [--max-attempts N] [--failure-threshold N]
+                       [--cooldown S]
     fleetrl reward remove NAME
     fleetrl reward list
     fleetrl status
@@ -155,7 +157,15 @@ def _control_stub(args):
         address = json.loads(path.read_text())["address"]
     if not address:
         raise UsageError("no Control address: pass --control HOST:PORT, --run-dir DIR or set FLEETRL_CONTROL")
-    return control_pb2_grpc.ControlStub(channel(address, tls_ca=args.tls_ca)), client_metadata(load_token(args.token_file))
+    tls_ca = _read_file(args.tls_ca, "--tls-ca") if args.tls_ca else None
+    return control_pb2_grpc.ControlStub(channel(address, tls_ca=tls_ca)), client_metadata(load_token(args.token_file))
+
+
+def _read_file(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
 
 
 def _rpc(prog: str, fn):
@@ -191,11 +201,14 @@ def cmd_reward(argv: list[str]) -> int:
         p.add_argument("--weight", type=float, default=1.0, help="weight in the combined reward")
         p.add_argument("--score-timeout", type=float, default=10.0, help="deadline of one Score call (s)")
         p.add_argument("--batch-size", type=int, default=64, help="samples per Score call")
+        _add_client_flags(p)
     args = p.parse_args(rest)
     stub, md = _control_stub(args)
     if sub == "add":
-        spec = control_pb2.RewardModelSpec(name=args.name, weight=args.weight, timeout_s=args.score_timeout,
-                                           batch_size=args.batch_size)
+        spec = control_pb2.RewardModelSpec(
+            name=args.name, weight=args.weight, timeout_s=args.score_timeout, batch_size=args.batch_size,
+            max_attempts=args.max_attempts, failure_threshold=args.failure_threshold, cooldown_s=args.cooldown,
+            tls_ca_pem=_read_file(args.reward_tls_ca, "--reward-tls-ca") if args.reward_tls_ca else b"")
         if args.endpoint:
             spec.endpoint = args.endpoint
         else:
@@ -213,6 +226,17 @@ def cmd_reward(argv: list[str]) -> int:
         print(json.dumps([MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
                           for m in reply.models], indent=2))
     return 0
+
+
+def _add_client_flags(p) -> None:
+    """``reward add``: how the trainer calls the reward server (``--tls-ca`` is taken by the
+    Control channel, hence ``--reward-tls-ca``)."""
+    p.add_argument("--reward-tls-ca", metavar="FILE",
+                   help="PEM CA certificate of the reward server's TLS (read here, sent to the trainer)")
+    p.add_argument("--max-attempts", type=int, default=3, help="tries per Score call (retries on UNAVAILABLE)")
+    p.add_argument("--failure-threshold", type=int, default=3,
+                   help="consecutive failed calls that mark the model unhealthy")
+    p.add_argument("--cooldown", type=float, default=2.0, help="seconds an unhealthy model fails fast")
 
 
 def cmd_status(argv: list[str]) -> int:

@@ -7,20 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RewardModelSpec(_message.Message):
-    __slots__ = ("name", "endpoint", "checkpoint_dir", "weight", "timeout_s", "batch_size")
+    __slots__ = ("name", "endpoint", "checkpoint_dir", "weight", "timeout_s", "batch_size", "tls_ca_pem", "max_attempts", "failure_threshold", "cooldown_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_DIR_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TLS_CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     endpoint: str
     checkpoint_dir: str
     weight: float
     timeout_s: float
     batch_size: int
-    def __init__(self, name: _Optional[str] = ..., endpoint: _Optional[str] = ..., checkpoint_dir: _Optional[str] = ..., weight: _Optional[float] = ..., timeout_s: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    tls_ca_pem: bytes
+    max_attempts: int
+    failure_threshold: int
+    cooldown_s: float
+    def __init__(self, name: _Optional[str] = ..., endpoint: _Optional[str] = ..., checkpoint_dir: _Optional[str] = ..., weight: _Optional[float] = ..., timeout_s: _Optional[float] = ..., batch_size: _Optional[int] = ..., tls_ca_pem: _Optional[bytes] = ..., max_attempts: _Optional[int] = ..., failure_threshold: _Optional[int] = ..., cooldown_s: _Optional[float] = ...) -> None: ...
 
 class RewardModelInfo(_message.Message):
     __slots__ = ("spec", "healthy", "scored", "failed", "reward_mean", "last_error")

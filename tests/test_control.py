@@ -1,9 +1,12 @@
 """Reward models submitted over gRPC while a real training run goes on.
 
 One training run (tiny policy, real Ray, real Control server) runs in a
-background thread for the whole module; each test registers reward servers
-(real gRPC servers on 127.0.0.1) through the Control service and watches the
-run's metrics and counters react.
+background thread for the whole module (``training``, started by whichever
+test needs it first); each test gets it through ``run``, which checks that no
+reward model is registered when the test starts and removes what a failed test
+left behind, so the tests pass alone and in any order. Each test registers
+reward servers (real gRPC servers on 127.0.0.1) through the Control service
+and watches the run's metrics and counters react.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import io
 import math
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +26,7 @@ from learner.config import load_config
 from learner.driver.trainer import Trainer
 from protos import control_pb2, control_pb2_grpc, reward_pb2, reward_pb2_grpc
 from tests.conftest import wait_for
+from tests.test_protos import _self_signed
 
 
 # -- reward servers with controllable behaviour ----------------------------------------------------
@@ -48,15 +53,15 @@ class ScriptedRewardModel(reward_pb2_grpc.RewardModelServicer):
         return reward_pb2.ModelMetadata(name="scripted", version="1", kind=self.mode)
 
 
-def start_reward_server(servicer, port=0):
-    return serve(ServerConfig(port=port),
+def start_reward_server(servicer, port=0, **cfg):
+    return serve(ServerConfig(port=port, **cfg),
                  lambda s: reward_pb2_grpc.add_RewardModelServicer_to_server(servicer, s),
                  ["fleetrl.reward.v1.RewardModel"])
 
 
 # -- one training run for the module ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def run(ray_session, tiny_policy, tmp_path_factory):
+def training(ray_session, tiny_policy, tmp_path_factory):
     cfg = load_config(None, [
         "--model.path", tiny_policy, "--reward.functions", "['tests.test_pipeline:digit_reward']",
         "--train.steps", "100000", "--train.prompts_per_step", "2", "--rollout.group_size", "4",
@@ -85,9 +90,24 @@ def run(ray_session, tiny_policy, tmp_path_factory):
     assert s["produced"] == s["trained"] + s["dropped"]
 
 
-def register(stub, name, endpoint, weight=1.0, timeout_s=5.0):
+@pytest.fixture
+def run(training):
+    """The module's training run, with no run-time reward model registered; cleaned up afterwards."""
+    trainer, stub, result = training
+    assert "error" not in result, result.get("error")
+    assert list_names(stub) == [], "a previous test left reward models registered"
+    yield training
+    for name in list_names(stub):
+        stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name=name), timeout=60)
+
+
+def list_names(stub) -> list[str]:
+    return [m.spec.name for m in stub.ListRewardModels(control_pb2.ListRewardModelsRequest(), timeout=30).models]
+
+
+def register(stub, name, endpoint, weight=1.0, timeout_s=5.0, **spec):
     return stub.RegisterRewardModel(control_pb2.RegisterRewardModelRequest(spec=control_pb2.RewardModelSpec(
-        name=name, endpoint=endpoint, weight=weight, timeout_s=timeout_s, batch_size=16)), timeout=60)
+        name=name, endpoint=endpoint, weight=weight, timeout_s=timeout_s, batch_size=16, **spec)), timeout=60)
 
 
 def rows_after(trainer, step):
@@ -136,7 +156,8 @@ def test_control_status_codes(run, tmp_path):
     dead_address = dead.address
     dead.stop(0)
     try:
-        register(stub, "dup", server.address)
+        echoed = register(stub, "dup", server.address, max_attempts=2, failure_threshold=5, cooldown_s=1.5).model.spec
+        assert (echoed.max_attempts, echoed.failure_threshold, echoed.cooldown_s, echoed.tls_ca_pem) == (2, 5, 1.5, b"")
         cases = [
             (lambda: register(stub, "unreachable", dead_address, timeout_s=2), grpc.StatusCode.FAILED_PRECONDITION),
             (lambda: register(stub, "dup", server.address), grpc.StatusCode.ALREADY_EXISTS),
@@ -147,6 +168,12 @@ def test_control_status_codes(run, tmp_path):
             (lambda: stub.RegisterRewardModel(control_pb2.RegisterRewardModelRequest(spec=control_pb2.RewardModelSpec(
                 name="ckpt", checkpoint_dir=str(tmp_path / "missing"))), timeout=30), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: register(stub, "neg-timeout", server.address, timeout_s=-1), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: register(stub, "attempts", server.address, max_attempts=11), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: register(stub, "threshold", server.address, failure_threshold=-1),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: register(stub, "cooldown", server.address, cooldown_s=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: register(stub, "ca", server.address, tls_ca_pem=b"not a certificate"),
+             grpc.StatusCode.INVALID_ARGUMENT),
         ]
         for call, code in cases:
             with pytest.raises(grpc.RpcError) as e:
@@ -161,6 +188,27 @@ def test_control_status_codes(run, tmp_path):
             server.stop(0)
 
 
+def flagged(trainer, reason: str) -> int:
+    return ray.get(trainer.coordinator.stats.remote())["dropped_by_reason"].get(reason, 0)
+
+
+def digest(trainer) -> str:
+    return ray.get(trainer.learner.weights_digest.remote())
+
+
+def stalled(trainer, reason: str, window: int, timeout_s: float = 180.0) -> tuple[int, str]:
+    """Wait until ``window`` more samples were flagged as ``reason`` while the learner took
+    no step (batches assembled before the bad model took effect may still train first);
+    returns the step and weights digest the learner stalled at."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        step, weights, start = trainer.step, digest(trainer), flagged(trainer, reason)
+        wait_for(lambda: flagged(trainer, reason) >= start + window, 90, what=f"{window} more {reason} samples")
+        if trainer.step == step:
+            return step, weights
+    raise AssertionError(f"the learner kept stepping while every new sample was flagged {reason}")
+
+
 @pytest.mark.parametrize("mode, reason", [("hang", "reward_timeout"), ("nan", "reward_nonfinite"),
                                           ("short", "reward_count")])
 def test_bad_reward_server_flags_samples_and_training_resumes(run, mode, reason):
@@ -168,20 +216,18 @@ def test_bad_reward_server_flags_samples_and_training_resumes(run, mode, reason)
     servicer = ScriptedRewardModel(mode)
     server = start_reward_server(servicer)
     try:
-        before = trainer.counters.get("dropped_by_reason", {}).get(reason, 0)
+        before = flagged(trainer, reason)
         register(stub, f"bad-{mode}", server.address, timeout_s=1.0)
-        wait_for(lambda: trainer.counters.get("dropped_by_reason", {}).get(reason, 0) > before
-                 or ray.get(trainer.coordinator.stats.remote())["dropped_by_reason"].get(reason, 0) > before,
-                 90, what=f"samples dropped as {reason}")
+        wait_for(lambda: flagged(trainer, reason) > before, 90, what=f"samples dropped as {reason}")
+        first = trainer.step
         # every sample is flagged while it is registered: no batch forms, the learner does not move
-        wait_for(lambda: info(stub, f"bad-{mode}").failed > 0, 30, what="failure counter")
-        step, digest = trainer.step, ray.get(trainer.learner.weights_digest.remote())
-        wait_for(lambda: ray.get(trainer.coordinator.stats.remote())["dropped_by_reason"].get(reason, 0)
-                 >= before + 8, 90, what="more flagged samples")
-        assert trainer.step <= step + 2  # at most the batches already assembled before it took effect
-        if trainer.step == step:
-            assert ray.get(trainer.learner.weights_digest.remote()) == digest
-        assert info(stub, f"bad-{mode}").last_error.startswith(reason)
+        step, weights = stalled(trainer, reason, window=8)
+        assert step <= first + 2  # at most the batches already assembled before it took effect
+        start, version = flagged(trainer, reason), ray.get(trainer.coordinator.stats.remote())["policy_version"]
+        wait_for(lambda: flagged(trainer, reason) >= start + 8, 90, what="more flagged samples")
+        assert trainer.step == step and digest(trainer) == weights
+        assert ray.get(trainer.coordinator.stats.remote())["policy_version"] == version
+        assert info(stub, f"bad-{mode}").failed > 0 and info(stub, f"bad-{mode}").last_error.startswith(reason)
         # no trained sample ever carried a score from the bad server: its batches never reached the learner
         assert all(f"bad-{mode}" not in r["reward_by_name"] for r in trainer.history)
         servicer.release.set()
@@ -190,6 +236,32 @@ def test_bad_reward_server_flags_samples_and_training_resumes(run, mode, reason)
         wait_for(lambda: trainer.step >= resumed + 3, 120, what="training to resume")
     finally:
         servicer.release.set()
+        server.stop(0)
+
+
+def test_a_tls_reward_server_registered_at_run_time(run, tmp_path):
+    """The CA certificate travels in the registration (tls_ca_pem); without it, nothing is added."""
+    trainer, stub, _ = run
+    cert, key = _self_signed(tmp_path)
+    server = start_reward_server(ScriptedRewardModel("const", value=0.125), tls_cert=cert, tls_key=key)
+    try:
+        with pytest.raises(grpc.RpcError) as e:  # plaintext against a TLS server
+            register(stub, "tls", server.address)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+        assert list_names(stub) == []
+        pem = Path(cert).read_bytes()
+        reply = register(stub, "tls", server.address, tls_ca_pem=pem, max_attempts=2, failure_threshold=4,
+                         cooldown_s=1.5)
+        assert reply.model.healthy and reply.model.spec.tls_ca_pem == pem
+        assert (reply.model.spec.max_attempts, reply.model.spec.failure_threshold) == (2, 4)
+        step = trainer.step
+        wait_for(lambda: any("tls" in r["reward_by_name"] for r in rows_after(trainer, step)), 90,
+                 what="the TLS reward server's score in the metrics")
+        row = next(r for r in rows_after(trainer, step) if "tls" in r["reward_by_name"])
+        assert row["reward_by_name"]["tls"] == pytest.approx(0.125)
+        assert info(stub, "tls").scored > 0 and info(stub, "tls").failed == 0
+        stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="tls"), timeout=60)
+    finally:
         server.stop(0)
 
 
@@ -246,9 +318,14 @@ def test_hf_reward_model_served_by_the_cli_and_used_in_training(run, tmp_path):
         assert "listening on" in line, f"no address line within 120 s: {line!r}"
         address = line.split()[-1]
         control = trainer.control.address
-        r = _cli("reward", "add", "hf", "--endpoint", address, "--weight", "0.5", "--control", control)
+        r = _cli("reward", "add", "hf", "--endpoint", address, "--weight", "0.5", "--max-attempts", "2",
+                 "--failure-threshold", "4", "--cooldown", "1.5", "--control", control)
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout)["spec"]["endpoint"] == address
+        added = json.loads(r.stdout)["spec"]
+        assert (added["endpoint"], added["max_attempts"], added["failure_threshold"], added["cooldown_s"]) \
+            == (address, 2, 4, 1.5)
+        bad = _cli("reward", "add", "hf2", "--endpoint", address, "--max-attempts", "11", "--control", control)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "max_attempts" in bad.stderr
         step = trainer.step
         wait_for(lambda: any("hf" in row["reward_by_name"] for row in rows_after(trainer, step)), 90,
                  what="the served HF reward model's score in training")

@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from actors.runtime.coordinator import Coordinator, SampleTimeout
-from actors.types import Group, Prompt, Sample
+from actors.types import Excluded, Exclusion, Group, Prompt, Sample
 from actors.weights.flat import Payload
 
 
@@ -86,11 +86,12 @@ def test_excluded_samples_are_counted_and_free_the_gate():
         c = Coordinator(stream(), groups_per_step=1, prompts_per_request=1, max_staleness=0)
         (p0,), _ = await acquire_now(c)
         assert (await acquire_now(c))[0] == []
-        bad = group(p0, 0, n=2, reward=None, excluded="reward_error: boom")
+        bad = group(p0, 0, n=2, reward=None, excluded=Excluded(Exclusion.REWARD_ERROR, "boom"))
         await c.put([bad])  # nothing trainable: the slot must reopen, or the run would hang
         (p1,), _ = await acquire_now(c)
         partly = group(p1, 0, n=2)
-        partly.samples[0].excluded, partly.samples[0].reward = "reward_nonfinite: nan", None
+        partly.samples[0].excluded = Excluded(Exclusion.REWARD_NONFINITE, "nan")
+        partly.samples[0].reward = None
         await c.put([partly])
         batch = await c.get_batch(0, timeout_s=1)
         assert len(batch[0].trainable_samples()) == 1

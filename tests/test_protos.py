@@ -59,6 +59,29 @@ def test_control_server_requires_the_token_and_keeps_health_open(monkeypatch):
         server.stop(grace_s=1)
 
 
+def test_control_server_without_a_token_rebinds_a_public_host_to_loopback(monkeypatch, caplog):
+    import socket
+
+    from actors.serving import ServerConfig
+    from learner.control.registry import RewardRegistry
+    from learner.control.service import start_control_server
+    from protos import control_pb2, control_pb2_grpc
+
+    monkeypatch.delenv("FLEETRL_TOKEN", raising=False)
+    with caplog.at_level("WARNING", logger="actors.serving"):
+        server = start_control_server(RewardRegistry([], []), lambda: {"step": 3}, ServerConfig(host="0.0.0.0"))
+    try:
+        assert server.host == "127.0.0.1" and not server.authenticated
+        assert "binding 127.0.0.1 instead of 0.0.0.0" in caplog.text
+        stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        assert stub.GetStatus(control_pb2.GetStatusRequest(), timeout=10).step == 3
+        # 127.0.0.2 is another local address: a server bound to 0.0.0.0 would accept it, 127.0.0.1 does not
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.2", server.port), timeout=5).close()
+    finally:
+        server.stop(grace_s=1)
+
+
 def test_grpcurl_lists_the_control_service():
     exe = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     if not Path(exe).exists():
@@ -116,7 +139,7 @@ def test_tls_server_accepts_tls_clients_only(tmp_path):
     server = start_control_server(RewardRegistry([], []), lambda: {"step": 5},
                                   ServerConfig(port=0, tls_cert=cert, tls_key=key))
     try:
-        tls = control_pb2_grpc.ControlStub(channel(f"localhost:{server.port}", tls_ca=cert))
+        tls = control_pb2_grpc.ControlStub(channel(f"localhost:{server.port}", tls_ca=Path(cert).read_bytes()))
         assert tls.GetStatus(control_pb2.GetStatusRequest(), timeout=10).step == 5
         plain = control_pb2_grpc.ControlStub(grpc.insecure_channel(server.address))
         with pytest.raises(grpc.RpcError) as e:

@@ -23,9 +23,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from actors.reward.client import RemoteRewardClient
 from actors.reward.hf import HFRewardModel, build_tiny_reward_model, check_checkpoint
+from actors.reward.models import LocalRewardModel, RewardModelSpec
+from actors.reward.scores import ScoreBatch
 from actors.reward.server import SERVICE_NAME, CallableBackend, HFBackend, main_serve, start_reward_server
 from actors.serving import ServerConfig, channel, client_metadata
+from actors.types import Excluded, Exclusion
 from protos import reward_pb2, reward_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +112,28 @@ def rpc_code(call, *args, **kwargs) -> grpc.StatusCode:
 
 
 PAIRS = [("12+3=", "15"), ("1=", "1"), ("7*6=", "forty-two")]
+
+
+BATCH = ScoreBatch(prompts=["1=", "2="], completions=["1", "2"], metadata={}, prompt_ids=[[5], [7]],
+                   completion_ids=[[5, 2], [8]])
+
+
+def test_server_logs_the_request_id(caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="actors.reward.server"):
+        with serving(CallableBackend(spec(length_reward))) as (running, _):
+            client = RemoteRewardClient(RewardModelSpec(name="rm", endpoint=running.address))
+            client.score(BATCH)
+            with serving(CallableBackend(spec(raising_reward))) as (broken, _):
+                bad = RemoteRewardClient(RewardModelSpec(name="bad", endpoint=broken.address))
+                (failed, _) = bad.score(BATCH)
+                bad.close()
+            client.close()
+    ids = re.findall(r"score request ([0-9a-f]{32}): 2 samples", caplog.text)
+    assert len(ids) == 2
+    assert f"reward request {ids[1]} failed" in caplog.text and ids[1] in failed.detail
+    assert isinstance(failed, Excluded) and failed.kind is Exclusion.REWARD_ERROR
 
 
 # ---- callable backend --------------------------------------------------------------------------
@@ -243,7 +269,11 @@ def test_hf_backend_matches_in_process(tiny_reward):
     assert served == pytest.approx(local.score(prompts, completions), abs=1e-5)
     assert served == pytest.approx(alone, abs=1e-5)  # padding does not change a sample's score
     assert len(set(served)) > 1
-    assert (md.kind, md.max_batch_size, md.name) == (HFBackend.kind, 2, tiny_reward.name)
+    assert (md.kind, md.max_batch_size, md.name) == (HFRewardModel.kind, 2, tiny_reward.name)
+    # a local checkpoint registered at run time scores through the same wrapper
+    local_model = LocalRewardModel(RewardModelSpec(name="rm", checkpoint_dir=str(tiny_reward), batch_size=2))
+    assert local_model.score(ScoreBatch(prompts=prompts, completions=completions, metadata={})) \
+        == pytest.approx(served, abs=1e-5)
 
 
 @pytest.mark.parametrize("breakage, reason", [("pickle", "pickle"), ("no-safetensors", "no *.safetensors"),

@@ -2,16 +2,20 @@
 
 ``RemoteRewardClient`` calls a ``fleetrl.reward.v1.RewardModel`` server:
 
-* batches samples into ``batch_size`` calls, each with a deadline (``timeout_s``);
-* retries only on UNAVAILABLE, with exponential backoff, inside the deadline;
-* validates every response: exactly one finite score per sample;
+* batches samples into ``batch_size`` calls, each with a deadline (``timeout_s``)
+  and a fresh ``request_id`` (a UUID the server logs; it is also in our reasons);
+* sends the token ids of every sample along with its text;
+* retries only on UNAVAILABLE, with exponential backoff, at most
+  ``max_attempts`` tries, inside the deadline;
+* validates every response once (``scores.validate_scores``): exactly one
+  finite score per sample;
 * a **circuit breaker**: after ``failure_threshold`` consecutive failed calls
   the model is *unhealthy* and calls fail fast for ``cooldown_s``; then one
   trial call is let through, and a success closes the circuit again.
 
-A failure never becomes a score: the affected samples get a reason string
-(``reward_timeout: ...``, ``reward_unavailable: ...``, ``reward_unhealthy: ...``,
-``reward_count: ...``, ``reward_nonfinite: ...``) and are excluded upstream.
+A failure never becomes a score: the affected samples get an ``Excluded``
+(``reward_timeout``, ``reward_unavailable``, ``reward_unhealthy``,
+``reward_count``, ``reward_nonfinite``, ...) and are excluded upstream.
 
 The spec and the local-checkpoint model with the same interface are in
 ``actors.reward.models``.
@@ -21,17 +25,22 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 import grpc
 
-from actors.reward.scores import validate_scores
-from actors.serving import channel, client_metadata, load_token
+from actors.reward.scores import Result, ScoreBatch, excluded, first_failure, validate_scores
+from actors.serving import channel, client_metadata
+from actors.types import Exclusion
 
 if TYPE_CHECKING:
     from actors.reward.models import RewardModelSpec
 
-Result = list  # list[float | str]: a score, or why the sample could not be scored
+BACKOFF_S = 0.1
+"""Sleep before the first retry; doubled before each further one."""
+_KIND_OF_CODE = {grpc.StatusCode.DEADLINE_EXCEEDED: Exclusion.REWARD_TIMEOUT,
+                 grpc.StatusCode.UNAVAILABLE: Exclusion.REWARD_UNAVAILABLE}
 
 
 class RewardStats:
@@ -56,6 +65,14 @@ class RewardStats:
             self.failed += n
             if cause:
                 self.last_error = reason
+
+    def record(self, result: Result, *, cause: bool = True) -> None:
+        """Count one call's result: all scored, or all flagged with its first reason."""
+        bad = first_failure(result)
+        if bad is None:
+            self.ok(result)
+        else:
+            self.fail(len(result), str(bad), cause=cause)
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -94,21 +111,21 @@ class CircuitBreaker:
                 self.failures, self.opened_at = 0, None
                 return
             self.failures += 1
-            if self.failures >= self.threshold or self.opened_at is not None:  # a failed trial re-opens
+            if self.failures >= self.threshold:  # open, or re-open (new cooldown) after a failed trial
                 self.opened_at = self.clock()
 
 
 class RemoteRewardClient:
     """Scores samples with a remote RewardModel server (see module docstring)."""
 
-    def __init__(self, spec: RewardModelSpec):
+    def __init__(self, spec: RewardModelSpec, *, clock=time.monotonic):
         from protos import reward_pb2_grpc
 
         self.spec = spec
-        self.token = spec.token or (load_token(spec.token_file, env="FLEETRL_REWARD_TOKEN") if spec.token_file else None)
+        self.token = spec.token
         self.channel = channel(spec.endpoint, tls_ca=spec.tls_ca)
         self.stub = reward_pb2_grpc.RewardModelStub(self.channel)
-        self.breaker = CircuitBreaker(spec.failure_threshold, spec.cooldown_s)
+        self.breaker = CircuitBreaker(spec.failure_threshold, spec.cooldown_s, clock=clock)
         self.stats = RewardStats()
 
     def close(self) -> None:
@@ -126,60 +143,57 @@ class RemoteRewardClient:
                                    metadata=client_metadata(self.token))
         return {"name": md.name, "version": md.version, "kind": md.kind, "max_batch_size": md.max_batch_size}
 
-    def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list]) -> Result:
+    def score(self, batch: ScoreBatch) -> Result:
         out: Result = []
         bs = max(1, self.spec.batch_size)
-        for i in range(0, len(prompts), bs):
-            sl = slice(i, i + bs)
-            out += self._score_batch(prompts[sl], completions[sl], {k: v[sl] for k, v in metadata.items()})
+        for i in range(0, len(batch), bs):
+            out += self._score_batch(batch.slice(slice(i, i + bs)))
         return out
 
-    def _request(self, prompts, completions, metadata):
-        from protos import reward_pb2
-
-        samples = []
-        for j, (p, c) in enumerate(zip(prompts, completions)):
-            md = {k: "" if v[j] is None else str(v[j]) for k, v in metadata.items()}
-            samples.append(reward_pb2.Sample(prompt=p, completion=c, metadata=md))
-        return reward_pb2.ScoreRequest(samples=samples)
-
-    def _score_batch(self, prompts, completions, metadata) -> Result:
-        name, n = self.spec.name, len(prompts)
+    def _score_batch(self, batch: ScoreBatch) -> Result:
+        name, n = self.spec.name, len(batch)
         if not self.breaker.allow():
-            reason = f"reward_unhealthy: {name!r} circuit open after {self.breaker.failures} failed calls, " \
-                     f"last: {self.stats.last_error}"
-            self.stats.fail(n, reason, cause=False)
-            return [reason] * n
-        request = self._request(prompts, completions, metadata)
+            result = excluded(n, Exclusion.REWARD_UNHEALTHY, f"{name!r} circuit open after "
+                              f"{self.breaker.failures} failed calls, last: {self.stats.last_error}")
+            self.stats.record(result, cause=False)
+            return result
+        result = self._call(to_request(batch))
+        self.breaker.record(first_failure(result) is None)
+        self.stats.record(result)
+        return result
+
+    def _call(self, request) -> Result:
+        """One Score call: retries on UNAVAILABLE (back-off, ``max_attempts``, inside the deadline)."""
+        name, n = self.spec.name, len(request.samples)
         deadline = time.monotonic() + self.spec.timeout_s
-        backoff = 0.1
-        attempt = 0
+        backoff, attempt = BACKOFF_S, 0
         while True:
             attempt += 1
-            left = deadline - time.monotonic()
             try:
-                response = self.stub.Score(request, timeout=max(left, 0.001),
+                response = self.stub.Score(request, timeout=max(deadline - time.monotonic(), 0.001),
                                            metadata=client_metadata(self.token))
-                result = validate_scores(name, response.scores, n)
-                break
+                return validate_scores(name, response.scores, n)
             except grpc.RpcError as e:
                 code = e.code()
-                retry = code == grpc.StatusCode.UNAVAILABLE and attempt < self.spec.max_attempts \
-                    and deadline - time.monotonic() > backoff
-                if retry:
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.spec.max_attempts \
+                        and deadline - time.monotonic() > backoff:
                     time.sleep(backoff)
                     backoff *= 2
                     continue
-                kind = {grpc.StatusCode.DEADLINE_EXCEEDED: "reward_timeout",
-                        grpc.StatusCode.UNAVAILABLE: "reward_unavailable"}.get(code, "reward_error")
-                result = [f"{kind}: {name!r} {code.name} after {attempt} attempt(s): {e.details()}"] * n
-                break
-        ok = all(not isinstance(r, str) for r in result)
-        self.breaker.record(ok)
-        if ok:
-            self.stats.ok(result)
-        else:
-            self.stats.fail(n, next(r for r in result if isinstance(r, str)))
-        return result
+                return excluded(n, _KIND_OF_CODE.get(code, Exclusion.REWARD_ERROR),
+                                f"{name!r} {code.name} after {attempt} attempt(s) (request {request.request_id}): "
+                                f"{e.details()}")
 
 
+def to_request(batch: ScoreBatch):
+    """The ``ScoreRequest`` for ``batch``: text, token ids (when known), metadata as strings."""
+    from protos import reward_pb2
+
+    samples = []
+    for j, (p, c) in enumerate(zip(batch.prompts, batch.completions)):
+        md = {k: "" if v[j] is None else str(v[j]) for k, v in batch.metadata.items()}
+        samples.append(reward_pb2.Sample(
+            prompt=p, completion=c, metadata=md,
+            prompt_token_ids=batch.prompt_ids[j] if j < len(batch.prompt_ids) else (),
+            completion_token_ids=batch.completion_ids[j] if j < len(batch.completion_ids) else ()))
+    return reward_pb2.ScoreRequest(samples=samples, request_id=uuid.uuid4().hex)

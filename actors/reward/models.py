@@ -3,23 +3,26 @@
 ``RewardModelSpec`` describes one model (a remote ``fleetrl.reward.v1`` server
 or a local HF sequence-classification folder); ``make_reward_model`` builds the
 object a ``RewardModelActor`` holds: a ``RemoteRewardClient`` (``client.py``)
-or a ``LocalRewardModel``. Both score with the same interface and counters,
-and their results are per sample a validated score or the reason there is none.
+or a ``LocalRewardModel``. Both score a ``ScoreBatch`` with the same counters,
+and both validate their scores (``scores.validate_scores``) before returning
+them: per sample a finite score or the ``Excluded`` reason there is none.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from actors.reward.client import RemoteRewardClient, RewardStats, Result
+from actors.reward.client import RemoteRewardClient, RewardStats
 from actors.reward.hf import HFRewardModel
-from actors.reward.scores import validate_scores
+from actors.reward.scores import Result, ScoreBatch, raised, validate_scores
 
 
 @dataclass(kw_only=True)
 class RewardModelSpec:
     """One reward model registered at run time: a remote server (``endpoint``) or a local
-    HF checkpoint (``checkpoint_dir``), and how the run uses it."""
+    HF checkpoint (``checkpoint_dir``), and how the run uses it. Every field is settable
+    through Control (``protos/control.proto``) and ``fleetrl reward add``, except the
+    token, which the driver resolves."""
 
     name: str
     endpoint: str = ""
@@ -28,15 +31,19 @@ class RewardModelSpec:
     """Local HF sequence-classification folder (safetensors only)."""
     weight: float = 1.0
     timeout_s: float = 10.0
+    """Deadline of one Score call, retries included."""
     batch_size: int = 64
-    token_file: str | None = None
     token: str | None = field(default=None, repr=False)
     """Bearer token for the reward server, resolved by the driver from
     $FLEETRL_REWARD_TOKEN / $FLEETRL_REWARD_TOKEN_FILE (never the Control token)."""
-    tls_ca: str | None = None
+    tls_ca: bytes | None = None
+    """PEM CA certificate(s) to verify the server's TLS certificate; None = plaintext."""
     max_attempts: int = 3
+    """Tries per Score call (retries only on UNAVAILABLE)."""
     failure_threshold: int = 3
+    """Consecutive failed calls that open the circuit (the model is then unhealthy)."""
     cooldown_s: float = 2.0
+    """How long an open circuit fails fast before one trial call."""
 
 
 class LocalRewardModel:
@@ -57,15 +64,14 @@ class LocalRewardModel:
         return {"name": self.spec.name, "version": self.model.version, "kind": self.model.kind,
                 "max_batch_size": self.spec.batch_size}
 
-    def score(self, prompts: list[str], completions: list[str], metadata: dict[str, list]) -> Result:
+    def score(self, batch: ScoreBatch) -> Result:
+        """Scores the text (the checkpoint has its own tokenizer; token ids are not used)."""
         try:
-            result = validate_scores(self.spec.name, self.model.score(prompts, completions, **metadata), len(prompts))
+            result = validate_scores(self.spec.name, self.model.score(batch.prompts, batch.completions,
+                                                                      **batch.metadata), len(batch))
         except Exception as e:  # noqa: BLE001 - a model failure flags the samples
-            result = [f"reward_error: {self.spec.name!r} raised {type(e).__name__}: {e}"] * len(prompts)
-        if all(not isinstance(r, str) for r in result):
-            self.stats.ok(result)
-        else:
-            self.stats.fail(len(prompts), next(r for r in result if isinstance(r, str)))
+            result = raised(self.spec.name, e, len(batch))
+        self.stats.record(result)
         return result
 
 

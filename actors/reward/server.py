@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from actors.reward.functions import load_reward_fn
-from actors.reward.scores import validate_scores
+from actors.reward.scores import first_failure, validate_scores
 from actors.serving import DEFAULT_MAX_MESSAGE_BYTES, RunningServer, ServerConfig, serve
 from protos import reward_pb2, reward_pb2_grpc
 
@@ -68,9 +68,8 @@ class CallableBackend:
 
 
 class HFBackend:
-    """A Hugging Face sequence-classification checkpoint (see :class:`HFRewardModel`)."""
-
-    kind = "hf-sequence-classification"
+    """A Hugging Face sequence-classification checkpoint: the one HF reward-model wrapper,
+    :class:`actors.reward.hf.HFRewardModel` (also behind ``LocalRewardModel``)."""
 
     def __init__(self, path, *, name: str | None = None, device: str = "cpu", batch_size: int = 32,
                  max_length: int = 512):
@@ -83,7 +82,7 @@ class HFBackend:
         return self.model.score(prompts, completions, **metadata)
 
     def metadata(self) -> tuple[str, str, int, str]:
-        return self.name, self.model.version, self.model.batch_size, self.kind
+        return self.name, self.model.version, self.model.batch_size, self.model.kind
 
 
 class MainThreadRunner:
@@ -177,9 +176,9 @@ def checked_scores(scores, n: int) -> list[float]:
     """Exactly ``n`` finite floats (``actors.reward.scores.validate_scores``, the check every
     reward path shares), or BackendError with the first reason."""
     result = validate_scores("backend", scores, n)
-    bad = next((r for r in result if isinstance(r, str)), None)
+    bad = first_failure(result)
     if bad is not None:
-        raise BackendError(bad)
+        raise BackendError(str(bad))
     return result
 
 
@@ -188,6 +187,7 @@ def score_request(backend, request: reward_pb2.ScoreRequest) -> reward_pb2.Score
     if not request.samples:
         raise ValueError("ScoreRequest has no samples")
     prompts, completions, metadata = request_to_lists(request)
+    log.debug("score request %s: %d samples", request.request_id or "-", len(prompts))
     try:
         raw = backend.score(prompts, completions, metadata)
     except Exception as e:  # a backend may raise anything; it is never the client's fault
@@ -200,10 +200,10 @@ def metadata_response(backend) -> reward_pb2.ModelMetadata:
     return reward_pb2.ModelMetadata(name=name, version=version, max_batch_size=max_batch_size, kind=kind)
 
 
-def _abort(context, e: Exception):
+def _abort(context, e: Exception, request_id: str = ""):
     if isinstance(e, ValueError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    log.error("reward request failed: %s", e, exc_info=not isinstance(e, BackendError))
+    log.error("reward request %s failed: %s", request_id or "-", e, exc_info=not isinstance(e, BackendError))
     context.abort(grpc.StatusCode.INTERNAL, str(e) if isinstance(e, BackendError) else f"{type(e).__name__}: {e}")
 
 
@@ -217,7 +217,7 @@ class RewardModelServicer(reward_pb2_grpc.RewardModelServicer):
         try:
             return score_request(self.backend, request)
         except Exception as e:
-            _abort(context, e)
+            _abort(context, e, request.request_id)
 
     def GetMetadata(self, request, context):
         try:

@@ -7,7 +7,8 @@ where each metadata key (e.g. ``answer``) arrives as a list aligned with
 
 Failures never become a silent 0.0: a function that raises, returns the wrong
 number of values or a value that is not a finite number marks the affected
-samples ``excluded`` with the reason, and they are counted as dropped.
+samples ``excluded`` (an ``actors.types.Excluded``: kind + detail), and they
+are counted as dropped.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from actors.reward.functions import RewardFn, load_reward_fn
-from actors.reward.scores import validate_scores
-from actors.types import Group
+from actors.reward.scores import ScoreBatch, check_results, raised, validate_scores
+from actors.types import Excluded, Group
 from actors.validation import require
 
 
@@ -45,12 +46,14 @@ class RewardConfig:
 class RewardWorker:
     """Scores every sample of a list of groups; sets ``reward`` or ``excluded``.
 
-    ``functions`` are local callables; ``set_models`` adds reward models
-    registered at run time (remote servers, local checkpoints): each is
-    ``(name, weight, submit)`` where ``submit(prompts, completions, metadata)``
-    starts scoring and returns a zero-argument callable that waits for the
-    result, a list of one float or one reason string per sample. All models are
-    submitted before the local functions run, so they score concurrently.
+    ``functions`` are local callables; their output goes through
+    ``validate_scores`` here. ``set_models`` adds reward models registered at
+    run time (remote servers, local checkpoints): each is ``(name, weight,
+    submit)`` where ``submit(batch)`` (a ``ScoreBatch``) starts scoring and
+    returns a zero-argument callable that waits for the result. A model's
+    result is already validated by the model (per sample a finite float or an
+    ``Excluded``); here only its shape is checked. All models are submitted
+    before the local functions run, so they score concurrently.
     """
 
     def __init__(self, functions: list[tuple[str, RewardFn, float]]):
@@ -76,28 +79,25 @@ class RewardWorker:
         flat = [(g, s) for g in groups if g.excluded is None for s in g.samples if s.excluded is None]
         if not flat:
             return groups
-        prompts = [g.prompt.text for g, _ in flat]
-        completions = [s.completion_text for _, s in flat]
-        keys = sorted({k for g, _ in flat for k in g.prompt.metadata})
-        metadata = {k: [g.prompt.metadata.get(k) for g, _ in flat] for k in keys}
+        batch = ScoreBatch.of(flat)
         models = list(self.models)  # a concurrent set_models must not change this batch
         waiting = []
         for name, _, submit in models:
             try:
-                waiting.append((name, submit(prompts, completions, metadata)))
+                waiting.append((name, submit(batch)))
             except Exception as e:  # noqa: BLE001
                 waiting.append((name, _raiser(e)))
         for name, fn, _ in self.functions:
             try:
-                results = validate_scores(name, fn(prompts, completions, **metadata), len(flat))
+                results = validate_scores(name, fn(batch.prompts, batch.completions, **batch.metadata), len(flat))
             except Exception as e:  # a user function may raise anything
-                results = [f"reward_error: {name!r} raised {type(e).__name__}: {e}"] * len(flat)
+                results = raised(name, e, len(flat))
             self._apply(name, flat, results)
         for name, wait in waiting:
             try:
-                results = _validate_model_results(name, wait(), len(flat))
+                results = check_results(name, wait(), len(flat))
             except Exception as e:  # noqa: BLE001 - e.g. the model's actor died
-                results = [f"reward_error: {name!r} raised {type(e).__name__}: {e}"] * len(flat)
+                results = raised(name, e, len(flat))
             self._apply(name, flat, results)
         weights = {name: w for name, _, w in self.functions} | {name: w for name, w, _ in models}
         for _, s in flat:
@@ -107,19 +107,12 @@ class RewardWorker:
 
     def _apply(self, name: str, flat, results) -> None:
         for (_, s), r in zip(flat, results):
-            if isinstance(r, str):
+            if isinstance(r, Excluded):
                 if s.excluded is None:
                     s.excluded = r
                     self.errors += 1
             else:
                 s.rewards[name] = r
-
-
-def _validate_model_results(name: str, raw, n: int) -> list[float | str]:
-    """A model's results: per sample a score (validated) or the reason it has none."""
-    if not isinstance(raw, (list, tuple)) or len(raw) != n:
-        return validate_scores(name, raw, n)
-    return [r if isinstance(r, str) else validate_scores(name, [r], 1)[0] for r in raw]
 
 
 def _raiser(e: Exception):

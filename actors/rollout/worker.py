@@ -16,7 +16,7 @@ from actors.weights.collective import StagedReceiver
 from actors.device import check_device, torch_device, torch_dtype
 from actors.rollout.engines.hf import HFEngine
 from actors.rollout.policy import load_policy
-from actors.types import Group, Prompt, Sample
+from actors.types import Excluded, Exclusion, Group, Prompt, Sample
 from actors.validation import require
 from actors.weights.flat import FlatParams, Payload
 from actors.weights.object_store import Fetch, WeightReceiver
@@ -135,8 +135,8 @@ class RolloutWorker:
         for i, p in enumerate(prompts):
             ids = self.tokenizer(p.text)["input_ids"]
             if len(ids) + self.max_new_tokens > self.context:
-                reason = (f"prompt_too_long: {len(ids)} prompt tokens + max_new_tokens {self.max_new_tokens} "
-                          f"> context {self.context}")
+                reason = Excluded(Exclusion.PROMPT_TOO_LONG, f"{len(ids)} prompt tokens + max_new_tokens "
+                                  f"{self.max_new_tokens} > context {self.context}")
                 samples = [Sample(completion_ids=[], completion_text="", logprobs=[], policy_version=version,
                                   finished=False, excluded=reason) for _ in range(n)]
                 groups[i] = Group(prompt=p, prompt_ids=ids, samples=samples, worker=self.name, excluded=reason)

@@ -82,9 +82,9 @@ class RewardActor:
         run-time reward model; a score waits at most calls x seconds per call + 30 s."""
 
         def submitter(handle, per_call_s, batch_size):
-            def submit(prompts, completions, metadata):
-                calls = -(-len(prompts) // max(1, batch_size))
-                ref = handle.score.remote(prompts, completions, metadata)
+            def submit(batch):
+                calls = -(-len(batch) // max(1, batch_size))
+                ref = handle.score.remote(batch)
                 return lambda: ray.get(ref, timeout=calls * per_call_s + 30.0)
 
             return submit
@@ -101,8 +101,9 @@ class RewardModelActor:
 
         self.model = make_reward_model(spec)
 
-    def score(self, prompts, completions, metadata):
-        return self.model.score(prompts, completions, metadata)
+    def score(self, batch):
+        """A ``ScoreBatch`` -> per sample a validated score or an ``Excluded`` (the model validates)."""
+        return self.model.score(batch)
 
     def info(self) -> dict:
         return self.model.info()

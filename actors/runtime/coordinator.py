@@ -28,7 +28,7 @@ import asyncio
 from collections import Counter, deque
 from typing import Iterator
 
-from actors.types import Group, Prompt
+from actors.types import Excluded, Exclusion, Group, Prompt
 from actors.weights.flat import Payload
 from actors.weights.object_store import WeightStore
 
@@ -282,8 +282,7 @@ class Coordinator:
         }
 
     def _count_excluded(self, g: Group, s) -> None:
-        """Count an unusable sample under its reason's category (text before ':')."""
-        text = g.excluded or s.excluded or "unscored: no reward was set"
-        category = text.split(":", 1)[0]
-        self.dropped[category] += 1
-        self.last_error[category] = text
+        """Count an unusable sample under its reason's kind (``Exclusion``: the counter key)."""
+        why = g.excluded or s.excluded or Excluded(Exclusion.UNSCORED, "no reward was set")
+        self.dropped[why.kind.value] += 1
+        self.last_error[why.kind.value] = str(why)

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 MAX_WEIGHT = 1e6
 MAX_TIMEOUT_S = 600.0
+MAX_ATTEMPTS = 10
+MAX_FAILURE_THRESHOLD = 1000
+MAX_COOLDOWN_S = 3600.0
+MAX_TLS_CA_BYTES = 64 * 1024
 PUSH_TIMEOUT_S = 60.0
 
 
@@ -59,7 +63,24 @@ def validate_spec(spec: RewardModelSpec) -> RewardModelSpec:
         raise ControlError(bad, f"timeout_s {spec.timeout_s} must be in (0, {MAX_TIMEOUT_S:g}]")
     if spec.batch_size < 1:
         raise ControlError(bad, f"batch_size {spec.batch_size} must be >= 1")
+    _validate_client(spec)
     return spec
+
+
+def _validate_client(spec: RewardModelSpec) -> None:
+    """The remote client's settings: TLS CA, retries and circuit breaker, each bounded."""
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if spec.tls_ca is not None:
+        if spec.checkpoint_dir:
+            raise ControlError(bad, "tls_ca_pem is for an endpoint, not a checkpoint_dir")
+        if len(spec.tls_ca) > MAX_TLS_CA_BYTES or b"-----BEGIN CERTIFICATE-----" not in spec.tls_ca:
+            raise ControlError(bad, f"tls_ca_pem must be PEM certificate(s) of at most {MAX_TLS_CA_BYTES} bytes")
+    if not 1 <= spec.max_attempts <= MAX_ATTEMPTS:
+        raise ControlError(bad, f"max_attempts {spec.max_attempts} must be in [1, {MAX_ATTEMPTS}]")
+    if not 1 <= spec.failure_threshold <= MAX_FAILURE_THRESHOLD:
+        raise ControlError(bad, f"failure_threshold {spec.failure_threshold} must be in [1, {MAX_FAILURE_THRESHOLD}]")
+    if not (math.isfinite(spec.cooldown_s) and 0 < spec.cooldown_s <= MAX_COOLDOWN_S):
+        raise ControlError(bad, f"cooldown_s {spec.cooldown_s} must be in (0, {MAX_COOLDOWN_S:g}]")
 
 
 class RewardRegistry:

@@ -22,21 +22,29 @@ SERVICE_NAME = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
 
 # -- protobuf translation ------------------------------------------------------------------------
 def spec_from_proto(p: control_pb2.RewardModelSpec, token_file: str | None = None) -> RewardModelSpec:
-    """The token for calling reward servers is the driver's $FLEETRL_REWARD_TOKEN_FILE or
-    $FLEETRL_REWARD_TOKEN (never the Control token: a reward server must not be able to
-    control the run), resolved here so reward-model actors on other nodes have it too."""
+    """Proto -> spec, defaults for unset (0) fields. The token for calling reward servers
+    is the driver's $FLEETRL_REWARD_TOKEN_FILE or $FLEETRL_REWARD_TOKEN (never the Control
+    token: a reward server must not be able to control the run), resolved here so
+    reward-model actors on other nodes have it too."""
     try:
         token = load_token(token_file, env="FLEETRL_REWARD_TOKEN")
     except (OSError, ValueError) as e:
         raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"reward token file: {e}") from None
+    d = RewardModelSpec(name="")
     return RewardModelSpec(name=p.name, endpoint=p.endpoint, checkpoint_dir=p.checkpoint_dir,
-                            weight=p.weight if p.HasField("weight") else 1.0, timeout_s=p.timeout_s or 10.0,
-                            batch_size=p.batch_size or 64, token=token)
+                           weight=p.weight if p.HasField("weight") else d.weight, timeout_s=p.timeout_s or d.timeout_s,
+                           batch_size=p.batch_size or d.batch_size, token=token, tls_ca=p.tls_ca_pem or None,
+                           max_attempts=p.max_attempts or d.max_attempts,
+                           failure_threshold=p.failure_threshold or d.failure_threshold,
+                           cooldown_s=p.cooldown_s or d.cooldown_s)
 
 
 def info_to_proto(info: dict) -> control_pb2.RewardModelInfo:
+    """The registered spec (defaults filled in, never the token) and the model's counters."""
     s = info["spec"]
-    spec = control_pb2.RewardModelSpec(name=s.name, weight=s.weight, timeout_s=s.timeout_s, batch_size=s.batch_size)
+    spec = control_pb2.RewardModelSpec(name=s.name, weight=s.weight, timeout_s=s.timeout_s, batch_size=s.batch_size,
+                                       tls_ca_pem=s.tls_ca or b"", max_attempts=s.max_attempts,
+                                       failure_threshold=s.failure_threshold, cooldown_s=s.cooldown_s)
     if s.endpoint:
         spec.endpoint = s.endpoint
     else:
