@@ -52,7 +52,11 @@ def load_learner_state(learner, path: str) -> int:
     for f in sorted(os.listdir(os.path.join(path, "policy"))):
         if f.endswith(".safetensors"):
             weights.update(load_file(os.path.join(path, "policy", f)))
-    missing, unexpected = learner.model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = learner.model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: another architecture
+        first = str(e).strip().splitlines()[1:2] or [str(e)]  # the first "size mismatch for ..." line
+        raise CheckpointError(f"checkpoint {path} does not match the policy: {first[0].strip()[:300]}") from None
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
         raise CheckpointError(f"checkpoint {path} does not match the policy: missing {missing}, "
                               f"unexpected {unexpected}")

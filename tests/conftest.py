@@ -34,15 +34,41 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.05, what: str = 
         time.sleep(interval_s)
 
 
-@pytest.fixture(scope="session")
-def ray_session():
+def start_session_ray():
+    """The tests' local Ray instance (started unless it runs)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.2", include_dashboard=False,
                  object_store_memory=300_000_000, log_to_driver=False)
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _shutdown_ray_at_the_end():
+    yield
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_shutdown_ray_at_the_end):
+    """The local Ray instance, for every module that asks: started at the first, and
+    again for a module after one that shut it down (``without_session_ray``)."""
+    return start_session_ray()
+
+
+@pytest.fixture
+def without_session_ray():
+    """No session Ray instance during this test (e.g. while it runs a cluster of its own);
+    the next module that asks for ``ray_session`` starts it again. Only for a module whose
+    other tests do not use ``ray_session``."""
+    import ray
+
+    ray.shutdown()
+    yield
+    assert not ray.is_initialized(), "a test that asked for no session Ray started one"
 
 
 @pytest.fixture(scope="session")

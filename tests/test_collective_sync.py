@@ -23,7 +23,7 @@ from learner.config import ConfigError, load_config
 from learner.actor import create_learner
 from learner.learner import LearnerConfig
 from learner.driver.trainer import Trainer
-from tests.test_pipeline import read_metrics, small_config
+from tests.test_pipeline import assert_workers_end_on_the_learners_weights, read_metrics, small_config
 
 TIMEOUT_S = 5.0
 
@@ -139,30 +139,37 @@ def test_broadcast_is_exact_and_survives_membership_changes_and_a_dead_reader(ra
             ray.kill(a)
 
 
-def test_a_failed_broadcast_leaves_the_worker_on_its_weights(tiny_policy):
-    """A broadcast that fails midway (another member died) wipes this worker's staging
-    copy; until the trainer's object-store fallback arrives, the refs-less payload of
-    that version must not crash the worker's loop: it keeps its weights. The failure
-    is injected into the plain worker (a collective cannot be made to fail halfway
-    on demand)."""
-    from actors.rollout.worker import RolloutWorker
+def test_a_failed_broadcast_leaves_the_worker_on_its_weights(ray_session, tiny_policy, other_policy):
+    """A broadcast that fails (here: rank 0, the learner, is killed while the worker waits
+    in the broadcast for its bytes; or, if the kill wins the race, before the worker
+    enters it) invalidates the worker's staging copy; until the trainer's object-store
+    fallback arrives, the refs-less payload of that version must not crash the worker's
+    loop: it keeps the weights it had, bit for bit. All of it real: a gloo group of Ray
+    actors and ``ray.kill``."""
     from actors.weights.flat import Payload
 
-    w = RolloutWorker(tiny_policy, RolloutConfig(num_threads=1), default_max_new_tokens=5, name="w", seed=0)
-    digest = w.receiver.version, [b.clone() for b in w.flat.buffers.values()]
-    w.staged.staging = {k: torch.empty_like(b) for k, b in w.flat.buffers.items()}
-    w.staged.rank.check = lambda *a: None
-    w.staged.rank.leave_locked = lambda: None
+    learner = create_learner(tiny_policy, LearnerConfig(num_cpus=0.05, lr=1e-2), total_steps=10)
+    r0 = reader(other_policy, "r0")
+    try:
+        sync = CollectiveSync(learner, timeout_s=TIMEOUT_S, startup_timeout_s=60)
+        assert train_step(learner, r0) == 1
+        assert ray.get(r0.load_weights.remote(sync.publish({"r0": r0}))) is True  # a good broadcast first
+        held = digests([r0])[0]
+        assert held == ray.get(learner.weights_digest.remote())
+        assert train_step(learner, r0) == 2
+        fingerprint = ray.get(r0.sync_device.remote())["fingerprint"]
 
-    def broken(*a):
-        raise RuntimeError("gloo: connection reset by peer")
-
-    w.staged.rank.broadcast = broken
-    with pytest.raises(RuntimeError, match="connection reset"):
-        w.staged.receive(0)
-    assert w.load_weights(Payload(version=1, fingerprint=w.flat.fingerprint)) is False
-    assert w.receiver.version == digest[0]
-    assert all(torch.equal(a, b) for a, b in zip(w.flat.buffers.values(), digest[1]))
+        receive = r0.sync_receive.remote(sync.epoch)  # waits for rank 0, which never sends
+        ray.kill(learner)
+        t0 = time.monotonic()
+        with pytest.raises(ray.exceptions.RayTaskError, match=r"(?i)connection (closed|reset)|timed out"):
+            ray.get(receive, timeout=TIMEOUT_S + 30)
+        assert time.monotonic() - t0 < TIMEOUT_S + 30
+        assert ray.get(r0.load_weights.remote(Payload(version=2, fingerprint=fingerprint, refs={}))) is False
+        assert ray.get(r0.policy_version.remote()) == 1 and digests([r0]) == [held]
+    finally:
+        for a in (learner, r0):
+            ray.kill(a)
 
 
 def test_a_receiver_refuses_another_layout(tiny_policy, other_policy):
@@ -235,11 +242,10 @@ def test_training_run_with_collective_sync(ray_session, tiny_policy, tmp_path):
             summary = t.train()
         except Exception as e:
             raise AssertionError(f"run failed: {e}\n--- trainer output ---\n{t.out.getvalue()}") from e
-        # every worker that applied the final version holds exactly the learner's weights
-        learner_digest = ray.get(t.learner.weights_digest.remote())
-        actors = t.rollouts.actors
-        final = [a for a, v in zip(actors, ray.get([a.policy_version.remote() for a in actors])) if v == 8]
-        assert digests(final) == [learner_digest] * len(final)
+        # the survivors (rollout-1, rollout-2 and rollout-3, which replaced rollout-0) ended on version 8,
+        # broadcast to them, holding the learner's weights bit for bit
+        assert sorted(t.rollouts.workers) == ["rollout-1", "rollout-2", "rollout-3"]
+        assert_workers_end_on_the_learners_weights(t, 8)
     finally:
         t.shutdown()
     assert summary["steps"] == summary["final_policy_version"] == 8

@@ -118,3 +118,47 @@ def test_placement_group_holds_every_actor(ray_session, tiny_policy, tmp_path):
     assert len({a["placement_group"] for a in actors}) == 1 and actors[0]["placement_group"] == t.pg_id
     assert len({a["node_id"] for a in actors}) == 1  # strict_pack: one node
     assert summary["steps"] == 4
+
+
+@ray.remote
+class Hold:
+    """Holds CPUs so that nothing else can take them."""
+
+    def ready(self) -> bool:
+        return True
+
+
+class KillTheOnlyWorkerAndTakeItsCPUs(Trainer):
+    """During step 1: kill the only rollout worker and, once its CPUs are free, take them
+    with another actor, so that its replacement cannot be placed."""
+
+    def setup(self):
+        self.hold = None
+        super().setup()
+        # setup waits rollout.replace_timeout_s for the first actors to load their models; the
+        # replacement gets a short one (read when the replacement is created)
+        self.rollouts.cfg.replace_timeout_s = 3.0
+
+    def update(self, batch):
+        m = super().update(batch)
+        if self.step == 0:
+            ray.kill(self.rollouts.workers["rollout-0"].actor, no_restart=True)
+            self.hold = Hold.options(num_cpus=self.cfg.rollout.num_cpus).remote()
+            ray.get(self.hold.ready.remote(), timeout=60)  # placed: the dead worker's CPUs are taken
+        return m
+
+
+def test_run_fails_clearly_when_no_worker_is_alive_and_no_replacement_starts(ray_session, tiny_policy, tmp_path):
+    # 2 CPUs: learner 0.5 + reward 0.2 + the worker's 1.0; after the kill, Hold takes that 1.0
+    cfg = small_config(tiny_policy, "--rollout.num_workers", "1", "--rollout.num_cpus", "1.0",
+                       "--learner.num_cpus", "0.5")
+    t = KillTheOnlyWorkerAndTakeItsCPUs(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
+    try:
+        with pytest.raises(RunFailed, match=r"rollout-0 failed .*; no rollout worker is alive and no replacement "
+                                             r"started within rollout\.replace_timeout_s=3\.0s: GetTimeoutError"):
+            t.train()
+        assert t.step == 1 and t.rollouts.replacements == 1 and not t.rollouts.workers
+    finally:
+        t.shutdown()
+        if t.hold is not None:
+            ray.kill(t.hold)

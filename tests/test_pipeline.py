@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from actors.rollout.worker import RolloutConfig, RolloutWorker
+from actors.runtime import object_store
 from actors.types import Prompt
 from learner.config import ConfigError, load_config
 from learner.driver.trainer import RunFailed, Trainer
@@ -39,6 +40,18 @@ def read_metrics(tmp_path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_workers_end_on_the_learners_weights(t: Trainer, final: int) -> None:
+    """Every surviving rollout worker's loop ended on version ``final``, holding the
+    learner's weights bit for bit (the actors are alive until ``shutdown``)."""
+    actors = t.rollouts.actors
+    assert actors, "no rollout worker survived"
+    loops = ray.get(t.rollouts.loop_refs())
+    assert [r["policy_version"] for r in loops] == [final] * len(actors)
+    assert ray.get([a.policy_version.remote() for a in actors]) == [final] * len(actors)
+    learner_digest = ray.get(t.learner.weights_digest.remote())
+    assert ray.get([a.weights_digest.remote() for a in actors]) == [learner_digest] * len(actors)
+
+
 def test_weights_reach_rollout_workers(ray_session, tiny_policy, tmp_path):
     cfg = small_config(tiny_policy, "--train.max_staleness", "0", "--learner.lr", "1e-2")
     t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
@@ -46,25 +59,21 @@ def test_weights_reach_rollout_workers(ray_session, tiny_policy, tmp_path):
         summary = t.train()
         final = summary["final_policy_version"]
         assert final == summary["steps"] == 6
-        learner_digest = ray.get(t.learner.weights_digest.remote())
-        # every rollout worker that generated after the last publish holds exactly the learner's weights
-        versions = ray.get([a.policy_version.remote() for a in t.rollouts.actors])
-        digests = ray.get([a.weights_digest.remote() for a in t.rollouts.actors])
-        assert max(versions) >= final - 1
-        for v, d in zip(versions, digests):
-            if v == final:
-                assert d == learner_digest
+        assert len(t.rollouts.actors) == cfg.rollout.num_workers == 2
+        assert_workers_end_on_the_learners_weights(t, final)
+        # generated log-probs change: the same greedy completion scored by version 0 and by the final
+        # version (fetched from the object store while the learner that put it is alive)
         payload = ray.get(t.coordinator.latest_weights.remote())
+        worker = RolloutWorker(tiny_policy, RolloutConfig(group_size=1, temperature=0.0, max_new_tokens=5),
+                               fetch_weights=object_store.fetch)
+        prompt = [Prompt(uid=0, text="1234=")]
+        (before,) = worker.generate(prompt)
+        assert worker.load_weights(payload) and worker.policy_version == final
+        (after,) = worker.generate(prompt)
+        assert after.samples[0].policy_version == final
+        assert after.samples[0].logprobs != pytest.approx(before.samples[0].logprobs, abs=1e-3)
     finally:
         t.shutdown()
-    # generated log-probs change: the same greedy completion scored by version 0 and by the final version
-    worker = RolloutWorker(tiny_policy, RolloutConfig(group_size=1, temperature=0.0, max_new_tokens=5))
-    prompt = [Prompt(uid=0, text="1234=")]
-    (before,) = worker.generate(prompt)
-    assert worker.load_weights(payload) and worker.policy_version == final
-    (after,) = worker.generate(prompt)
-    assert after.samples[0].policy_version == final
-    assert after.samples[0].logprobs != pytest.approx(before.samples[0].logprobs, abs=1e-3)
 
 
 def test_on_policy_mode_trains_only_current_version(ray_session, tiny_policy, tmp_path):

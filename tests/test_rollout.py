@@ -1,14 +1,14 @@
 """Rollout worker built directly (no Ray): groups, log-probs, EOS, context limits."""
 
+import pytest
 import torch
 
 from actors.rollout.worker import RolloutConfig, RolloutWorker
-from actors.types import Prompt
+from actors.types import Exclusion, Prompt
 from actors.weights.flat import FlatParams
 from actors.weights.object_store import WeightReceiver
-from learner.batch import TrainBatch, pad_micro_batch
+from learner.batch import TrainBatch
 from learner.learner import Learner, LearnerConfig
-from learner.core_algos import token_logprobs
 
 
 def prompts(*texts):
@@ -43,15 +43,13 @@ def test_behaviour_logprobs_equal_learner_recompute(tiny_policy):
     for g in groups:
         for s in g.samples:
             s.reward = 0.0
-    learner = Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1, temperature=0.7)
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1, micro_batch_size=5), total_steps=1, temperature=0.7)
     batch = TrainBatch.from_groups(groups)
-    ids, attn, pos, targets, old, mask, pred_pos = pad_micro_batch(batch, list(range(len(batch))), 0, "cpu")
-    with torch.no_grad():
-        logits = learner.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-    pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    lp = token_logprobs(pred, targets, temperature=0.7)
-    assert mask.sum() > 0
-    assert torch.allclose(lp * mask, old * mask, atol=1e-4)
+    recomputed = learner.proximal_logprobs(batch)  # the learner's own forward, masking and temperature
+    behaviour = [s.logprobs for g in groups for s in g.samples]
+    assert len(recomputed) == len(behaviour) == 12 and sum(map(len, behaviour)) > 12
+    for lp, old in zip(recomputed, behaviour):
+        assert len(lp) == len(old) and lp == pytest.approx(old, abs=1e-4)
 
 
 def test_prompt_longer_than_context_is_excluded_not_generated(tiny_policy):
@@ -59,7 +57,7 @@ def test_prompt_longer_than_context_is_excluded_not_generated(tiny_policy):
     long = "1" * 14 + "="
     g_ok, g_long = w.generate(prompts("12=", long))
     assert all(s.excluded is None for s in g_ok.samples)
-    assert g_long.excluded.startswith("prompt_too_long") and len(g_long.samples) == 3
+    assert g_long.excluded.kind is Exclusion.PROMPT_TOO_LONG and len(g_long.samples) == 3
     assert all(not s.trainable and s.completion_ids == [] for s in g_long.samples)
 
 

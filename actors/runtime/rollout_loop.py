@@ -6,6 +6,10 @@
     -> hand the groups to a reward actor, which scores them and puts them into
        the coordinator's buffer (one reward call in flight per worker, so
        scoring overlaps the next generation).
+
+When told to stop, the loop loads the newest weights if they are newer than its
+own (still between generate calls) before it returns: a worker ends on the
+run's final version.
 """
 
 from __future__ import annotations
@@ -41,5 +45,8 @@ def run_rollout_loop(worker, coordinator, reward_actors: list) -> dict:
         calls += 1
     if pending is not None:
         ray.get(pending)
+    latest = ray.get(coordinator.latest_weights.remote())
+    if latest is not None and latest.version > worker.policy_version:
+        worker.load_weights(latest)  # end on the newest version
     return {"name": worker.name, "generate_calls": calls, "samples": worker.generated_samples,
             "policy_version": worker.policy_version}

@@ -1,8 +1,10 @@
 """`fleetrl train` under `ray job submit` on a real 2-node Ray cluster on this machine.
 
-Named to run last: it starts its own cluster (head + a second node offering the
-custom resource "rollout") with `ray start --block` subprocesses, so it stops
-exactly what it started and never touches the session's Ray instance.
+It starts its own cluster (head + a second node offering the custom resource
+"rollout") with `ray start --block` subprocesses and stops exactly what it
+started. The session's Ray instance is shut down for it (``without_session_ray``:
+two Ray instances on 2 cores would compete) and started again by the next module
+that needs it, so this file runs in any order.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def ray_cli(*args, env, timeout=120):
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(without_session_ray, tmp_path):
     # the nodes' environment, as a cluster image has it: fleetrl installed and on PATH
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
