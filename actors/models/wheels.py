@@ -11,9 +11,9 @@ model refuses to serialize ("quantized with gguf"), and the gguf path of
 ``from_pretrained`` also insists on ``accelerate``, which fleetrl does not
 depend on. So the model is built with ``from_config`` (no quantization config)
 and the state dict comes from ``load_gguf_checkpoint``, the function that path
-calls internally. After saving, the folder is reloaded and must give logits
-bit-identical to the converted model, and its tokenizer must produce the same
-ids; only then is the marker written and the folder moved into place.
+calls internally. After saving, the folder is reloaded and must hold the
+converted weights bit for bit (its logits equal up to float summation order),
+and its tokenizer must produce the same ids; only then is the marker written and the folder moved into place.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def _check_logits(model, tokenizer) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits
 
 
-def verify_folder(path: Path, logits: torch.Tensor, tokenizer) -> dict:
+def verify_folder(path: Path, logits: torch.Tensor, tokenizer, converted) -> dict:
     """Reload ``path`` as fleetrl does and compare it with the in-memory conversion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -178,11 +178,21 @@ def verify_folder(path: Path, logits: torch.Tensor, tokenizer) -> dict:
         raise PrepareError(f"{path}: the saved tokenizer tokenizes the rendered chat prompt differently")
     if tok2.padding_side != "left" or tok2.pad_token_id is None:
         raise PrepareError(f"{path}: the saved tokenizer lost left padding or its pad token")
-    logits2 = _check_logits(reloaded, tok2)
+    return _compare(path, converted, reloaded, logits, _check_logits(reloaded, tok2), len(ids_ref))
+
+
+def _compare(path: Path, converted, reloaded, logits: torch.Tensor, logits2: torch.Tensor, n_ids: int) -> dict:
+    """The saved weights must be the converted ones bit for bit; the logits of the two
+    models then agree up to float summation order (two loads may take different CPU
+    kernel paths: a max |diff| of 0.005 on logits of size ~20 was seen), not bit for bit."""
+    saved = reloaded.state_dict()
+    for name, t in converted.state_dict().items():
+        if name not in saved or not torch.equal(saved[name], t):
+            raise PrepareError(f"{path}: saved weight {name} differs from the conversion")
     diff = float((logits2 - logits).abs().max())
-    if not torch.equal(logits2, logits):
+    if not torch.allclose(logits2, logits, rtol=1e-3, atol=2e-2):
         raise PrepareError(f"{path}: reloaded model's logits differ from the conversion (max |diff| {diff:.3g})")
-    return {"check_prompt_tokens": len(ids_ref), "logits_max_abs_diff": diff}
+    return {"check_prompt_tokens": n_ids, "logits_max_abs_diff": diff}
 
 
 def prepare(name: str, out: str | os.PathLike, *, say=print) -> tuple[Path, dict]:
@@ -210,8 +220,8 @@ def prepare(name: str, out: str | os.PathLike, *, say=print) -> tuple[Path, dict
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        check = verify_folder(tmp, logits, tokenizer, model)
         del model
-        check = verify_folder(tmp, logits, tokenizer)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         info = {
             "format": FORMAT, "model": name, "description": spec.description,
