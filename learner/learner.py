@@ -240,20 +240,21 @@ class Learner:
                 loss, n_active, ratio_metrics = self.accumulate_gradients(batch, adv, rows=part, proximal=proximal)
                 losses.append(loss)
                 active = max(active, n_active)
-                grad_norm = self._clip_grad_norm()
+                norm = self._clip_grad_norm()
+                grad_norm = 0.0 if norm is None else norm
                 if not math.isfinite(grad_norm):  # never let a non-finite gradient touch the weights
                     skipped += 1
-                elif any(p.grad is not None for p in self.model.parameters()):
+                elif norm is not None:
                     self.optimizer.step()
         return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "skipped_step": skipped,
                 "active_samples": active, **ratio_metrics}
 
-    def _clip_grad_norm(self) -> float:
-        """The global gradient norm (clipped to ``max_grad_norm`` when > 0); 0.0 when no
+    def _clip_grad_norm(self) -> float | None:
+        """The global gradient norm (clipped to ``max_grad_norm`` when > 0); None when no
         parameter has a gradient (every group of the part had all-equal rewards)."""
         grads = [p for p in self.model.parameters() if p.grad is not None]
         if not grads:
-            return 0.0
+            return None
         if self.cfg.max_grad_norm > 0:
             return float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
