@@ -48,6 +48,9 @@ class ModelConfig:
     """Built-in policy only: hidden width of the tiny Llama."""
     num_layers: int = 2
     """Built-in policy only: number of transformer layers."""
+    allow_pickle: bool = False
+    """Load a policy whose weights are pickle files (``pytorch_model.bin``, ``*.pt``...): unpickling runs
+    code from the file, so by default only safetensors weights load."""
 
     def __post_init__(self):
         require(self.warm_start_examples >= 1, "model.warm_start_examples", "must be >= 1")
@@ -122,6 +125,14 @@ class TrainConfig:
     weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """collective only: auto = nccl when the learner and every rollout worker run on CUDA, each on its own
     GPU, else gloo."""
+    max_restarts: int = 0
+    """When the learner or the coordinator dies: restart the run this many times from its newest
+    checkpoint (new actors, same run directory); 0 = end the run (after saving what can be saved)."""
+    keep_checkpoints: int = 3
+    """Keep only the newest N checkpoints of the run (0 = keep all)."""
+    stop_timeout_s: float = 60.0
+    """On Ctrl-C, SIGTERM or a failure: how long the final checkpoint and summary may take; a second
+    Ctrl-C exits at once."""
     weight_sync_timeout_s: float = 60.0
     """collective only: timeout of a group's rendezvous and of each broadcast; a dead or stuck worker fails
     the broadcast within it, and that version goes out through the object store instead."""
@@ -136,6 +147,9 @@ class TrainConfig:
         require(self.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         require(self.max_staleness >= 0, "train.max_staleness", "must be >= 0")
         require(self.sample_timeout_s > 0, "train.sample_timeout_s", "must be > 0")
+        require(self.max_restarts >= 0, "train.max_restarts", "must be >= 0")
+        require(self.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = keep all)")
+        require(self.stop_timeout_s > 0, "train.stop_timeout_s", "must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -152,9 +166,21 @@ class ControlConfig:
     """PEM certificate chain: serve TLS instead of plaintext (with tls_key)."""
     tls_key: Optional[str] = None
     """PEM private key for tls_cert."""
+    allowed_reward_endpoints: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1", "localhost"])
+    """Hosts (``host``) or endpoints (``host:port``) of reward servers the run's reward token
+    ($FLEETRL_REWARD_TOKEN) may be sent to; registering any other endpoint needs a per-model token."""
+    reward_checkpoint_roots: list[str] = field(default_factory=list)
+    """Folders under which ``reward add --checkpoint DIR`` may load a local reward model; empty = none
+    (local reward checkpoints cannot be registered over Control)."""
+    max_reward_models: int = 8
+    """Most reward models registered at once (each is a Ray actor)."""
+    probe_timeout_s: float = 30.0
+    """Deadline for a registration's probe of a new reward model (GetMetadata or loading the checkpoint)."""
 
     def __post_init__(self):
         require(0 <= self.port < 65536, "control.port", "must be in [0, 65535]")
+        require(self.max_reward_models >= 0, "control.max_reward_models", "must be >= 0")
+        require(self.probe_timeout_s > 0, "control.probe_timeout_s", "must be > 0")
 
 
 @dataclass(kw_only=True)

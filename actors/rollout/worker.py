@@ -56,6 +56,9 @@ class RolloutConfig:
     """Rollout workers that may die and be replaced during a run before it fails."""
     replace_timeout_s: float = 120.0
     """How long a replacement worker may take to start; with no worker alive, the run then fails."""
+    max_workers: int = 0
+    """Most rollout workers ``fleetrl scale`` may ask for (0 = as many as the cluster's free resources
+    can place at the time of the request)."""
 
     def __post_init__(self):
         require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
@@ -70,6 +73,7 @@ class RolloutConfig:
         require(self.max_new_tokens >= 0, "rollout.max_new_tokens", "must be >= 0")
         require(self.max_replacements >= 0, "rollout.max_replacements", "must be >= 0")
         require(self.replace_timeout_s > 0, "rollout.replace_timeout_s", "must be > 0")
+        require(self.max_workers >= 0, "rollout.max_workers", "must be >= 0 (0 = what the cluster can place)")
 
 
 class RolloutWorker:

@@ -159,7 +159,7 @@ class Trainer:
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
         self.rollouts.on_start = self.weights.for_newcomers
         self.rollouts.create(n_roll)
-        self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions)
+        self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions, control=cfg.control)
 
     def start_control(self) -> None:
         c = self.cfg.control
