@@ -3,10 +3,16 @@
 ``serve(...)`` builds a ``grpc.server`` with
 
 * **token auth**: every call except the standard health service must carry
-  metadata ``authorization: Bearer <token>`` (compared in constant time);
-  the token comes from ``FLEETRL_TOKEN`` or a file. With no token configured
-  the server binds loopback only and logs a warning;
-* optional **TLS** (certificate + key files);
+  metadata ``authorization: Bearer <token>`` (the scheme is case-insensitive,
+  RFC 6750; the token is compared in constant time); the token comes from
+  ``FLEETRL_TOKEN`` or a file. With no token configured the server binds
+  loopback only and logs a warning; a token on a non-loopback address without
+  TLS logs that the token travels in plaintext;
+* optional **TLS** (certificate + key files, checked before binding: a bad
+  pair is a one-line ``ValueError`` naming the files);
+* **malformed requests** (bytes that do not parse as the method's request
+  message) fail ``INVALID_ARGUMENT`` in every service (grpc's own default is
+  ``INTERNAL``);
 * the standard **grpc.health.v1** service (SERVING while up, NOT_SERVING
   during shutdown) and **server reflection**, so stock clients such as
   ``grpcurl`` can list, describe and call the services;
@@ -56,24 +62,109 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+_BUILDERS = {"unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
+             "stream_unary": grpc.stream_unary_rpc_method_handler,
+             "stream_stream": grpc.stream_stream_rpc_method_handler}
+
+
+def _kind(handler) -> str:
+    return next(k for k in _KINDS if getattr(handler, k, None) is not None)
+
+
+def _aborting(handler, code: grpc.StatusCode, details: str):
+    """A handler of the same kind as ``handler`` (unary if None) that fails every call with ``code``."""
+    def behavior(request, context):
+        context.abort(code, details)
+
+    kind = _kind(handler) if handler is not None else "unary_unary"
+    return _BUILDERS[kind](behavior)
+
+
+def bearer_token_matches(header: str, token: str) -> bool:
+    """``header`` is ``Bearer <token>`` (scheme case-insensitive, RFC 6750); constant-time compare."""
+    scheme, _, credentials = header.strip().partition(" ")
+    ok_scheme = scheme.lower() == "bearer"
+    ok_token = hmac.compare_digest(credentials.strip().encode(), token.encode())
+    return ok_scheme and ok_token
+
+
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` (health checks exempt)."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._token = token
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_UNAUTHENTICATED_METHODS):
             return continuation(handler_call_details)
         got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(got.encode(), self._expected):
+        if bearer_token_matches(got, self._token):
             return continuation(handler_call_details)
-        return self._deny
+        return _aborting(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
+                         "missing or wrong bearer token")
+
+
+class _Malformed:
+    """What the guarded deserializer returns for bytes that do not parse."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """Malformed request bytes fail ``INVALID_ARGUMENT`` (grpc's default: INTERNAL, "Exception
+    deserializing request!"): the method's deserializer is wrapped so a parse error becomes a
+    marker that the behaviour turns into an abort on the handler thread."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method, parse = handler_call_details.method, handler.request_deserializer
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # noqa: BLE001 - any parse failure is the client's bytes
+                return _Malformed(e)
+
+        def check(request, context):
+            if isinstance(request, _Malformed):
+                e = request.error
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"malformed request to {method}: {type(e).__name__}: {str(e)[:200]}")
+            return request
+
+        kind = _kind(handler)
+        inner = getattr(handler, kind)
+        if kind.startswith("unary"):
+            def behavior(request, context):
+                return inner(check(request, context), context)
+        else:
+            def behavior(requests, context):
+                return inner((check(r, context) for r in requests), context)
+        return _BUILDERS[kind](behavior, request_deserializer=deserialize,
+                               response_serializer=handler.response_serializer)
+
+
+def _check_tls_pair(cert: str, key: str) -> tuple[bytes, bytes]:
+    """The PEM bytes of a certificate chain and its key, or a one-line ValueError saying which
+    is unreadable or that the pair is invalid (checked with :mod:`ssl`, before grpc sees it)."""
+    import ssl
+
+    pem = {}
+    for what, path in (("certificate", cert), ("key", key)):
+        try:
+            pem[what] = Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read TLS {what} {path}: {e.strerror or e}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"invalid TLS certificate/key ({cert}, {key}): not a PEM certificate chain and its "
+                         f"unencrypted private key ({getattr(e, 'reason', None) or e})") from None
+    return pem["certificate"], pem["key"]
 
 
 @dataclass(kw_only=True)
@@ -81,7 +172,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     """Address to bind; without a token only loopback addresses are allowed."""
     port: int = 0
-    """Port to bind; 0 picks a free one (printed at start)."""
+    """Port to bind, 1..65535; 0 picks a free one (printed at start)."""
     token_file: str | None = None
     """File holding the bearer token; default: the FLEETRL_TOKEN environment variable."""
     tls_cert: str | None = None
@@ -111,7 +202,7 @@ class RunningServer:
         """Flip health to NOT_SERVING and keep accepting calls for ``lame_duck_s`` (so
         health checkers see it), then refuse new calls and let in-flight ones finish
         (up to ``grace_s``)."""
-        self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()  # idempotent: a second stop() only waits again
         if lame_duck_s > 0 and grace_s > 0:
             time.sleep(min(lame_duck_s, grace_s))
         self.server.stop(grace_s).wait()
@@ -120,6 +211,13 @@ class RunningServer:
 def serve(cfg: ServerConfig, add_servicers, service_names: list[str]) -> RunningServer:
     """Start a server; ``add_servicers(server)`` registers the services named in
     ``service_names`` (full names, e.g. ``fleetrl.reward.v1.RewardModel``)."""
+    if not (isinstance(cfg.port, int) and 0 <= cfg.port <= 65535):
+        raise ValueError(f"port must be 1..65535, or 0 for a free port (got {cfg.port!r})")
+    tls = None
+    if cfg.tls_cert or cfg.tls_key:
+        if not (cfg.tls_cert and cfg.tls_key):
+            raise ValueError("TLS needs both a certificate and a key")
+        tls = _check_tls_pair(cfg.tls_cert, cfg.tls_key)
     token = load_token(cfg.token_file)
     host = cfg.host
     if token is None and not is_loopback(host):
@@ -127,10 +225,13 @@ def serve(cfg: ServerConfig, add_servicers, service_names: list[str]) -> Running
         host = "127.0.0.1"
     elif token is None:
         log.warning("no token configured (%s or --token-file): unauthenticated, loopback only", TOKEN_ENV)
+    elif tls is None and not is_loopback(host):
+        log.warning("serving %s without TLS: the bearer token travels in plaintext (set a TLS certificate and key)",
+                    host)
     options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                ("grpc.max_send_message_length", cfg.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    interceptors = [TokenAuthInterceptor(token)] if token else []
+    interceptors = [*([TokenAuthInterceptor(token)] if token else []), MalformedRequestInterceptor()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers), interceptors=interceptors,
                          options=options)
     add_servicers(server)
@@ -139,11 +240,8 @@ def serve(cfg: ServerConfig, add_servicers, service_names: list[str]) -> Running
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bind = f"[{host}]:{cfg.port}" if ":" in host else f"{host}:{cfg.port}"
     try:
-        if cfg.tls_cert or cfg.tls_key:
-            if not (cfg.tls_cert and cfg.tls_key):
-                raise ValueError("TLS needs both a certificate and a key")
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            port = server.add_secure_port(bind, creds)
+        if tls is not None:
+            port = server.add_secure_port(bind, grpc.ssl_server_credentials([(tls[1], tls[0])]))
         else:
             port = server.add_insecure_port(bind)
     except RuntimeError as e:  # grpc reports a failed bind this way

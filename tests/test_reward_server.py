@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import queue
 import re
 import secrets
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -27,10 +29,12 @@ from actors.reward.client import RemoteRewardClient
 from actors.reward.hf import HFRewardModel, build_tiny_reward_model, check_checkpoint
 from actors.reward.models import LocalRewardModel, RewardModelSpec
 from actors.reward.scores import ScoreBatch
-from actors.reward.server import SERVICE_NAME, CallableBackend, HFBackend, main_serve, start_reward_server
+from actors.reward.server import (SERVICE_NAME, CallableBackend, HFBackend, MainThreadRunner, main_serve,
+                                  start_reward_server)
 from actors.serving import ServerConfig, channel, client_metadata
 from actors.types import Excluded, Exclusion
 from protos import reward_pb2, reward_pb2_grpc
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GRPCURL = ROOT / ".venv" / "bin" / "grpcurl"
@@ -68,6 +72,37 @@ def raising_reward(prompts, completions, **metadata):
 def blocking_reward(prompts, completions, **metadata):
     ENTERED.set()
     RELEASE.wait(30)
+    return length_reward(prompts, completions)
+
+
+class Gate:
+    """The first call of ``gated_reward`` blocks until ``release``; every call's prompts are recorded."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.calls: list[list[str]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+
+GATE = Gate()
+
+
+def gated_reward(prompts, completions, **metadata):
+    GATE.calls.append(list(prompts))
+    if len(GATE.calls) == 1:
+        GATE.entered.set()
+        GATE.release.wait(30)
+    return [1.0] * len(prompts)
+
+
+def file_gated_reward(prompts, completions, **metadata):
+    """For a server in another process: touches GATE_DIR/entered, then waits for GATE_DIR/release."""
+    gate = Path(os.environ["FLEETRL_TEST_GATE"])
+    (gate / "entered").touch()
+    while not (gate / "release").exists():
+        time.sleep(0.01)
     return length_reward(prompts, completions)
 
 
@@ -331,3 +366,156 @@ def test_main_serve_subprocess_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def serve_process(*args, env=None):
+    """``fleetrl reward serve ARGS`` as a real process: (process, address)."""
+    code = "import sys; from actors.reward.server import main_serve; sys.exit(main_serve(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        line = lines.get(timeout=45)
+    except queue.Empty:
+        proc.kill()
+        pytest.fail(f"the server printed no address line within 45 s: {proc.stderr.read()}")
+    m = re.fullmatch(r"fleetrl reward server \S+ listening on (\S+:\d+)\n", line)
+    assert m, line
+    return proc, m[1]
+
+
+def test_sigint_flips_health_before_the_batch_being_scored_ends(tmp_path):
+    """Health is NOT_SERVING right at the signal, while the main thread is still scoring; that call then
+    finishes (graceful drain) and the process exits 0."""
+    proc, address = serve_process("--function", spec(file_gated_reward), env={"FLEETRL_TEST_GATE": str(tmp_path)})
+    try:
+        with channel(address) as ch:
+            call = score_stub(ch).Score.future(request(*PAIRS), timeout=30)
+            wait_for(lambda: (tmp_path / "entered").exists(), 20, what="the reward function to be entered")
+            watch = health_stub(ch).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=15)
+            assert next(watch).status == SERVING
+            proc.send_signal(signal.SIGINT)
+            assert next(watch).status == NOT_SERVING  # DEADLINE_EXCEEDED if it waits for the batch
+            assert not call.done(), "the in-flight call ended before health flipped"
+            (tmp_path / "release").touch()
+            assert list(call.result(timeout=20).scores) == length_reward([p for p, _ in PAIRS], [c for _, c in PAIRS])
+            watch.cancel()
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---- limits: sample cap, abandoned requests, malformed bytes ------------------------------------
+
+def test_a_request_over_the_sample_cap_is_resource_exhausted():
+    with serving(CallableBackend(spec(length_reward))) as (running, ch):  # the default cap: 4096
+        stub = score_stub(ch)
+        assert rpc_code(stub.Score, request(*[("1=", "1")] * 4096), timeout=30) == grpc.StatusCode.OK
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(request(*[("1=", "1")] * 4097), timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4097 samples" in e.value.details() and "--max-request-samples 4096" in e.value.details()
+
+
+@contextlib.contextmanager
+def serving_on_runner(backend, max_request_samples=100_000):
+    """A reward server whose backend runs on a MainThreadRunner (as in ``fleetrl reward serve``)."""
+    runner, stop = MainThreadRunner(backend), threading.Event()
+    loop = threading.Thread(target=runner.run, args=(stop.is_set,), daemon=True)
+    loop.start()
+    running = start_reward_server(runner, ServerConfig(), max_request_samples=max_request_samples)
+    ch = channel(running.address)
+    try:
+        yield ch
+    finally:
+        GATE.release.set()
+        ch.close()
+        running.stop(grace_s=0)
+        stop.set()
+        loop.join(10)
+
+
+def expire(future, sent_at: float, timeout_s: float) -> None:
+    """The call fails DEADLINE_EXCEEDED; then wait until the server's copy of the deadline has passed too."""
+    with pytest.raises(grpc.RpcError) as e:
+        future.result(timeout=20)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: time.monotonic() > sent_at + timeout_s + 0.1, 5, what="the server-side deadline")
+
+
+@contextlib.contextmanager
+def serving_direct(backend, max_request_samples=100_000):
+    """A reward server whose backend runs on the gRPC handler threads."""
+    running = start_reward_server(backend, ServerConfig(), max_request_samples=max_request_samples)
+    ch = channel(running.address)
+    try:
+        yield ch
+    finally:
+        GATE.release.set()
+        ch.close()
+        running.stop(grace_s=0)
+
+
+@pytest.mark.parametrize("serve_on", [serving_on_runner, serving_direct], ids=["runner", "direct"])
+def test_an_expired_request_stops_between_batches(serve_on):
+    """10 batches of 100 samples; the client gives up during the first: the other 9 are never scored,
+    and the next call is served at once."""
+    GATE.reset()
+    with serve_on(CallableBackend(spec(gated_reward), max_batch_size=100)) as ch:
+        stub, sent_at = score_stub(ch), time.monotonic()
+        big = stub.Score.future(request(*[(f"big-{i}", "x") for i in range(1000)]), timeout=0.5)
+        assert GATE.entered.wait(10)
+        expire(big, sent_at, 0.5)
+        GATE.release.set()
+        assert list(stub.Score(request(("small", "x")), timeout=10).scores) == [1.0]
+    scored_big = sum(len(c) for c in GATE.calls if c[0].startswith("big-"))
+    assert scored_big == 100, f"{scored_big} samples of the abandoned request were scored ({len(GATE.calls)} calls)"
+
+
+def test_an_expired_queued_request_is_never_scored():
+    GATE.reset()
+    with serving_on_runner(CallableBackend(spec(gated_reward))) as ch:
+        stub = score_stub(ch)
+        first = stub.Score.future(request(("first", "x")), timeout=30)
+        assert GATE.entered.wait(10)
+        sent_at = time.monotonic()
+        queued = stub.Score.future(request(*[(f"queued-{i}", "x") for i in range(50)]), timeout=0.3)
+        expire(queued, sent_at, 0.3)
+        GATE.release.set()
+        assert list(first.result(timeout=10).scores) == [1.0]
+        assert list(stub.Score(request(("last", "x")), timeout=10).scores) == [1.0]
+    assert [c for c in GATE.calls if any(p.startswith("queued-") for p in c)] == []
+    assert [c[0] for c in GATE.calls] == ["first", "last"]
+
+
+def test_malformed_request_bytes_are_invalid_argument():
+    with serving(CallableBackend(spec(length_reward))) as (_, ch):
+        raw = ch.unary_unary(f"/{SERVICE_NAME}/Score")  # no serializer: the bytes go out as they are
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff\xff\xff", timeout=10)
+        assert rpc_code(score_stub(ch).Score, request(*PAIRS), timeout=10) == grpc.StatusCode.OK
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert f"malformed request to /{SERVICE_NAME}/Score" in e.value.details()
+
+
+def test_a_corrupt_safetensors_file_is_a_one_line_error(tiny_reward, tmp_path, capfd):
+    bad = copy_model(tiny_reward, tmp_path / "corrupt")
+    (bad / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + b"\0" * 64)
+    assert main_serve(["--model", str(bad)]) == 2
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("fleetrl reward serve: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert str(bad) in errors[0] or "safetensors" in errors[0].lower(), errors[0]
+
+
+def test_a_call_the_stopped_runner_will_not_score_is_unavailable():
+    """After shutdown (the runner closed) a late call fails UNAVAILABLE, the code clients retry on."""
+    runner = MainThreadRunner(CallableBackend(spec(length_reward)))
+    runner.close(RuntimeError("unused: nothing queued"))
+    with serving(runner) as (_, ch):
+        with pytest.raises(grpc.RpcError) as e:
+            score_stub(ch).Score(request(*PAIRS), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shut down" in e.value.details()
