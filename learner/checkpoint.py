@@ -3,7 +3,9 @@
 A checkpoint is a folder ``<run>/checkpoints/step-NNNNNN`` holding
 
 * ``policy/``            the policy (``save_pretrained``: safetensors, config, tokenizer);
-* ``learner_state.pt``   optimizer, scheduler, RNG states, ``policy_version``, estimator state;
+* ``learner_state.pt``   optimizer, scheduler, RNG states, ``policy_version``, estimator state:
+  tensors and plain containers only, loaded with ``torch.load(weights_only=True)``
+  so a crafted file cannot run code (it is refused with a CheckpointError);
 * ``trainer_state.json`` the step and the prompt stream's resume point (cursor, trained uids after it);
 * ``COMPLETE``           written last: only a folder with it is a checkpoint.
 
@@ -42,12 +44,38 @@ def save_learner_state(learner, path: str) -> None:
                os.path.join(path, LEARNER_STATE))
 
 
+_STATE_KEYS = ("optimizer", "scheduler", "policy_version", "baseline", "rng")
+
+
+def read_learner_state(path: str) -> dict:
+    """``learner_state.pt`` of the checkpoint at ``path``, unpickled with ``weights_only=True``
+    (tensors, numbers, strings and plain containers; nothing in the file can run code).
+    CheckpointError (one line) for a file that needs more, or is unreadable or incomplete."""
+    file = os.path.join(path, LEARNER_STATE)
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path}: {LEARNER_STATE} is missing") from None
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for code, RuntimeError for a corrupt file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path}: refused {LEARNER_STATE}: not plain tensor data "
+                              f"(torch.load weights_only=True: {first[:200]})") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if missing or not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+                       and isinstance(rng.get("python"), tuple)):
+        raise CheckpointError(f"checkpoint {path}: {LEARNER_STATE} is incomplete "
+                              f"(missing {missing or ['rng.torch/rng.python']})")
+    return state
+
+
 def load_learner_state(learner, path: str) -> int:
-    """Load what ``save_learner_state`` wrote (our own file: ``weights_only=False`` is safe
-    here); returns the restored ``policy_version``. CheckpointError if the weights do not
-    match the policy."""
+    """Load what ``save_learner_state`` wrote; returns the restored ``policy_version``.
+    CheckpointError if ``learner_state.pt`` is not plain tensor data (checked before
+    anything is changed) or the weights do not match the policy."""
     from safetensors.torch import load_file
 
+    state = read_learner_state(path)
     weights = {}
     for f in sorted(os.listdir(os.path.join(path, "policy"))):
         if f.endswith(".safetensors"):
@@ -60,7 +88,6 @@ def load_learner_state(learner, path: str) -> int:
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
         raise CheckpointError(f"checkpoint {path} does not match the policy: missing {missing}, "
                               f"unexpected {unexpected}")
-    state = torch.load(os.path.join(path, LEARNER_STATE), weights_only=False)
     learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.estimator.baseline = state["baseline"]
@@ -100,3 +127,18 @@ def find_checkpoint(where: str, run_dir: Path, say=print) -> tuple[Path, dict]:
             return c, json.loads((c / TRAINER_STATE).read_text())
         say(f"warning: skipping incomplete checkpoint {c} (no {MARKER} marker)")
     raise CheckpointError(f"train.resume: no complete checkpoint under {base}")
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints of the run (0 = keep all), and
+    ``.tmp`` leftovers older than the newest complete one; returns what was deleted."""
+    root = Path(run_dir) / "checkpoints"
+    if keep <= 0 or not root.is_dir():
+        return []
+    complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / MARKER).exists())
+    doomed = complete[:-keep]
+    newest = complete[-1].name if complete else None
+    doomed += [p for p in root.glob("step-*.tmp") if newest and p.name[:-len(".tmp")] < newest]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed

@@ -1,24 +1,81 @@
-"""Which policy folder every component loads: the user's ``model.path``, or the built-in one."""
+"""Which policy folder every component loads: the user's ``model.path``, or the built-in one.
+
+Every component loads safetensors only. A ``model.path`` whose weights are
+pickle files is refused unless ``model.allow_pickle: true``; then it is
+converted here, once, into a safetensors copy (``RUN_DIR/policy-safetensors``)
+and that copy is what the learner and the rollout workers load.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
-from actors.models.tiny import prepare_builtin_policy
+from actors.models.tiny import _cache_root, prepare_builtin_policy
+from actors.rollout.policy import check_policy_files, safetensors_weights
 from learner.config import Config, ConfigError
 
+CONVERTED = "policy-safetensors"
+_SOURCE = "fleetrl-converted-from.json"  # written last: a folder with it is a whole conversion
 
-def resolve_policy(cfg: Config) -> tuple[str, dict]:
-    """The policy folder to load everywhere, building the built-in one if needed."""
+
+def _fingerprint(src: Path) -> dict:
+    """What identifies the source folder's content cheaply: its path and its top-level files' sizes and mtimes."""
+    files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(src.iterdir()) if f.is_file()}
+    return {"source": str(src), "files": files}
+
+
+def convert_to_safetensors(src: str, dst: Path) -> Path:
+    """Load the pickle-weight policy at ``src`` (trusted: ``model.allow_pickle``) and save it with its
+    tokenizer as safetensors in ``dst``; reuses ``dst`` if it already holds this source's conversion."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_path = Path(src).resolve()
+    source = _fingerprint(src_path)
+    marker = dst / _SOURCE
+    if marker.exists() and json.loads(marker.read_text()) == source and safetensors_weights(str(dst)):
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src_path, dtype="auto", use_safetensors=False)
+        model.save_pretrained(tmp)  # safetensors: the default format (and in transformers 5 the only one)
+        AutoTokenizer.from_pretrained(src_path).save_pretrained(tmp)
+    except Exception as e:  # noqa: BLE001 - any loader error, with the key name
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"model.path: cannot convert {src!r} to safetensors: {type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0]}") from None
+    (tmp / _SOURCE).write_text(json.dumps(source))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(tmp, dst)
+    return dst
+
+
+def resolve_policy(cfg: Config, run_dir: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """The policy folder to load everywhere, building the built-in one if needed. A pickle-only
+    ``model.path`` is refused (ConfigError) unless ``model.allow_pickle``; then it is converted
+    once into ``run_dir/policy-safetensors`` (without ``run_dir``: the fleetrl cache) and that
+    folder is returned, so every component loads safetensors only."""
     if cfg.model.path:
         from transformers import AutoConfig
 
+        check_policy_files(cfg.model.path, cfg.model.allow_pickle)
         try:
             AutoConfig.from_pretrained(cfg.model.path)
         except Exception as e:  # noqa: BLE001 - surface any loader error with the key name
             raise ConfigError(f"model.path: cannot load {cfg.model.path!r}: {type(e).__name__}: {e}") from None
         if os.path.isdir(cfg.model.path):  # actors need not share the driver's working directory
+            if cfg.model.allow_pickle and not safetensors_weights(cfg.model.path):
+                src = str(Path(cfg.model.path).resolve())
+                if run_dir is not None:
+                    dst = Path(run_dir) / CONVERTED
+                else:
+                    dst = _cache_root() / CONVERTED / hashlib.sha256(src.encode()).hexdigest()[:16]
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                return str(convert_to_safetensors(src, dst.resolve())), {}
             return str(Path(cfg.model.path).resolve()), {}
         return cfg.model.path, {}
     if cfg.task.name != "reverse":

@@ -243,7 +243,7 @@ def run_trl(policy: str, P: int, G: int, seconds: float, tmp: Path, tag: str, pa
     if rc != 0:
         raise RuntimeError(f"TRL run failed (rc {rc}); last lines of {log}:\n" + "".join(log.read_text()[-3000:]))
     res = json.loads(Path(spec["result_file"]).read_text())
-    snaps = torch.load(spec["snap_file"], weights_only=False)
+    snaps = torch.load(spec["snap_file"], weights_only=True)
     n = min(len(res["ends"]), len(res["rewards"]))
     return {"ends": res["ends"][:n], "rewards": res["rewards"][:n], "setup_s": res["setup_s"],
             "process_s": time.perf_counter() - t0, "snaps": snaps["snaps"], "final": snaps["final"],
