@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RewardModelSpec(_message.Message):
-    __slots__ = ("name", "endpoint", "checkpoint_dir", "weight", "timeout_s", "batch_size", "tls_ca_pem", "max_attempts", "failure_threshold", "cooldown_s")
+    __slots__ = ("name", "endpoint", "checkpoint_dir", "weight", "timeout_s", "batch_size", "tls_ca_pem", "max_attempts", "failure_threshold", "cooldown_s", "token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class RewardModelSpec(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     endpoint: str
     checkpoint_dir: str
@@ -28,23 +29,28 @@ class RewardModelSpec(_message.Message):
     max_attempts: int
     failure_threshold: int
     cooldown_s: float
-    def __init__(self, name: _Optional[str] = ..., endpoint: _Optional[str] = ..., checkpoint_dir: _Optional[str] = ..., weight: _Optional[float] = ..., timeout_s: _Optional[float] = ..., batch_size: _Optional[int] = ..., tls_ca_pem: _Optional[bytes] = ..., max_attempts: _Optional[int] = ..., failure_threshold: _Optional[int] = ..., cooldown_s: _Optional[float] = ...) -> None: ...
+    token: str
+    def __init__(self, name: _Optional[str] = ..., endpoint: _Optional[str] = ..., checkpoint_dir: _Optional[str] = ..., weight: _Optional[float] = ..., timeout_s: _Optional[float] = ..., batch_size: _Optional[int] = ..., tls_ca_pem: _Optional[bytes] = ..., max_attempts: _Optional[int] = ..., failure_threshold: _Optional[int] = ..., cooldown_s: _Optional[float] = ..., token: _Optional[str] = ...) -> None: ...
 
 class RewardModelInfo(_message.Message):
-    __slots__ = ("spec", "healthy", "scored", "failed", "reward_mean", "last_error")
+    __slots__ = ("spec", "healthy", "scored", "failed", "reward_mean", "last_error", "disabled", "disabled_reason")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     SCORED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_REASON_FIELD_NUMBER: _ClassVar[int]
     spec: RewardModelSpec
     healthy: bool
     scored: int
     failed: int
     reward_mean: float
     last_error: str
-    def __init__(self, spec: _Optional[_Union[RewardModelSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., scored: _Optional[int] = ..., failed: _Optional[int] = ..., reward_mean: _Optional[float] = ..., last_error: _Optional[str] = ...) -> None: ...
+    disabled: bool
+    disabled_reason: str
+    def __init__(self, spec: _Optional[_Union[RewardModelSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., scored: _Optional[int] = ..., failed: _Optional[int] = ..., reward_mean: _Optional[float] = ..., last_error: _Optional[str] = ..., disabled: _Optional[bool] = ..., disabled_reason: _Optional[str] = ...) -> None: ...
 
 class RegisterRewardModelRequest(_message.Message):
     __slots__ = ("spec",)

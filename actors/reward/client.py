@@ -11,7 +11,9 @@
   finite score per sample;
 * a **circuit breaker**: after ``failure_threshold`` consecutive failed calls
   the model is *unhealthy* and calls fail fast for ``cooldown_s``; then one
-  trial call is let through, and a success closes the circuit again.
+  trial call is let through, and a success closes the circuit again. While
+  the circuit is open the run sends no traffic (rollout pauses), so the
+  driver asks for the trial itself (``trial``: one sample of the last batch).
 
 A failure never becomes a score: the affected samples get an ``Excluded``
 (``reward_timeout``, ``reward_unavailable``, ``reward_unhealthy``,
@@ -115,6 +117,19 @@ class CircuitBreaker:
                 self.opened_at = self.clock()
 
 
+class ProbeError(Exception):
+    """A reward model failed its registration probe: ``code`` (a gRPC status code name, or
+    the exception type for a local checkpoint) and ``details`` -- plain strings, so it
+    pickles across Ray; ``str()`` is ``"CODE: details"``."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.details}"
+
+
 class RemoteRewardClient:
     """Scores samples with a remote RewardModel server (see module docstring)."""
 
@@ -127,6 +142,7 @@ class RemoteRewardClient:
         self.stub = reward_pb2_grpc.RewardModelStub(self.channel)
         self.breaker = CircuitBreaker(spec.failure_threshold, spec.cooldown_s, clock=clock)
         self.stats = RewardStats()
+        self.last_sample: ScoreBatch | None = None  # one sample of the last batch: the trial call's
 
     def close(self) -> None:
         self.channel.close()
@@ -135,12 +151,16 @@ class RemoteRewardClient:
         return {"healthy": self.breaker.healthy, **self.stats.snapshot()}
 
     def probe(self) -> dict:
-        """GetMetadata with the call deadline; raises ``grpc.RpcError`` if the server
-        cannot be reached, refuses our token, or does not serve RewardModel."""
+        """GetMetadata with the call deadline; raises ``ProbeError`` (plain, picklable: it
+        crosses Ray intact, unlike grpc's ``_InactiveRpcError``) with the gRPC code name and
+        details if the server cannot be reached, refuses our token, or does not serve RewardModel."""
         from protos import reward_pb2
 
-        md = self.stub.GetMetadata(reward_pb2.GetMetadataRequest(), timeout=min(self.spec.timeout_s, 30.0),
-                                   metadata=client_metadata(self.token))
+        try:
+            md = self.stub.GetMetadata(reward_pb2.GetMetadataRequest(), timeout=min(self.spec.timeout_s, 30.0),
+                                       metadata=client_metadata(self.token))
+        except grpc.RpcError as e:
+            raise ProbeError(e.code().name, e.details() or "") from None
         return {"name": md.name, "version": md.version, "kind": md.kind, "max_batch_size": md.max_batch_size}
 
     def score(self, batch: ScoreBatch) -> Result:
@@ -150,8 +170,21 @@ class RemoteRewardClient:
             out += self._score_batch(batch.slice(slice(i, i + bs)))
         return out
 
+    def trial(self) -> bool:
+        """The half-open trial without traffic (rollout pauses while the circuit is open):
+        once the cooldown has passed, one real Score call with one sample of the last batch;
+        its result opens or closes the circuit and is counted nowhere else. Returns healthy."""
+        if self.breaker.healthy or self.last_sample is None or not self.breaker.allow():
+            return self.breaker.healthy
+        result = self._call(to_request(self.last_sample))
+        self.breaker.record(first_failure(result) is None)
+        if first_failure(result) is not None:
+            self.stats.fail(0, str(first_failure(result)))
+        return self.breaker.healthy
+
     def _score_batch(self, batch: ScoreBatch) -> Result:
         name, n = self.spec.name, len(batch)
+        self.last_sample = batch.slice(slice(0, 1))
         if not self.breaker.allow():
             result = excluded(n, Exclusion.REWARD_UNHEALTHY, f"{name!r} circuit open after "
                               f"{self.breaker.failures} failed calls, last: {self.stats.last_error}")

@@ -11,44 +11,89 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
 import torch
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """Weight-file suffixes that are (or may be) pickles: loading one can run code."""
 _CONFIG_FILES = ("config.json", "tokenizer_config.json")
+_WEIGHTS, _INDEX = "model.safetensors", "model.safetensors.index.json"
+MAX_JSON_BYTES = 16 * 1024 * 1024
+"""Largest config / index file read (a bigger one is refused, not read)."""
+MAX_ENTRIES = 10_000
+"""Most entries at the top of a checkpoint folder that are looked at."""
 
 
 def _read_json(path: Path) -> dict:
-    """The JSON object in ``path``; ValueError if it is not one."""
+    """The JSON object in ``path`` (a regular file of at most MAX_JSON_BYTES); ValueError if it is not one."""
     try:
+        if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path}: not a regular file of at most {MAX_JSON_BYTES} bytes")
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
+        raise ValueError(f"{path}: unreadable JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
+def _has_pickles(root: Path) -> bool:
+    """Whether the top level of ``root`` holds a file (or a symlink, followed) with a pickle suffix."""
+    with os.scandir(root) as entries:
+        for i, entry in enumerate(entries):
+            if i >= MAX_ENTRIES:
+                raise ValueError(f"reward model {root}: more than {MAX_ENTRIES} entries; not a checkpoint folder")
+            if entry.name.lower().endswith(PICKLE_SUFFIXES):
+                return True
+    return False
+
+
+def _shards(root: Path) -> list[str]:
+    """The shard file names ``model.safetensors.index.json`` points at, each a plain
+    ``*.safetensors`` name in ``root`` that exists (ValueError otherwise)."""
+    weight_map = _read_json(root / _INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"reward model {root}: {_INDEX} has no weight_map")
+    names = sorted({str(v) for v in weight_map.values()})
+    for name in names:
+        if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise ValueError(f"reward model {root}: {_INDEX} names a shard that is not a *.safetensors file "
+                             "in the folder")
+        if not (root / name).is_file():
+            raise ValueError(f"reward model {root}: a shard named in {_INDEX} is missing")
+    return names
+
+
 def check_checkpoint(path) -> None:
     """Refuse (ValueError, with the reason) a folder that is unsafe or unusable to load.
 
-    Checked without deserialising anything: the folder exists, holds
-    ``*.safetensors`` weights and a ``config.json``, holds no pickle files
-    anywhere (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.ckpt`` -- even next
-    to safetensors), and neither config asks for remote code (``auto_map``).
+    Checks only what ``from_pretrained(use_safetensors=True)`` reads, at the top of
+    the folder (symlinks followed, no recursive walk, nothing deserialised):
+    ``config.json``; ``model.safetensors``, or ``model.safetensors.index.json`` and
+    every shard it names (plain file names in the folder); no pickle weights
+    (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``, ``*.ckpt``) next to them;
+    and neither config asks for remote code (``auto_map``). Errors never list the
+    folder's contents. Subfolders are not looked at: transformers does not load them.
     """
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"reward model {root}: no such directory")
-    pickles = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    try:
+        pickles = _has_pickles(root)
+    except OSError as e:
+        raise ValueError(f"reward model {root}: cannot read the folder ({e.strerror or type(e).__name__})") from None
     if pickles:
-        raise ValueError(f"reward model {root}: refusing pickle files ({', '.join(pickles)}); "
-                         "they can run arbitrary code when loaded -- keep only *.safetensors weights")
-    if not any(root.glob("*.safetensors")):
-        raise ValueError(f"reward model {root}: no *.safetensors weights (only safetensors checkpoints are loaded)")
+        raise ValueError(f"reward model {root}: refusing a folder with pickle weight files "
+                         f"({', '.join(PICKLE_SUFFIXES)}); they can run arbitrary code when loaded -- keep only "
+                         "*.safetensors weights")
+    if not (root / _WEIGHTS).is_file():
+        if not (root / _INDEX).is_file():
+            raise ValueError(f"reward model {root}: no *.safetensors weights ({_WEIGHTS} or {_INDEX}; "
+                             "only safetensors checkpoints are loaded)")
+        _shards(root)
     if not (root / "config.json").is_file():
         raise ValueError(f"reward model {root}: no config.json")
     for name in _CONFIG_FILES:

@@ -60,7 +60,19 @@ class LocalRewardModel:
     def info(self) -> dict:
         return {"healthy": True, **self.stats.snapshot()}
 
+    def trial(self) -> bool:
+        """No circuit: a local model is always called (see ``RemoteRewardClient.trial``)."""
+        return True
+
     def probe(self) -> dict:
+        """The model's metadata; raises ``ProbeError`` (picklable, one line) if the loaded
+        checkpoint cannot score a sample."""
+        from actors.reward.client import ProbeError
+
+        try:
+            self.model.score(["probe"], [""])
+        except Exception as e:  # noqa: BLE001 - any failure means the model is not usable
+            raise ProbeError(type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "") from None
         return {"name": self.spec.name, "version": self.model.version, "kind": self.model.kind,
                 "max_batch_size": self.spec.batch_size}
 

@@ -2,38 +2,37 @@
 
 Thin: the servicer translates protobuf <-> Python and ``ControlError`` ->
 status codes; the logic is ``registry.RewardRegistry`` and the trainer's
-status and scale functions.
+status and scale functions. The rules on what a client may register (allowed
+endpoints, per-model tokens, checkpoint roots, caps) are in ``registry``;
+``ScaleRollout`` above the fleet's maximum is refused (OUT_OF_RANGE), not capped.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 
 import grpc
 
 from actors.reward.models import RewardModelSpec
-from actors.serving import load_token, serve
+from actors.serving import serve
 from actors.validation import ConfigError
 from learner.control.registry import ControlError, RewardRegistry
 from protos import control_pb2, control_pb2_grpc
 
 SERVICE_NAME = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
+SPARE_THREADS = 4
+"""Control server threads beyond control.max_reward_models (each registration holds one while it probes)."""
 
 
 # -- protobuf translation ------------------------------------------------------------------------
-def spec_from_proto(p: control_pb2.RewardModelSpec, token_file: str | None = None) -> RewardModelSpec:
-    """Proto -> spec, defaults for unset (0) fields. The token for calling reward servers
-    is the driver's $FLEETRL_REWARD_TOKEN_FILE or $FLEETRL_REWARD_TOKEN (never the Control
-    token: a reward server must not be able to control the run), resolved here so
-    reward-model actors on other nodes have it too."""
-    try:
-        token = load_token(token_file, env="FLEETRL_REWARD_TOKEN")
-    except (OSError, ValueError) as e:
-        raise ControlError(grpc.StatusCode.FAILED_PRECONDITION, f"reward token file: {e}") from None
+def spec_from_proto(p: control_pb2.RewardModelSpec) -> RewardModelSpec:
+    """Proto -> spec, defaults for unset (0) fields. ``token`` is the registration's own token
+    (None when unset); the registry decides whether the run's reward token may be used instead
+    (``registry.RewardRegistry._authorize``: only for control.allowed_reward_endpoints)."""
     d = RewardModelSpec(name="")
     return RewardModelSpec(name=p.name, endpoint=p.endpoint, checkpoint_dir=p.checkpoint_dir,
                            weight=p.weight if p.HasField("weight") else d.weight, timeout_s=p.timeout_s or d.timeout_s,
-                           batch_size=p.batch_size or d.batch_size, token=token, tls_ca=p.tls_ca_pem or None,
+                           batch_size=p.batch_size or d.batch_size, token=p.token or None, tls_ca=p.tls_ca_pem or None,
                            max_attempts=p.max_attempts or d.max_attempts,
                            failure_threshold=p.failure_threshold or d.failure_threshold,
                            cooldown_s=p.cooldown_s or d.cooldown_s)
@@ -51,17 +50,17 @@ def info_to_proto(info: dict) -> control_pb2.RewardModelInfo:
         spec.checkpoint_dir = s.checkpoint_dir
     return control_pb2.RewardModelInfo(spec=spec, healthy=info["healthy"], scored=info["scored"],
                                        failed=info["failed"], reward_mean=info["reward_mean"],
-                                       last_error=info["last_error"])
+                                       last_error=info["last_error"], disabled=info.get("disabled", False),
+                                       disabled_reason=info.get("disabled_reason", ""))
 
 
 class ControlServicer(control_pb2_grpc.ControlServicer):
     """Thin: protobuf in, registry/status call, protobuf out, ControlError -> status code."""
 
-    def __init__(self, registry: RewardRegistry, status_fn, client_token_file: str | None = None, scale_fn=None):
+    def __init__(self, registry: RewardRegistry, status_fn, scale_fn=None):
         self.registry = registry
         self.status_fn = status_fn
         self.scale_fn = scale_fn
-        self.client_token_file = client_token_file
 
     def _call(self, context, fn, *args):
         try:
@@ -70,8 +69,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
             context.abort(e.code, str(e))
 
     def RegisterRewardModel(self, request, context):
-        spec = self._call(context, spec_from_proto, request.spec, self.client_token_file)
-        info = self._call(context, self.registry.register, spec)
+        info = self._call(context, self.registry.register, spec_from_proto(request.spec))
         return control_pb2.RegisterRewardModelResponse(model=info_to_proto(info))
 
     def RemoveRewardModel(self, request, context):
@@ -85,18 +83,21 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         return control_pb2.GetStatusResponse(**self.status_fn())
 
     def ScaleRollout(self, request, context):
+        """Refused above the fleet's maximum (OUT_OF_RANGE, the message says it and why), not capped."""
         if self.scale_fn is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server cannot scale rollout workers")
         previous = self.status_fn().get("rollout_workers", 0)
-        try:  # the fleet validates the request (rollout.num_workers >= 1)
-            target = self.scale_fn(request.num_workers)
+        try:  # the fleet validates the request (>= 1, within its maximum)
+            target = self._call(context, self.scale_fn, request.num_workers)
         except ConfigError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return control_pb2.ScaleRolloutResponse(previous=previous, target=target)
 
 
 def start_control_server(registry: RewardRegistry, status_fn, cfg, scale_fn=None):
-    """Serve Control with the common server setup (auth, health, reflection, limits)."""
-    servicer = ControlServicer(registry, status_fn, client_token_file=os.environ.get("FLEETRL_REWARD_TOKEN_FILE"),
-                               scale_fn=scale_fn)
+    """Serve Control with the common server setup (auth, health, reflection, limits). The
+    server gets enough threads that registrations probing at once (at most
+    control.max_reward_models) leave SPARE_THREADS for status, listing and the rest."""
+    cfg = replace(cfg, max_workers=max(cfg.max_workers, registry.control.max_reward_models + SPARE_THREADS))
+    servicer = ControlServicer(registry, status_fn, scale_fn=scale_fn)
     return serve(cfg, lambda server: control_pb2_grpc.add_ControlServicer_to_server(servicer, server), [SERVICE_NAME])
