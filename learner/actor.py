@@ -11,18 +11,24 @@ from __future__ import annotations
 import ray
 
 from actors.runtime import object_store
+from actors.runtime.actors import WATCH_GROUP, watched
 from actors.runtime.placement import actor_env, where
 from actors.weights.collective import GroupSpec
 from actors.weights.flat import Payload
 from learner.learner import Learner, LearnerConfig
 
 
+@watched
 class LearnerActor(Learner):
     def __init__(self, model_path: str, cfg: LearnerConfig, **kwargs):
         super().__init__(model_path, cfg, put_weights=object_store.put, **kwargs)
 
     def where(self) -> dict:
         return where()
+
+    def version(self) -> int:
+        """``policy_version`` (a property of the plain learner; actors expose methods)."""
+        return self.policy_version
 
     def sync_device(self) -> dict:
         return self.broadcast.device_info()
@@ -39,6 +45,6 @@ class LearnerActor(Learner):
 
 def create_learner(model_path: str, cfg: LearnerConfig, placement: dict | None = None, **kwargs):
     """Start the learner actor (OpenMP keeps its default spinning waits: see ``actor_env``)."""
-    return ray.remote(LearnerActor).options(
+    return ray.remote(concurrency_groups=WATCH_GROUP)(LearnerActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
         runtime_env=actor_env(cfg.num_threads, passive_omp=False), **(placement or {})).remote(model_path, cfg, **kwargs)

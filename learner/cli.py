@@ -5,12 +5,12 @@
     fleetrl config --reference                               # the configuration reference (Markdown)
     fleetrl reward serve (--model DIR | --function MODULE:FN) [--port P] ...   # serve a reward model
     fleetrl reward add NAME (--endpoint HOST:PORT | --checkpoint DIR) [--weight W] [--score-timeout S]
-                       [--batch-size N] [--reward-tls-ca FILE] [--max-attempts N] [--failure-threshold N]
-                       [--cooldown S]
+                       [--batch-size N] [--reward-tls-ca FILE] [--reward-token-file FILE] [--max-attempts N]
+                       [--failure-threshold N] [--cooldown S]
     fleetrl reward remove NAME
     fleetrl reward list
     fleetrl status
-    fleetrl scale --rollout N
+    fleetrl scale --rollout N                                # at most rollout.max_workers / what fits
     fleetrl model prepare NAME DIR                           # convert a wheel-shipped model (smollm2) to an HF folder
     fleetrl model list
 
@@ -93,29 +93,65 @@ def init_ray(address: str | None):
     return True
 
 
+def _run_dir(opts: dict) -> Path:
+    run_dir = Path(opts.get("--output-dir") or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--output-dir {run_dir}: exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir {run_dir}: {e.strerror or e}") from None
+    return run_dir
+
+
+def _stop_on_signals(stop) -> None:
+    """First SIGINT/SIGTERM: finish the step, write a checkpoint and summary.json, exit 130.
+    A second one: exit at once."""
+    import signal
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            print(f"fleetrl train: second {name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(130)
+        stop.set()
+        print(f"fleetrl train: {name}: stopping after this step (checkpoint and summary.json follow; "
+              f"{name} again exits at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_train(argv: list[str]) -> int:
+    import threading
+
     from learner.config import load_config
+    from learner.driver.preflight import preflight
 
     path, opts, overrides = split_args(argv, {"--address", "--output-dir", "--resume"}, {"--no-progress"})
     if "--resume" in opts:
         overrides += ["--train.resume", opts["--resume"]]
     cfg = load_config(path, overrides)
-    run_dir = Path(opts.get("--output-dir") or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = _run_dir(opts)
+    preflight(cfg, run_dir)  # files and paths, before Ray starts
     import ray
 
-    from learner.driver.trainer import Trainer
+    from learner.driver.errors import RunFailed
+    from learner.driver.run import run_training
 
-    started = init_ray(opts.get("--address"))
-    trainer = Trainer(cfg, run_dir, progress=not opts.get("--no-progress"))
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    init_ray(opts.get("--address"))
     try:
-        summary = trainer.train()
+        summary = run_training(cfg, run_dir, progress=not opts.get("--no-progress"), stop_requested=stop)
+    except RunFailed as e:
+        print(f"fleetrl train: error: {e} (summary written to {run_dir / 'summary.json'})", file=sys.stderr)
+        return 1
     finally:
-        if not started:  # a shared cluster keeps running: remove this run's actors
-            trainer.shutdown()
         ray.shutdown()
     print(json.dumps(summary, indent=2))
     print(f"summary written to {run_dir / 'summary.json'}")
-    return 0
+    return 130 if summary["status"] == "stopped" else 0
 
 
 def cmd_config(argv: list[str]) -> int:
@@ -209,6 +245,11 @@ def cmd_reward(argv: list[str]) -> int:
             name=args.name, weight=args.weight, timeout_s=args.score_timeout, batch_size=args.batch_size,
             max_attempts=args.max_attempts, failure_threshold=args.failure_threshold, cooldown_s=args.cooldown,
             tls_ca_pem=_read_file(args.reward_tls_ca, "--reward-tls-ca") if args.reward_tls_ca else b"")
+        if args.reward_token_file:
+            token = _read_file(args.reward_token_file, "--reward-token-file").decode(errors="replace").strip()
+            if not token:
+                raise UsageError(f"--reward-token-file {args.reward_token_file} is empty")
+            spec.token = token
         if args.endpoint:
             spec.endpoint = args.endpoint
         else:
@@ -233,6 +274,10 @@ def _add_client_flags(p) -> None:
     Control channel, hence ``--reward-tls-ca``)."""
     p.add_argument("--reward-tls-ca", metavar="FILE",
                    help="PEM CA certificate of the reward server's TLS (read here, sent to the trainer)")
+    p.add_argument("--reward-token-file", metavar="FILE",
+                   help="this reward server's bearer token (read here, sent to the trainer, never echoed); "
+                        "without it the trainer's $FLEETRL_REWARD_TOKEN is used, only for endpoints in "
+                        "control.allowed_reward_endpoints")
     p.add_argument("--max-attempts", type=int, default=3, help="tries per Score call (retries on UNAVAILABLE)")
     p.add_argument("--failure-threshold", type=int, default=3,
                    help="consecutive failed calls that mark the model unhealthy")

@@ -28,7 +28,7 @@ from actors.reward.worker import RewardConfig
 from actors.rollout.worker import RolloutConfig
 from actors.tasks.arithmetic import Arithmetic
 from actors.tasks.reverse import ReverseDigits
-from actors.validation import ConfigError, require  # noqa: F401 - ConfigError is part of this module's API
+from actors.validation import ConfigError, check_resources, require  # noqa: F401 - ConfigError is part of this module's API
 from learner.learner import LearnerConfig
 
 
@@ -201,6 +201,13 @@ class Config:
     """The Control gRPC service of the running trainer."""
 
     def __post_init__(self):
+        if not self.reward.model_disable_after_s:
+            self.reward.model_disable_after_s = self.train.sample_timeout_s / 4
+        require(self.reward.model_disable_after_s < self.train.sample_timeout_s, "reward.model_disable_after_s",
+                f"must be < train.sample_timeout_s ({self.train.sample_timeout_s:g}): a paused run must disable "
+                f"an unhealthy reward model before it gives up waiting for samples")
+        for section in ("learner", "rollout", "reward"):
+            check_resources(f"{section}.resources", getattr(self, section).resources)
         if self.train.weight_sync == "collective" and self.train.weight_sync_backend == "nccl":
             for section in ("learner", "rollout"):
                 c = getattr(self, section)
@@ -345,9 +352,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: {e.strerror or e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         data = loaded or {}

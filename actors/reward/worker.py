@@ -36,15 +36,16 @@ class RewardConfig:
     """Weight of each function in the combined reward; empty = all 1.0."""
     max_replacements: int = 10
     """Reward workers that may die and be replaced during a run before it fails."""
-    model_disable_after_s: float = 30.0
+    model_disable_after_s: float = 0.0
     """A registered reward model that stays unhealthy (circuit open, or its actor dead) this long is
-    disabled: the run goes on with the other reward terms. Until then rollout pauses."""
+    disabled: the run goes on with the other reward terms; until then rollout pauses. 0 = a quarter of
+    train.sample_timeout_s (30 s by default)."""
 
     def __post_init__(self):
         require(self.num_workers >= 1, "reward.num_workers", "must be >= 1")
         require(self.num_cpus >= 0, "reward.num_cpus", "must be >= 0")
         require(self.max_replacements >= 0, "reward.max_replacements", "must be >= 0")
-        require(self.model_disable_after_s > 0, "reward.model_disable_after_s", "must be > 0")
+        require(self.model_disable_after_s >= 0, "reward.model_disable_after_s", "must be >= 0 (0 = automatic)")
         require(bool(self.functions), "reward.functions", "at least one reward function is required")
         require(not self.weights or len(self.weights) == len(self.functions), "reward.weights",
                 f"{len(self.weights)} weights for {len(self.functions)} functions")

@@ -10,6 +10,7 @@ together. The streaming loop is ``rollout_loop.py``; placement helpers are
 from __future__ import annotations
 
 import logging
+import threading
 
 import ray
 
@@ -60,11 +61,28 @@ class RolloutActor:
     def sync_receive(self, epoch: int) -> int:
         return self.worker.staged.receive(epoch)
 
-    def run(self, coordinator, reward_actors: list) -> dict:
+    def run(self, coordinator) -> dict:
         """Stream until the coordinator says stop; returns this worker's counters."""
-        return run_rollout_loop(self.worker, coordinator, reward_actors)
+        return run_rollout_loop(self.worker, coordinator)
 
 
+def watched(cls):
+    """Give an actor class a ``watch()`` that never returns, in a concurrency group of its own:
+    the driver holds the ref of one ``watch`` call per actor, and ``ray.wait`` on those
+    refs tells it the moment an actor dies (the ref fails), without polling."""
+    def watch(self) -> None:
+        threading.Event().wait()
+
+    cls.watch = ray.method(concurrency_group="watch")(watch)
+    return cls
+
+
+WATCH_GROUP = {"watch": 1}
+"""The ``concurrency_groups`` every watched actor class is made remote with
+(``ray.remote(concurrency_groups=...)``: ``.options`` does not take it)."""
+
+
+@watched
 class RewardActor:
     """Ray actor around ``RewardWorker``."""
 
@@ -111,6 +129,10 @@ class RewardModelActor:
     def probe(self) -> dict:
         return self.model.probe()
 
+    def trial(self) -> bool:
+        """The circuit's half-open trial while no traffic comes (``RemoteRewardClient.trial``)."""
+        return self.model.trial()
+
     def close(self) -> None:
         self.model.close()
 
@@ -122,6 +144,9 @@ class CoordinatorActor(Coordinator):
         skip = set(skip)
         stream = (p for p in make_task(task_name, **task_kwargs).prompt_stream(start) if p.uid not in skip)
         super().__init__(stream, start_uid=start, committed_uids=sorted(skip), **kwargs)
+
+    def where(self) -> dict:
+        return where()
 
     async def get_batch_ref(self, version: int, timeout_s: float) -> list:
         """``get_batch``, with the groups put in the object store: returns ``[ref]``.
@@ -156,11 +181,15 @@ def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed
     return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed)
 
 
+def create_reward_actor(cfg: RewardConfig, placement: dict | None = None):
+    return ray.remote(concurrency_groups=WATCH_GROUP)(RewardActor).options(
+        num_cpus=cfg.num_cpus, resources=cfg.resources or None, runtime_env=actor_env(1),
+        **(placement or {})).remote(cfg)
+
+
 def create_reward_group(cfg: RewardConfig, placements: list[dict] | None = None) -> ActorSet:
     placements = placements or [{}] * cfg.num_workers
-    return ActorSet({f"reward-{i}": ray.remote(RewardActor).options(
-        num_cpus=cfg.num_cpus, resources=cfg.resources or None, runtime_env=actor_env(1), **p).remote(cfg)
-        for i, p in enumerate(placements)})
+    return ActorSet({f"reward-{i}": create_reward_actor(cfg, p) for i, p in enumerate(placements)})
 
 
 def create_reward_model_actor(spec, *, num_cpus: float = 0.0):

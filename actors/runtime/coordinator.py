@@ -19,7 +19,20 @@ workers finish out of order) are dropped and counted, never trained on.
 
 Accounting: every sample put into the buffer counts as *produced*; each is
 eventually *trained* (its learner step committed) or *dropped* with a reason,
-so at the end ``produced == trained + dropped`` exactly.
+so at the end ``produced == trained + dropped`` exactly. A group is accepted
+once: a second put of a prompt that is no longer in flight (a rollout worker
+re-sends a group whose reward worker died after putting it) is counted as
+produced and dropped as ``duplicate``.
+
+Pause. ``pause(reason)`` closes the gate for every worker; ``pause(None)``
+opens it again. The coordinator pauses itself the moment a sample arrives
+that lacks a term because a registered reward model is unhealthy (its circuit
+is open): everything generated after it would lack that term too. The driver
+opens the gate again once the model is healthy, disabled or removed
+(``learner.driver.supervisor``).
+
+The coordinator also holds the current list of reward actors (the driver
+replaces a dead one; the rollout loops read the list from here).
 """
 
 from __future__ import annotations
@@ -71,6 +84,10 @@ class Coordinator:
         self.dropped: Counter[str] = Counter()
         self.last_error: dict[str, str] = {}
         self.produced_by_worker: Counter[str] = Counter()
+        self.paused: str | None = None  # why the gate is closed for everyone, or None
+        self.reward_actor_list: list = []
+        self.cursor = start_uid  # first prompt uid not trained on (committed_uids holds the ones after it)
+        self._advance_cursor()
 
     # -- capacity ------------------------------------------------------------------
     def _limit(self) -> int:
@@ -92,7 +109,8 @@ class Coordinator:
         and ``[]`` when ``timeout_s`` passed with the gate closed (ask again).
         """
         def ready():
-            return self.stopping or worker in self.retiring or bool(self.requeue) or self._live() < self._limit()
+            return self.stopping or worker in self.retiring or (
+                self.paused is None and (bool(self.requeue) or self._live() < self._limit()))
 
         async with self.cond:
             try:
@@ -126,6 +144,22 @@ class Coordinator:
             self.cond.notify_all()
             return len(lost)
 
+    async def pause(self, reason: str | None) -> None:
+        """Close the gate for every worker (``reason``), or open it again (None)."""
+        async with self.cond:
+            self.paused = reason
+            self.cond.notify_all()
+
+    def set_reward_actors(self, actors: list) -> None:
+        self.reward_actor_list = list(actors)
+
+    def reward_actors(self) -> list:
+        return self.reward_actor_list
+
+    async def watch(self) -> None:
+        """Never returns: the driver holds this call's ref, which fails when the actor dies."""
+        await asyncio.Event().wait()
+
     async def retire(self, worker: str) -> None:
         """Let ``worker`` finish what it holds, then hand it no more prompts (scale down)."""
         async with self.cond:
@@ -137,9 +171,9 @@ class Coordinator:
         come back twice (late from the lost worker's reward call, and from the worker it
         was handed to again); the first one to arrive counts, the other is dropped."""
         uid = g.prompt.uid
-        self.in_flight.get(g.worker, {}).pop(uid, None)
+        held = self.in_flight.get(g.worker, {}).pop(uid, None) is not None
         if uid not in self.reclaimed_uids:
-            return True
+            return held  # not in flight any more: this group was put already
         for i, p in enumerate(self.requeue):  # not handed out again yet: it is settled now
             if p.uid == uid:
                 del self.requeue[i]
@@ -167,6 +201,7 @@ class Coordinator:
                 for s in g.samples:
                     if not any(s is u for u in usable):
                         self._count_excluded(g, s)
+                        self._pause_if_unhealthy(s.excluded)
                 if not usable:
                     self.abandoned_groups += 1
                 elif self.stopping:
@@ -231,17 +266,20 @@ class Coordinator:
             self.trained += sum(len(g.trainable_samples()) for g in done)
             self.trained_groups += len(done)
             self.committed_uids.update(g.prompt.uid for g in done)
+            self._advance_cursor()
             self.weights.put(payload)
             self.cond.notify_all()
             return self.stats()
 
+    def _advance_cursor(self) -> None:
+        while self.cursor in self.committed_uids:
+            self.committed_uids.discard(self.cursor)
+            self.cursor += 1
+
     def resume_point(self) -> dict:
         """Where a resumed run picks up the prompt stream: the first prompt not trained
         on, and the prompts after it that were (so none is trained twice)."""
-        cursor = self.start_uid
-        while cursor in self.committed_uids:
-            cursor += 1
-        return {"cursor": cursor, "skip": sorted(u for u in self.committed_uids if u > cursor)}
+        return {"cursor": self.cursor, "skip": sorted(self.committed_uids)}
 
     # -- shutdown ------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -279,7 +317,13 @@ class Coordinator:
             "reclaimed_prompts": self.reclaimed_prompts,
             "requeued_prompts": len(self.requeue),
             "in_flight_by_worker": {w: len(p) for w, p in self.in_flight.items() if p},
+            "paused": self.paused or "",
+            "resume_point": self.resume_point(),
         }
+
+    def _pause_if_unhealthy(self, why: Excluded | None) -> None:
+        if why is not None and why.kind is Exclusion.REWARD_UNHEALTHY and self.paused is None:
+            self.paused = f"a registered reward model is unhealthy: {why.detail[:200]}"
 
     def _count_excluded(self, g: Group, s) -> None:
         """Count an unusable sample under its reason's kind (``Exclusion``: the counter key)."""

@@ -7,6 +7,13 @@
        the coordinator's buffer (one reward call in flight per worker, so
        scoring overlaps the next generation).
 
+The reward actors are the coordinator's current list (the driver replaces a
+dead one). If the reward actor of a call dies, the loop sends the same groups
+to a live one from the list, waiting up to ``REWARD_RESEND_TIMEOUT_S`` for the
+replacement: nothing is lost, and a group the dead actor had already put is
+counted once (the coordinator drops the second put as ``duplicate``). A
+rollout worker therefore never fails because a reward worker did.
+
 When told to stop, the loop loads the newest weights if they are newer than its
 own (still between generate calls) before it returns: a worker ends on the
 run's final version.
@@ -14,14 +21,66 @@ run's final version.
 
 from __future__ import annotations
 
+import time
+
 import ray
 
+REWARD_RESEND_TIMEOUT_S = 300.0
+"""How long a loop waits for a live reward actor after the one it used died."""
 
-def run_rollout_loop(worker, coordinator, reward_actors: list) -> dict:
+
+class RewardDispatch:
+    """One reward call in flight; re-sent to a live reward actor if its actor dies."""
+
+    def __init__(self, coordinator, *, resend_timeout_s: float = REWARD_RESEND_TIMEOUT_S):
+        self.coordinator, self.resend_timeout_s = coordinator, resend_timeout_s
+        self.actors = ray.get(coordinator.reward_actors.remote())
+        self.dead: set = set()
+        self.calls = 0
+        self.resent = 0
+        self.pending = None  # (ref, actor id, groups)
+
+    def _live(self) -> list:
+        return [a for a in self.actors if a._actor_id not in self.dead]
+
+    def _send(self, groups) -> None:
+        deadline = time.monotonic() + self.resend_timeout_s
+        while not self._live():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no live reward worker for {self.resend_timeout_s:.0f}s")
+            time.sleep(0.2)
+            self.actors = ray.get(self.coordinator.reward_actors.remote())
+        live = self._live()
+        actor = live[self.calls % len(live)]
+        self.calls += 1
+        self.pending = (actor.score_and_put.remote(groups, self.coordinator), actor._actor_id, groups)
+
+    def submit(self, groups) -> None:
+        """Wait for the previous call, then send ``groups``."""
+        self.wait()
+        self._send(groups)
+
+    def done(self) -> bool:
+        return self.pending is None or bool(ray.wait([self.pending[0]], timeout=0)[0])
+
+    def wait(self) -> None:
+        """Wait until the call in flight has put its groups (re-sending after a reward actor died)."""
+        while self.pending is not None:
+            ref, actor_id, groups = self.pending
+            try:
+                ray.get(ref)
+                self.pending = None
+            except ray.exceptions.RayActorError:  # the reward actor died: send the groups again
+                self.dead.add(actor_id)
+                self.actors = ray.get(self.coordinator.reward_actors.remote())
+                self.resent += 1
+                self._send(groups)
+
+
+def run_rollout_loop(worker, coordinator) -> dict:
     """Drive ``worker`` (a ``RolloutWorker``) until the coordinator hands out no more
     prompts; returns its counters."""
-    pending = None
-    calls = 0
+    rewards = RewardDispatch(coordinator)
     # start from the learner's weights, not our own from_pretrained copy (they differ
     # when a checkpoint leaves some weights to random initialisation)
     payload = ray.get(coordinator.latest_weights.remote())
@@ -31,22 +90,16 @@ def run_rollout_loop(worker, coordinator, reward_actors: list) -> dict:
         prompts, version = ray.get(coordinator.acquire.remote(worker.name, 5.0))
         if prompts is None:
             break
-        if pending is not None and ray.wait([pending], timeout=0)[0]:
-            ray.get(pending)  # surfaces a dead reward actor now, not as a timeout later
-            pending = None
+        if rewards.done():
+            rewards.wait()  # surfaces an error now, not as a timeout later
         if not prompts:
             continue
         if version > worker.policy_version:
             worker.load_weights(ray.get(coordinator.latest_weights.remote()))
-        groups = worker.generate(prompts)
-        if pending is not None:
-            ray.get(pending)
-        pending = reward_actors[calls % len(reward_actors)].score_and_put.remote(groups, coordinator)
-        calls += 1
-    if pending is not None:
-        ray.get(pending)
+        rewards.submit(worker.generate(prompts))
+    rewards.wait()
     latest = ray.get(coordinator.latest_weights.remote())
     if latest is not None and latest.version > worker.policy_version:
         worker.load_weights(latest)  # end on the newest version
-    return {"name": worker.name, "generate_calls": calls, "samples": worker.generated_samples,
-            "policy_version": worker.policy_version}
+    return {"name": worker.name, "generate_calls": rewards.calls, "samples": worker.generated_samples,
+            "policy_version": worker.policy_version, "reward_resends": rewards.resent}

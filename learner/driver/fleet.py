@@ -51,10 +51,10 @@ class _Worker:
 
 
 class RolloutFleet:
-    def __init__(self, model_path: str, cfg: RolloutConfig, *, coordinator, reward_actors: list,
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, coordinator,
                  default_max_new_tokens: int, seed: int, say=print):
         self.model_path, self.cfg = model_path, cfg
-        self.coordinator, self.reward_actors = coordinator, reward_actors
+        self.coordinator = coordinator
         self.default_max_new_tokens, self.seed, self.say = default_max_new_tokens, seed, say
         self.workers: dict[str, _Worker] = {}
         self.next_id = 0
@@ -84,7 +84,7 @@ class RolloutFleet:
             self.on_start(list(names))  # e.g. make sure they can get the current weights
         for name in names:
             w = self.workers[name]
-            w.loop = w.actor.run.remote(self.coordinator, self.reward_actors)
+            w.loop = w.actor.run.remote(self.coordinator)
 
     def start(self) -> None:
         self.started = True
@@ -106,8 +106,33 @@ class RolloutFleet:
 
     # -- scaling ---------------------------------------------------------------------------------
     def request_scale(self, n: int) -> int:
-        """Ask for ``n`` live workers (thread-safe); applied at the next ``tick``."""
+        """Ask for ``n`` live workers (thread-safe); applied at the next ``tick``.
+
+        Bounded: more than ``rollout.max_workers``, or with ``max_workers: 0`` more than the
+        live workers plus what the cluster's free resources fit now (``ray.available_resources()``
+        for ``rollout.num_cpus`` / ``num_gpus`` / ``resources``; 1024 if a worker needs none),
+        is refused -- ``ControlError(OUT_OF_RANGE)``, the message says the maximum and why --
+        rather than capped, so a caller never believes in workers that cannot start."""
+        import grpc
+
+        from learner.control.registry import ControlError
+
         require(n >= 1, "rollout.num_workers", f"must be >= 1, got {n}")
+        c = self.cfg
+        if c.max_workers:
+            limit, why = c.max_workers, f"rollout.max_workers={c.max_workers}"
+        else:
+            live = len(self.live)
+            need = {k: float(v) for k, v in {"CPU": c.num_cpus, "GPU": c.num_gpus, **c.resources}.items() if v > 0}
+            free = ray.available_resources()
+            fits = min((int(free.get(k, 0.0) / v + 1e-9) for k, v in need.items()), default=1024)
+            per = ", ".join(f"{k} {free.get(k, 0.0):g} free, {v:g} per worker" for k, v in need.items())
+            limit = live + fits
+            why = (f"{live} live + {fits} that the cluster's free resources fit ({per or 'none needed'}); "
+                   "rollout.max_workers sets the maximum instead")
+        if n > limit:
+            raise ControlError(grpc.StatusCode.OUT_OF_RANGE,
+                               f"rollout workers: {n} requested, at most {limit} ({why})")
         with self._lock:
             self._target = n
         return n

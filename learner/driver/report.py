@@ -2,13 +2,17 @@
 
 ``RunReport`` appends one JSON row per step to ``metrics.jsonl`` (the
 learner's metrics plus timing and the coordinator's counters) and keeps the
-history the summary is computed from. ``summary.json`` is written at the end.
+history the summary is computed from. A resumed run first cuts the file back
+to the checkpoint's step, so no step appears twice. ``run_summary`` is what
+``summary.json`` holds, for a finished, stopped or failed run; after restarts
+its counters add up every segment's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import ray
@@ -19,19 +23,27 @@ COUNTERS = ("produced", "trained", "dropped", "buffered_groups")
 
 
 class RunReport:
-    def __init__(self, run_dir: Path, *, total_steps: int, progress: bool, out, log_every: int, resume: bool):
+    def __init__(self, run_dir: Path, *, total_steps: int, progress: bool, out, log_every: int,
+                 resume_step: int | None = None):
+        """``resume_step``: the run resumes after this step; rows after it are removed (they
+        will be written again) and the rows up to it are the start of the history."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = self.path.open("a" if resume else "w")
+        self.history: list[dict] = _rows_up_to(self.path, resume_step) if resume_step is not None else []
+        self.file = self.path.open("w")
+        for row in self.history:
+            self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
         self.bar = _progress(total_steps, progress, out)
+        self.bar.update(len(self.history))
         self.progress, self.out, self.log_every = progress, out, log_every
-        self.history: list[dict] = []
         self.trained = 0
 
     def step(self, step: int, version: int, metrics: dict, counters: dict, *, elapsed_s: float, sample_s: float,
              update_sync_s: float) -> dict:
         """Record step ``step``: one metrics row, the progress bar, a log line every ``log_every``."""
         self.trained += metrics["samples"]
-        row = {"step": step, "policy_version": version, "time_s": round(elapsed_s, 3), "sample_s": sample_s,
+        row = {"step": step, "policy_version": version, "time_s": round(elapsed_s, 3), "t": round(time.time(), 3),
+               "sample_s": sample_s,
                "update_sync_s": update_sync_s, "samples_per_s": self.trained / elapsed_s, **metrics,
                **{k: counters[k] for k in COUNTERS}}
         self.file.write(json.dumps(row) + "\n")
@@ -56,6 +68,63 @@ class RunReport:
         if not rewards:
             return math.nan, math.nan
         return sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+
+
+def _rows_up_to(path: Path, step: int) -> list[dict]:
+    """The metrics rows of steps <= ``step`` (a torn last line from a crash is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", step + 1) <= step:
+                rows.append(row)
+    return rows
+
+
+COUNTED = ("produced", "trained", "dropped")
+
+
+def lost_coordinator_stats(counters: dict) -> dict:
+    """The counters of the last publish when the coordinator died: what was buffered or
+    handed out then is dropped as ``coordinator_lost`` (later samples were never counted)."""
+    c = {"produced": 0, "trained": 0, "dropped": 0, "dropped_by_reason": {}, "policy_version": 0, **counters}
+    lost = c["produced"] - c["trained"] - c["dropped"]
+    c["dropped_by_reason"] = {**c["dropped_by_reason"], "coordinator_lost": lost}
+    c["dropped"] += lost
+    return c
+
+
+def run_summary(trainer, status: str, reason: str, stats: dict | None, *, rl_s: float, wall_s: float,
+                eval_after: float | None, extra: dict) -> dict:
+    """What ``summary.json`` holds; counters are totals over the run's segments."""
+    stats = stats or lost_coordinator_stats({})
+    segment = {"status": status, "reason": reason, "steps": trainer.step, "rl_s": round(rl_s, 2),
+               **{k: stats[k] for k in COUNTED}, "dropped_by_reason": dict(stats["dropped_by_reason"]),
+               "events": list(trainer.supervisor.events) if trainer.supervisor else [],
+               "rollout_replacements": trainer.rollouts.replacements if hasattr(trainer, "rollouts") else 0,
+               "reward_replacements": trainer.supervisor.reward_replacements if trainer.supervisor else 0}
+    segments = [*trainer.segments, segment]
+    by_reason: dict = {}
+    for s in segments:
+        for k, v in s["dropped_by_reason"].items():
+            by_reason[k] = by_reason.get(k, 0) + v
+    first, last = trainer.report.reward_first_last() if trainer.report is not None else (math.nan, math.nan)
+    return {
+        "status": status, "reason": reason, "eval_before": trainer.eval_before, "eval_after": eval_after,
+        "steps": trainer.step, "wall_s": round(wall_s, 2), "rl_s": round(rl_s, 2), "setup_s": round(trainer.setup_s, 2),
+        "samples_per_s": round(stats["trained"] / rl_s, 2) if rl_s > 0 else 0.0,
+        **{k: sum(s[k] for s in segments) for k in COUNTED}, "dropped_by_reason": by_reason,
+        "final_policy_version": stats["policy_version"], "reward_first": first, "reward_last": last,
+        "max_staleness": trainer.cfg.train.max_staleness, "run_dir": str(trainer.run_dir.resolve()),
+        **{k: sum(s[k] for s in segments) for k in ("rollout_replacements", "reward_replacements")},
+        "restarts": len(trainer.segments), "segments": segments, "events": [e for s in segments for e in s["events"]],
+        "weight_sync": trainer.cfg.train.weight_sync,
+        **(trainer.weights.summary() if trainer.weights is not None else {}),
+        "reclaimed_prompts": stats.get("reclaimed_prompts", 0), **extra,
+    }
 
 
 def peak_memory(learner, rollout_actors: list, reward_actors: list, timeout_s: float = 30.0) -> dict:

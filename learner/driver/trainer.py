@@ -32,7 +32,6 @@ from actors.device import device_kind, dtype_name
 from actors.reward.functions import load_reward_fn
 from actors.runtime.actors import create_coordinator, create_reward_group
 from actors.runtime.coordinator import SampleTimeout
-from actors.runtime.placement import bundle, in_bundle
 from actors.serving import ServerConfig
 from actors.tasks.registry import make_task
 from actors.weights.collective import CollectiveConfigError
@@ -41,22 +40,22 @@ from learner.actor import create_learner
 from learner.config import Config
 from learner.control.registry import RewardRegistry
 from learner.control.service import start_control_server
+from learner.driver.errors import RunFailed, StopRequested
 from learner.driver.fleet import FleetError, RolloutFleet
+from learner.driver.placement import place, placement_group, report_placement
 from learner.driver.policy import resolve_policy
-from learner.driver.report import RunReport, peak_memory
+from learner.driver.report import RunReport, lost_coordinator_stats, peak_memory, run_summary
+from learner.driver.supervisor import Supervisor
 from learner.driver.weight_sync import CollectiveSync, WeightSync
 
 
-class RunFailed(RuntimeError):
-    """The run cannot continue (a worker died, no samples arrive, ...)."""
-
-
-class StopRequested(Exception):
-    """``stop_requested`` was set while the driver waited for a batch."""
-
-
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, *, out=sys.stdout, progress: bool = True):
+    def __init__(self, cfg: Config, run_dir: str | Path, *, out=sys.stdout, progress: bool = True,
+                 stop_requested: threading.Event | None = None, segments: list[dict] | None = None,
+                 eval_before: float | None = None, reward_models: list | None = None):
+        """``stop_requested``: set (e.g. by a signal handler) to end the run after the current
+        step; ``segments``, ``eval_before`` and ``reward_models`` (the registered reward
+        models' specs, registered again at setup): what earlier segments of a restarted run had."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +68,14 @@ class Trainer:
         self.registry = None
         self.pg = None
         self.resume = None
-        self.stop_requested = threading.Event()  # set from another thread to end the run after this step
+        self.stop_requested = stop_requested or threading.Event()  # set from another thread: stop after this step
+        self.segments = list(segments or [])  # earlier segments of a restarted run (``run.py``)
+        self.eval_before = eval_before
+        self.carried_models = list(reward_models or [])
+        self.final_models: list = []  # the registered reward models' specs when the run ended
+        self.supervisor = None
+        self.summary: dict | None = None
+        self.setup_s = 0.0
         self.report: RunReport | None = None
         self.weights: WeightSync | None = None
         self.prefetched = None  # the next batch's request, when sampling runs ahead
@@ -106,9 +112,13 @@ class Trainer:
             cfg.task.name, task_kwargs, start=point["cursor"], skip=point["skip"], start_step=point["step"],
             groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
             max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
-        self.create_actors(self.placement_group())
+        self.pg, bundles = placement_group(cfg, name=f"fleetrl-{self.run_dir.name}")
+        self.pg_id = self.pg.id.hex() if self.pg is not None else None
+        self.create_actors(bundles)
         self.start_control()
-        self.report_placement(self.place(timeout_s=cfg.rollout.replace_timeout_s))
+        self.register_carried_models()
+        report_placement(self.run_dir, place(cfg, self.learner, self.rollouts, self.rewards,
+                                             timeout_s=cfg.rollout.replace_timeout_s), self.say)
         if self.resume:
             self.step = ray.get(self.learner.load_state.remote(str(self.resume[0])))
             self.say(f"resumed from {self.resume[0]} at step {self.step} (prompt cursor {point['cursor']})")
@@ -121,7 +131,7 @@ class Trainer:
         cfg = self.cfg
         for spec in cfg.reward.functions:  # fail here, naming the key, not inside an actor
             load_reward_fn(spec)
-        self.policy_path, self.warm_start = resolve_policy(cfg)
+        self.policy_path, self.warm_start = resolve_policy(cfg, self.run_dir)
         if self.warm_start:
             ws = self.warm_start
             took = "cached" if ws["cached"] else f"{ws['seconds']}s"
@@ -153,67 +163,41 @@ class Trainer:
         self.weights = WeightSync(self.learner, self.coordinator, collective=collective, say=self.say)
         n_roll = cfg.rollout.num_workers
         self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
+        ray.get(self.coordinator.set_reward_actors.remote(self.rewards.actors))
         self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
-                                     reward_actors=self.rewards.actors, default_max_new_tokens=self.max_new_tokens,
-                                     seed=cfg.train.seed, say=self.say)
+                                     default_max_new_tokens=self.max_new_tokens, seed=cfg.train.seed, say=self.say)
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
         self.rollouts.on_start = self.weights.for_newcomers
         self.rollouts.create(n_roll)
         self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions, control=cfg.control)
+        self.supervisor = Supervisor(learner=self.learner, coordinator=self.coordinator, rewards=self.rewards,
+                                     reward_cfg=cfg.reward, registry=self.registry,
+                                     replace_timeout_s=cfg.rollout.replace_timeout_s, say=self.say)
 
     def start_control(self) -> None:
         c = self.cfg.control
         if not c.enabled:
             return
-        self.control = start_control_server(self.registry, self.status, ServerConfig(
-            host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key),
-            scale_fn=self.rollouts.request_scale)
+        try:
+            self.control = start_control_server(self.registry, self.status, ServerConfig(
+                host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key),
+                scale_fn=self.rollouts.request_scale)
+        except (OSError, ValueError) as e:
+            raise RunFailed(f"control server (control.host {c.host}, control.port {c.port}): {e}") from None
         (self.run_dir / "control.json").write_text(json.dumps({"address": self.control.address}))
         self.say(f"control server listening on {self.control.address}"
                  f"{'' if self.control.authenticated else ' (no token: loopback only)'}")
 
-    def placement_group(self) -> list[dict]:
-        """With ``train.placement``: one placement group, bundle 0 the learner, then the
-        rollout workers, then the reward workers; returns each one's actor options."""
-        c = self.cfg
-        n = 1 + c.rollout.num_workers + c.reward.num_workers
-        if c.train.placement == "none":
-            return [{}] * n
-        from ray.util.placement_group import placement_group
+    def register_carried_models(self) -> None:
+        """After a restart: the reward models registered before it, registered again."""
+        from learner.control.registry import ControlError
 
-        bundles = ([bundle(c.learner.num_cpus, c.learner.num_gpus, c.learner.resources)]
-                   + [bundle(c.rollout.num_cpus, c.rollout.num_gpus, c.rollout.resources)] * c.rollout.num_workers
-                   + [bundle(c.reward.num_cpus, 0, c.reward.resources)] * c.reward.num_workers)
-        self.pg = placement_group(bundles, strategy=c.train.placement.upper(), name=f"fleetrl-{self.run_dir.name}")
-        self.pg_id = self.pg.id.hex()
-        try:
-            ray.get(self.pg.ready(), timeout=c.rollout.replace_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise RunFailed(f"placement group ({c.train.placement}) of {bundles} not ready within "
-                            f"{c.rollout.replace_timeout_s:.0f}s; cluster: {ray.cluster_resources()}") from None
-        return [in_bundle(self.pg, i) for i in range(n)]
-
-    def place(self, timeout_s: float) -> dict:
-        """Wait until every actor runs; fail naming the resources if the cluster cannot place them."""
-        try:
-            return {"learner": ray.get(self.learner.where.remote(), timeout=timeout_s),
-                    "rollout": self.rollouts.where(timeout_s), "reward": self.rewards.where(timeout_s)}
-        except ray.exceptions.GetTimeoutError:
-            c = self.cfg
-            raise RunFailed(
-                f"actors not placed within {timeout_s:.0f}s: does the cluster offer what they ask for? "
-                f"learner: num_cpus={c.learner.num_cpus} num_gpus={c.learner.num_gpus} resources={c.learner.resources}; "
-                f"each of {c.rollout.num_workers} rollout workers: num_cpus={c.rollout.num_cpus} "
-                f"num_gpus={c.rollout.num_gpus} resources={c.rollout.resources}; each of {c.reward.num_workers} "
-                f"reward workers: num_cpus={c.reward.num_cpus} resources={c.reward.resources}; "
-                f"cluster: {ray.cluster_resources()}") from None
-
-    def report_placement(self, placement: dict) -> None:
-        (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2))
-        self.say(f"learner on node {placement['learner']['node_ip']} pid {placement['learner']['pid']}")
-        for kind in ("rollout", "reward"):
-            for w in placement[kind]:
-                self.say(f"{w['name']} on node {w['node_ip']} pid {w['pid']}")
+        for spec in self.carried_models:
+            try:
+                self.registry.register(spec)
+                self.say(f"reward model {spec.name!r} registered again after the restart")
+            except ControlError as e:
+                self.say(f"reward model {spec.name!r} not registered again after the restart: {e}")
 
     # -- the three phases ------------------------------------------------------------------------
     def _request_batch(self, step: int):
@@ -233,26 +217,46 @@ class Trainer:
         self.waiting = ref  # until it returns: stop_rollouts must let it finish before draining
         while True:
             self.rollouts.tick()  # apply a pending scale request
-            ready, _ = ray.wait([ref] + self.rollouts.loop_refs(), num_returns=1, timeout=1.0)
+            self.supervisor.tick()  # pause/disable around unhealthy registered reward models
+            watch = self.supervisor.refs()
+            ready, _ = ray.wait([ref] + self.rollouts.loop_refs() + watch, num_returns=1, timeout=1.0)
             if not ready:
                 if self.stop_requested.is_set():
                     raise StopRequested()
                 continue
             if ready[0] == ref:
-                try:
-                    [batch] = ray.get(ref)
-                    self.waiting = None
-                    if self.cfg.train.max_staleness > 0 and self.step + 1 < self.cfg.train.steps:
-                        self.prefetched = self._request_batch(self.step + 1)
-                    return batch
-                except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.as_instanceof_cause(), SampleTimeout):
-                        raise RunFailed(str(e.as_instanceof_cause())) from None
-                    raise
-            try:  # a rollout loop ended: a retired worker leaves, a lost one is replaced
-                self.rollouts.handle_done(ready[0])
-            except FleetError as e:
-                raise RunFailed(str(e)) from None
+                return self._take_batch(ref)
+            if ready[0] in watch:
+                self.supervisor.handle(ready[0])  # a reward worker is replaced; learner/coordinator: RunFailed
+                continue
+            self._loop_ended(ready[0])
+
+    def _take_batch(self, ref):
+        try:
+            [batch] = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.as_instanceof_cause(), SampleTimeout):
+                raise RunFailed(str(e.as_instanceof_cause())) from None
+            raise
+        except ray.exceptions.RayActorError:
+            self.supervisor.check_core(timeout_s=10.0)
+            raise RunFailed("coordinator died while assembling a batch", component="coordinator") from None
+        self.waiting = None
+        if self.cfg.train.max_staleness > 0 and self.step + 1 < self.cfg.train.steps:
+            self.prefetched = self._request_batch(self.step + 1)
+        return batch
+
+    def _loop_ended(self, ref) -> None:
+        """A rollout loop ended: a retired worker leaves, a lost one is replaced (unless it
+        ended because the coordinator died: that is named instead)."""
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayError:
+            self.supervisor.check_core(timeout_s=2.0)
+        try:
+            self.rollouts.handle_done(ref)
+        except FleetError as e:
+            raise RunFailed(str(e), component="rollout") from None
 
     def update(self, batch):
         """Phase 2: one optimizer step on the learner. Returns the ref of its metrics:
@@ -268,6 +272,18 @@ class Trainer:
             return self.weights.sync(update, commit_groups=n, members=members)
         except CollectiveConfigError as e:
             raise RunFailed(str(e)) from None
+        except ray.exceptions.RayError as e:
+            raise self.failure_from(e, f"learner step {self.step + 1} failed") from None
+
+    def failure_from(self, e: ray.exceptions.RayError, what: str = "") -> RunFailed:
+        """A Ray error as a ``RunFailed`` naming the dead learner or coordinator if one died."""
+        try:
+            self.supervisor.check_core(timeout_s=10.0)
+        except RunFailed as died:
+            return died
+        cause = e.as_instanceof_cause() if isinstance(e, ray.exceptions.RayTaskError) else e
+        last = str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ""
+        return RunFailed(f"{what or f'step {self.step + 1}'}: {type(cause).__name__}: {last}")
 
     # -- the run -------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -279,52 +295,72 @@ class Trainer:
 
     def stop_rollouts(self, timeout_s: float = 60.0) -> dict:
         """Stop generation, let in-flight groups land, drop what was not trained."""
-        ray.get(self.coordinator.stop.remote())
+        ray.get(self.coordinator.stop.remote(), timeout=timeout_s)
         self.rollouts.wait_stopped(timeout_s)
         # a batch request still open returns its groups to the buffer (or hands them out)
         # once it sees the stop; let it, so that drain() accounts for them
         open_requests = [r for r in (self.prefetched, self.waiting) if r is not None]
         ray.wait(open_requests, num_returns=len(open_requests), timeout=timeout_s)
         self.prefetched = self.waiting = None
-        return ray.get(self.coordinator.drain.remote())
+        return ray.get(self.coordinator.drain.remote(), timeout=timeout_s)
 
     def train(self) -> dict:
-        """Setup, held-out evaluation, the training loop, a final checkpoint, evaluation and summary."""
+        """Setup, held-out evaluation, the training loop, a final checkpoint, evaluation and
+        summary. On a stop request or a failure the run still ends with a checkpoint (when
+        the learner can give one) and ``summary.json`` (``status`` stopped/failed and why);
+        a failure is raised again after that."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        self.setup()
-        eval_before = self.evaluate()
-        self.say(f"held-out accuracy before RL (greedy, {cfg.task.eval_size} prompts): {eval_before:.3f}")
+        try:
+            self.setup()
+        except RunFailed as e:
+            self.write_summary("failed", str(e), None, wall_t0=t_start)
+            raise
+        if self.eval_before is None:
+            self.eval_before = self.evaluate()
+            self.say(f"held-out accuracy before RL (greedy, {cfg.task.eval_size} prompts): {self.eval_before:.3f}")
         self.report = RunReport(self.run_dir, total_steps=cfg.train.steps, progress=self.progress, out=self.out,
-                                log_every=cfg.train.log_every, resume=self.resume is not None)
+                                log_every=cfg.train.log_every, resume_step=self.step if self.resume else None)
         t_rl = time.perf_counter()
+        failure, ended = None, "finished"
         try:
             self.start_rollouts()
-            self.run_steps(t_rl)
+            ended = self.run_steps(t_rl)
             if not cfg.train.checkpoint_every or self.step % cfg.train.checkpoint_every:
                 self.save_checkpoint()  # the end of the run
+        except RunFailed as e:
+            failure = e
+        except ray.exceptions.RayError as e:  # e.g. the learner died while writing a checkpoint
+            failure = self.failure_from(e)
         finally:
             self.report.close()
-            stats = self.stop_rollouts() if self.rollouts.started else ray.get(self.coordinator.stats.remote())
-            self.stop_control()
-        return self.finish(stats, eval_before, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
+        stats = self.wind_down()
+        if failure is not None:
+            self.save_what_can_be_saved(failure)
+            self.write_summary("failed", str(failure), stats, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
+            raise failure
+        if ended == "stopped":
+            return self.write_summary("stopped", "stop requested (signal or Control)", stats,
+                                      rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
+        return self.finish(stats, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
 
-    def run_steps(self, t_rl: float) -> None:
-        """sample -> update -> sync weights, until ``train.steps``, ``train.max_wall_s`` or a stop request."""
+    def run_steps(self, t_rl: float) -> str:
+        """sample -> update -> sync weights, until ``train.steps``, ``train.max_wall_s`` or a
+        stop request; returns "finished" or "stopped"."""
         cfg = self.cfg
         while self.step < cfg.train.steps:
             if self.stop_requested.is_set():
                 self.say(f"stopping at step {self.step}: stop requested")
-                return
+                return "stopped"
             if cfg.train.max_wall_s and time.perf_counter() - t_rl > cfg.train.max_wall_s:
                 self.say(f"stopping at step {self.step}: train.max_wall_s={cfg.train.max_wall_s} reached")
-                return
+                return "finished"
             t0 = time.perf_counter()
             try:
                 batch = self.sample()
             except StopRequested:
                 self.say(f"stopping at step {self.step}: stop requested")
-                return
+                return "stopped"
             t1 = time.perf_counter()
             m, version = self.sync_weights(self.update(batch))
             t3 = time.perf_counter()
@@ -335,38 +371,78 @@ class Trainer:
                              update_sync_s=t3 - t1)
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                 self.save_checkpoint()
+        return "finished"
 
-    def finish(self, stats: dict, eval_before: float, *, rl_s: float, wall_t0: float) -> dict:
+    # -- the end ---------------------------------------------------------------------------------------
+    def wind_down(self) -> dict:
+        """Stop generation and return the final counters, within ``train.stop_timeout_s``.
+        With the coordinator dead, the counters of the last publish, what was buffered
+        then counted as dropped (``coordinator_lost``)."""
+        timeout_s = self.cfg.train.stop_timeout_s
+        try:
+            if "coordinator" in self.supervisor.dead:
+                raise ray.exceptions.RayActorError()
+            stats = self.stop_rollouts(timeout_s) if self.rollouts.started else \
+                ray.get(self.coordinator.stats.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            stats = lost_coordinator_stats(self.counters)
+        self.final_models = self.registry.enabled_specs() if self.registry is not None else []
+        self.stop_control()
+        return stats
+
+    def save_what_can_be_saved(self, failure: RunFailed) -> None:
+        """After a failure: a checkpoint of the last completed step, if the learner is alive
+        and still at that step (a failed sync may have left it one update ahead)."""
+        if "learner" in self.supervisor.dead or not self.counters:
+            return
+        try:
+            version = ray.get(self.learner.version.remote(), timeout=10)
+            if version != self.counters.get("policy_version") or version != self.step:
+                self.say(f"no final checkpoint: the learner is at version {version}, the last completed step "
+                         f"is {self.step}")
+                return
+            point = self.counters["resume_point"] if "coordinator" in self.supervisor.dead else None
+            path = self.save_checkpoint(point, timeout_s=self.cfg.train.stop_timeout_s)
+            self.say(f"checkpoint of step {self.step} written to {path}")
+        except (ray.exceptions.RayError, OSError) as e:
+            self.say(f"no final checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+    def finish(self, stats: dict, *, rl_s: float, wall_t0: float) -> dict:
         """Evaluate, save the policy, write ``summary.json``; returns the summary."""
         eval_after = self.evaluate()
-        self.say(f"held-out accuracy after RL (greedy): {eval_after:.3f} (before {eval_before:.3f})")
+        self.say(f"held-out accuracy after RL (greedy): {eval_after:.3f} (before {self.eval_before:.3f})")
         policy_dir = ray.get(self.learner.save_policy.remote(str((self.run_dir / "policy").resolve())))
         memory = peak_memory(self.learner, self.rollouts.actors, self.rewards.actors)
         self.say("peak RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in memory.items()))
-        first, last = self.report.reward_first_last()
-        summary = {
-            "eval_before": eval_before, "eval_after": eval_after, "steps": self.step,
-            "wall_s": round(time.perf_counter() - wall_t0, 2), "rl_s": round(rl_s, 2),
-            "setup_s": round(self.setup_s, 2),
-            "samples_per_s": round(stats["trained"] / rl_s, 2) if rl_s > 0 else 0.0,
-            **{k: stats[k] for k in ("produced", "trained", "dropped", "dropped_by_reason")},
-            "final_policy_version": stats["policy_version"], "reward_first": first, "reward_last": last,
-            "max_staleness": self.cfg.train.max_staleness, "policy_dir": policy_dir,
-            "run_dir": str(self.run_dir.resolve()), "rollout_replacements": self.rollouts.replacements,
-            "weight_sync": self.cfg.train.weight_sync, **self.weights.summary(),
-            "reclaimed_prompts": stats.get("reclaimed_prompts", 0), "peak_rss_mib": memory,
-        }
+        return self.write_summary("finished", "", stats, rl_s=rl_s, wall_t0=wall_t0, eval_after=eval_after,
+                                  extra={"policy_dir": policy_dir, "peak_rss_mib": memory})
+
+    def write_summary(self, status: str, reason: str, stats: dict | None, *, wall_t0: float, rl_s: float = 0.0,
+                      eval_after: float | None = None, extra: dict | None = None) -> dict:
+        """``summary.json``: this run's (and, after restarts, every segment's) outcome."""
+        summary = run_summary(self, status, reason, stats, rl_s=rl_s, wall_s=time.perf_counter() - wall_t0,
+                              eval_after=eval_after, extra=extra or {})
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.summary = summary
         return summary
 
-    def save_checkpoint(self) -> Path:
-        point = ray.get(self.coordinator.resume_point.remote())
-        return checkpoint.write_checkpoint(self.run_dir, self.step,
-                                           lambda d: ray.get(self.learner.save_state.remote(d)), point)
+    def save_checkpoint(self, point: dict | None = None, *, timeout_s: float | None = None) -> Path:
+        if point is None:
+            point = ray.get(self.coordinator.resume_point.remote(), timeout=timeout_s)
+        path = checkpoint.write_checkpoint(self.run_dir, self.step,
+                                           lambda d: ray.get(self.learner.save_state.remote(d), timeout=timeout_s),
+                                           point)
+        checkpoint.prune_checkpoints(self.run_dir, keep=self.cfg.train.keep_checkpoints)
+        return path
 
     def status(self) -> dict:
-        """What ``fleetrl status`` shows (fields of control.v1.GetStatusResponse)."""
-        c, m = self.counters or {}, self.last_metrics
+        """What ``fleetrl status`` shows (fields of control.v1.GetStatusResponse): the
+        coordinator's live counters (the last publish's if it does not answer within 2 s)."""
+        try:
+            c = ray.get(self.coordinator.stats.remote(), timeout=2.0)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            c = self.counters or {}
+        m = self.last_metrics
         return {"step": self.step, "policy_version": c.get("policy_version", 0),
                 "samples_per_s": m.get("samples_per_s", 0.0), "rollout_workers": len(self.rollouts.live),
                 "reward_workers": len(self.rewards.actors), "reward_means": m.get("reward_by_name", {}),
