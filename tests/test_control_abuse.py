@@ -22,7 +22,8 @@ import ray
 from actors.reward.models import RewardModelSpec
 from actors.serving import ServerConfig, serve
 from learner.config import ControlConfig
-from learner.control.registry import ControlError, RewardRegistry, parse_allowed, validate_spec
+from learner.control.registry import RewardRegistry
+from learner.control.rules import ControlError, parse_allowed, validate_spec
 from learner.control.service import start_control_server
 from protos import control_pb2, control_pb2_grpc, reward_pb2, reward_pb2_grpc
 from tests.conftest import wait_for
