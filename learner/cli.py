@@ -109,14 +109,16 @@ def _stop_on_signals(stop) -> None:
     A second one: exit at once."""
     import signal
 
-    def handler(signum, frame):
+    def handler(signum, frame):  # os.write, not print: a handler may interrupt a write to stderr
         name = signal.Signals(signum).name
         if stop.is_set():
-            print(f"fleetrl train: second {name}: exiting now", file=sys.stderr, flush=True)
-            os._exit(130)
+            try:
+                os.write(2, f"fleetrl train: second {name}: exiting now\n".encode())
+            finally:
+                os._exit(130)
         stop.set()
-        print(f"fleetrl train: {name}: stopping after this step (checkpoint and summary.json follow; "
-              f"{name} again exits at once)", file=sys.stderr, flush=True)
+        os.write(2, f"fleetrl train: {name}: stopping after this step (checkpoint and summary.json follow; "
+                    f"{name} again exits at once)\n".encode())
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -140,8 +142,8 @@ def cmd_train(argv: list[str]) -> int:
     from learner.driver.run import run_training
 
     stop = threading.Event()
-    _stop_on_signals(stop)
     init_ray(opts.get("--address"))
+    _stop_on_signals(stop)  # after ray.init: it installs a SIGTERM handler of its own
     try:
         summary = run_training(cfg, run_dir, progress=not opts.get("--no-progress"), stop_requested=stop)
     except RunFailed as e:

@@ -207,3 +207,40 @@ def test_acquire_parked_when_its_worker_is_lost_hands_out_nothing():
         assert c.stats()["in_flight_by_worker"] == {}
         assert (await c.acquire("b", timeout_s=0.05))[0], "the prompt went to a live worker instead"
     run(body())
+
+
+def test_a_group_put_twice_is_counted_once():
+    """A rollout worker re-sends groups whose reward worker died; if that one had put them
+    already, the second put is produced-and-dropped as ``duplicate``, never trained twice."""
+    async def body():
+        c = Coordinator(stream(), groups_per_step=2, prompts_per_request=2, max_staleness=0)
+        ps, _ = await acquire_now(c)
+        groups = [group(p, 0) for p in ps]
+        await c.put(groups)
+        await c.put([group(p, 0) for p in ps])  # the same prompts again
+        s = c.stats()
+        assert s["buffered_groups"] == 2 and s["dropped_by_reason"] == {"duplicate": 4}
+        assert await c.get_batch(0, timeout_s=1) and (await acquire_now(c))[0] == []
+        s = await c.publish(Payload(version=1, fingerprint="f"), commit_groups=2)
+        assert (s["produced"], s["trained"], s["dropped"]) == (8, 4, 4)
+    run(body())
+
+
+def test_pause_closes_the_gate_and_an_unhealthy_sample_pauses_it_at_once():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=4, prompts_per_request=1, max_staleness=0)
+        await c.pause("operator")
+        assert (await acquire_now(c))[0] == [] and c.stats()["paused"] == "operator"
+        await c.pause(None)
+        (p0,), _ = await acquire_now(c)
+        unhealthy = group(p0, 0, reward=None, excluded=Excluded(Exclusion.REWARD_UNHEALTHY, "'rm' circuit open"))
+        await c.put([unhealthy])
+        assert "circuit open" in c.stats()["paused"]
+        assert (await acquire_now(c))[0] == [], "generating now would only produce samples lacking a term"
+        await c.pause(None)  # the driver, once the model is disabled or removed
+        assert len((await acquire_now(c))[0]) == 1
+        stopping = asyncio.create_task(c.acquire("w", timeout_s=5))
+        await c.pause("again")
+        await c.stop()
+        assert (await stopping)[0] is None, "a paused gate must still let workers stop"
+    run(body())

@@ -44,7 +44,7 @@ class KillRewardWorker(Trainer):
             kill_9(self.rewards.by_name["reward-0"])
         if self.step == 6:  # the driver stalls here: `fleetrl status` must still show rollout's progress
             frozen = self.counters["produced"]
-            self.status_moved = wait_for(lambda: self.status()["produced"] > frozen, 60, what="live counters")
+            wait_for(lambda: self.status()["produced"] > frozen, 60, what="fleetrl status to show live counters")
         return m
 
 
@@ -55,7 +55,6 @@ def test_killed_reward_worker_is_replaced_and_no_rollout_worker_dies(ray_session
     assert summary["reward_replacements"] == 1 and summary["rollout_replacements"] == 0, out
     assert "reward-0 died" in out and "replaced by reward-1" in out
     assert [e["event"] for e in summary["events"]] == ["reward_replaced"]
-    assert t.status_moved  # status reads the coordinator's live counters, not the last publish's
     assert_exact(summary)
 
 
@@ -107,7 +106,7 @@ class KillAt(Trainer):
     def update(self, batch):
         m = super().update(batch)
         if self.victim() == ("learner", self.step):
-            kill_9(self.learner)  # during the update of step at + 1
+            kill_9(self.learner)  # once the update of step at + 1 was submitted: the learner dies with it
         return m
 
 
@@ -132,8 +131,11 @@ def test_learner_and_coordinator_killed_mid_run_restart_and_finish(ray_session, 
     assert "learner died" in summary["segments"][0]["reason"] and "coordinator died" in summary["segments"][1]["reason"]
     assert [s["steps"] for s in summary["segments"]] == [4, 7, 12]
     assert_exact(summary)
-    steps = [r["step"] for r in read_metrics(tmp_path)]
-    assert steps == list(range(1, 13)), steps  # a resumed run cuts metrics.jsonl back to its checkpoint
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13)), rows  # a resume cuts metrics.jsonl to its checkpoint
+    # steps redone after a restart are counted once: trained is what the final policy was trained on
+    assert summary["trained"] == sum(r["samples"] for r in rows), summary
+    assert summary["dropped_by_reason"].get("rolled_back", 0) > 0
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["step-000009", "step-000012"], kept  # train.keep_checkpoints 2
 

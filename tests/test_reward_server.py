@@ -421,32 +421,6 @@ def test_a_request_over_the_sample_cap_is_resource_exhausted():
 
 
 @contextlib.contextmanager
-def serving_on_runner(backend, max_request_samples=100_000):
-    """A reward server whose backend runs on a MainThreadRunner (as in ``fleetrl reward serve``)."""
-    runner, stop = MainThreadRunner(backend), threading.Event()
-    loop = threading.Thread(target=runner.run, args=(stop.is_set,), daemon=True)
-    loop.start()
-    running = start_reward_server(runner, ServerConfig(), max_request_samples=max_request_samples)
-    ch = channel(running.address)
-    try:
-        yield ch
-    finally:
-        GATE.release.set()
-        ch.close()
-        running.stop(grace_s=0)
-        stop.set()
-        loop.join(10)
-
-
-def expire(future, sent_at: float, timeout_s: float) -> None:
-    """The call fails DEADLINE_EXCEEDED; then wait until the server's copy of the deadline has passed too."""
-    with pytest.raises(grpc.RpcError) as e:
-        future.result(timeout=20)
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_for(lambda: time.monotonic() > sent_at + timeout_s + 0.1, 5, what="the server-side deadline")
-
-
-@contextlib.contextmanager
 def serving_direct(backend, max_request_samples=100_000):
     """A reward server whose backend runs on the gRPC handler threads."""
     running = start_reward_server(backend, ServerConfig(), max_request_samples=max_request_samples)
@@ -457,6 +431,28 @@ def serving_direct(backend, max_request_samples=100_000):
         GATE.release.set()
         ch.close()
         running.stop(grace_s=0)
+
+
+@contextlib.contextmanager
+def serving_on_runner(backend, max_request_samples=100_000):
+    """A reward server whose backend runs on a MainThreadRunner (as in ``fleetrl reward serve``)."""
+    runner, stop = MainThreadRunner(backend), threading.Event()
+    loop = threading.Thread(target=runner.run, args=(stop.is_set,), daemon=True)
+    loop.start()
+    try:
+        with serving_direct(runner, max_request_samples) as ch:
+            yield ch
+    finally:
+        stop.set()
+        loop.join(10)
+
+
+def expire(future, sent_at: float, timeout_s: float) -> None:
+    """The call fails DEADLINE_EXCEEDED; then wait until the server's copy of the deadline has passed too."""
+    with pytest.raises(grpc.RpcError) as e:
+        future.result(timeout=20)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: time.monotonic() > sent_at + timeout_s + 0.1, 5, what="the server-side deadline")
 
 
 @pytest.mark.parametrize("serve_on", [serving_on_runner, serving_direct], ids=["runner", "direct"])

@@ -23,7 +23,9 @@ def metrics_steps(run_dir) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_sigint_writes_a_checkpoint_and_summary_and_resume_does_not_repeat_rows(ray_session, tiny_policy, tmp_path):
+def test_sigterm_writes_a_checkpoint_and_summary(ray_session, tiny_policy, tmp_path):
+    """SIGTERM (what Kubernetes and Slurm send; Ctrl-C takes the same path) stops after the
+    step in flight with a checkpoint of it and summary.json."""
     address = ray_session.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
     args = ["train", "--address", address, "--output-dir", str(run_dir), "--model.path", tiny_policy, *SMALL]
@@ -31,7 +33,7 @@ def test_sigint_writes_a_checkpoint_and_summary_and_resume_does_not_repeat_rows(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(metrics_steps(run_dir)) >= 5, 180, what="5 training steps")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         out, err = proc.communicate(timeout=90)
         took = time.monotonic() - t0
@@ -39,7 +41,7 @@ def test_sigint_writes_a_checkpoint_and_summary_and_resume_does_not_repeat_rows(
         proc.kill()
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
     assert "Traceback" not in err, err[-3000:]
-    assert "SIGINT: stopping after this step" in err
+    assert "SIGTERM: stopping after this step" in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["steps"] >= 5
     assert summary["produced"] == summary["trained"] + summary["dropped"]
@@ -48,6 +50,36 @@ def test_sigint_writes_a_checkpoint_and_summary_and_resume_does_not_repeat_rows(
     assert took < 60, f"stopping took {took:.0f}s"
     assert metrics_steps(run_dir) == list(range(1, n + 1))
     # (resuming cuts metrics.jsonl back to the checkpoint: test_faults.py's restart test)
+
+
+def slow_reward(prompts, completions, **_):
+    """3 s per call: a graceful stop has to wait for the reward calls in flight."""
+    time.sleep(3)
+    return [0.5] * len(completions)
+
+
+def test_a_second_ctrl_c_exits_at_once(ray_session, tiny_policy, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    run_dir, err_path = tmp_path / "run", tmp_path / "stderr"
+    args = [a if a != "['tests.test_pipeline:digit_reward']" else "['tests.test_stop_and_errors:slow_reward']"
+            for a in SMALL]
+    with err_path.open("w") as err_file:
+        proc = subprocess.Popen([*FLEETRL, "train", "--address", address, "--output-dir", str(run_dir),
+                                 "--model.path", tiny_policy, *args, "--train.steps", "100000"],
+                                stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        try:
+            wait_for(lambda: len(metrics_steps(run_dir)) >= 1, 180, what="a training step")
+            proc.send_signal(signal.SIGINT)
+            wait_for(lambda: "stopping after this step" in err_path.read_text(), 30, what="the first Ctrl-C")
+            proc.send_signal(signal.SIGINT)
+            t0 = time.monotonic()
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    err = err_path.read_text()
+    assert proc.returncode == 130 and time.monotonic() - t0 < 10, err[-2000:]
+    assert "second SIGINT: exiting now" in err and "Traceback" not in err, err[-2000:]
+    assert not (run_dir / "summary.json").exists()  # it did not wait for the graceful stop
 
 
 def _busy_port():
@@ -59,11 +91,15 @@ def _busy_port():
 
 @pytest.mark.parametrize("case", ["non_utf8_yaml", "output_dir_is_a_file", "missing_token_file",
                                   "negative_resource", "missing_model_path", "pickle_only_policy",
-                                  "control_port_in_use"])
+                                  "control_port_in_use", "earlier_checkpoints"])
 def test_bad_input_is_one_line_before_ray_starts(case, tmp_path, tiny_policy):
     args = ["train", "--output-dir", str(tmp_path / "run")]
     busy = _busy_port()
-    if case == "control_port_in_use":
+    if case == "earlier_checkpoints":
+        (tmp_path / "run" / "checkpoints" / "step-000004").mkdir(parents=True)
+        args += ["--model.path", tiny_policy]
+        message = "holds checkpoints of an earlier run"
+    elif case == "control_port_in_use":
         args += ["--model.path", tiny_policy, "--control.port", str(busy.getsockname()[1])]
         message = "control.port: cannot bind"
     elif case == "non_utf8_yaml":

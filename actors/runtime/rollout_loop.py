@@ -53,7 +53,7 @@ class RewardDispatch:
         live = self._live()
         actor = live[self.calls % len(live)]
         self.calls += 1
-        self.pending = (actor.score_and_put.remote(groups, self.coordinator), actor._actor_id, groups)
+        self.pending = (actor.score_and_put.remote(groups, self.coordinator), actor, groups)
 
     def submit(self, groups) -> None:
         """Wait for the previous call, then send ``groups``."""
@@ -66,12 +66,17 @@ class RewardDispatch:
     def wait(self) -> None:
         """Wait until the call in flight has put its groups (re-sending after a reward actor died)."""
         while self.pending is not None:
-            ref, actor_id, groups = self.pending
+            ref, actor, groups = self.pending
             try:
                 ray.get(ref)
                 self.pending = None
+            except ray.exceptions.RayTaskError:  # the call itself failed (e.g. its put): not a reward death
+                raise
+            except ray.exceptions.ActorUnavailableError:  # transient: the same actor again, shortly
+                time.sleep(0.5)
+                self.pending = (actor.score_and_put.remote(groups, self.coordinator), actor, groups)
             except ray.exceptions.RayActorError:  # the reward actor died: send the groups again
-                self.dead.add(actor_id)
+                self.dead.add(actor._actor_id)
                 self.actors = ray.get(self.coordinator.reward_actors.remote())
                 self.resent += 1
                 self._send(groups)

@@ -92,7 +92,7 @@ class RolloutFleet:
 
     @property
     def live(self) -> list[str]:
-        return [n for n, w in self.workers.items() if not w.retiring]
+        return [n for n, w in list(self.workers.items()) if not w.retiring]  # a Control thread reads it too
 
     @property
     def actors(self) -> list:

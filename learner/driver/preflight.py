@@ -1,7 +1,8 @@
 """Checks that need no Ray: files and paths a run will read, before anything starts.
 
 A missing ``model.path``, a pickle-only policy without ``model.allow_pickle``,
-a missing token file or TLS file, a Control port in use, or an unloadable
+a missing token file or TLS file, a Control port in use, an output directory
+holding an earlier run's checkpoints without ``--resume``, or an unloadable
 reward function is a
 ``ConfigError`` naming the key, in well under a second, instead of a failure
 inside an actor after Ray started.
@@ -57,3 +58,7 @@ def preflight(cfg: Config, run_dir: Path) -> None:
         load_reward_fn(spec)
     if cfg.train.resume and cfg.train.resume != "auto":
         require(Path(cfg.train.resume).is_dir(), "train.resume", f"{cfg.train.resume} is not a directory")
+    if not cfg.train.resume:  # a fresh run must not mix with (or prune, or restart from) an earlier one's
+        earlier = sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("step-*"))
+        require(not earlier, "train.resume", f"{run_dir} holds checkpoints of an earlier run ({earlier[-1] if earlier else ''}"
+                f"): pass --resume auto to continue it, or another --output-dir")

@@ -29,6 +29,9 @@ class RunReport:
         will be written again) and the rows up to it are the start of the history."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.history: list[dict] = _rows_up_to(self.path, resume_step) if resume_step is not None else []
+        # samples of the steps after the checkpoint, trained before and trained again now
+        self.rolled_back = sum(r.get("samples", 0) for r in _rows(self.path) if r.get("step", 0) > resume_step) \
+            if resume_step is not None else 0
         self.file = self.path.open("w")
         for row in self.history:
             self.file.write(json.dumps(row) + "\n")
@@ -70,8 +73,8 @@ class RunReport:
         return sum(rewards[:k]) / k, sum(rewards[-k:]) / k
 
 
-def _rows_up_to(path: Path, step: int) -> list[dict]:
-    """The metrics rows of steps <= ``step`` (a torn last line from a crash is skipped)."""
+def _rows(path: Path) -> list[dict]:
+    """The metrics rows of ``path`` (a torn last line from a crash is skipped)."""
     rows = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -79,9 +82,13 @@ def _rows_up_to(path: Path, step: int) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
                 rows.append(row)
     return rows
+
+
+def _rows_up_to(path: Path, step: int) -> list[dict]:
+    return [r for r in _rows(path) if r["step"] <= step]
 
 
 COUNTED = ("produced", "trained", "dropped")
@@ -106,17 +113,26 @@ def run_summary(trainer, status: str, reason: str, stats: dict | None, *, rl_s: 
                "events": list(trainer.supervisor.events) if trainer.supervisor else [],
                "rollout_replacements": trainer.rollouts.replacements if hasattr(trainer, "rollouts") else 0,
                "reward_replacements": trainer.supervisor.reward_replacements if trainer.supervisor else 0}
+    # a restarted segment redoes the steps after its checkpoint: what the earlier segment trained
+    # of them counts as rolled back (each segment's own counters stay as they were)
+    segment["rolled_back"] = trainer.report.rolled_back if trainer.report is not None and trainer.segments else 0
     segments = [*trainer.segments, segment]
     by_reason: dict = {}
     for s in segments:
         for k, v in s["dropped_by_reason"].items():
             by_reason[k] = by_reason.get(k, 0) + v
+    rolled_back = sum(s.get("rolled_back", 0) for s in segments)
+    if rolled_back:
+        by_reason["rolled_back"] = rolled_back
+    totals = {k: sum(s[k] for s in segments) for k in COUNTED}
+    totals["trained"] -= rolled_back
+    totals["dropped"] += rolled_back
     first, last = trainer.report.reward_first_last() if trainer.report is not None else (math.nan, math.nan)
     return {
         "status": status, "reason": reason, "eval_before": trainer.eval_before, "eval_after": eval_after,
         "steps": trainer.step, "wall_s": round(wall_s, 2), "rl_s": round(rl_s, 2), "setup_s": round(trainer.setup_s, 2),
         "samples_per_s": round(stats["trained"] / rl_s, 2) if rl_s > 0 else 0.0,
-        **{k: sum(s[k] for s in segments) for k in COUNTED}, "dropped_by_reason": by_reason,
+        **totals, "dropped_by_reason": by_reason,
         "final_policy_version": stats["policy_version"], "reward_first": first, "reward_last": last,
         "max_staleness": trainer.cfg.train.max_staleness, "run_dir": str(trainer.run_dir.resolve()),
         **{k: sum(s[k] for s in segments) for k in ("rollout_replacements", "reward_replacements")},

@@ -38,7 +38,7 @@ def run_training(cfg: Config, run_dir: str | Path, *, out=sys.stdout, progress: 
     while True:
         seg_cfg = cfg
         if segments:
-            resume = "auto" if _has_checkpoint(run_dir) else ""
+            resume = "auto" if _has_checkpoint(run_dir) else cfg.train.resume  # where the run itself began
             seg_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=resume))
         trainer = trainer_cls(seg_cfg, run_dir, out=out, progress=progress, stop_requested=stop_requested,
                           segments=segments, eval_before=eval_before, reward_models=models)

@@ -35,6 +35,8 @@ from actors.reward.worker import RewardConfig
 from learner.driver.errors import RunFailed
 
 HEALTH_EVERY_S = 1.0
+CALL_TIMEOUT_S = 30.0
+"""Deadline of the supervisor's own calls to the coordinator."""
 
 
 def _reason(error: BaseException) -> str:
@@ -119,15 +121,29 @@ class Supervisor:
                                               f"continuing with {len(self.rewards.by_name)}")
         else:
             self.rewards.by_name[new] = handle
-            self._watch(new, handle)
-            self.event("reward_replaced", f"{name} died ({error}); replaced by {new}")
-        actors = self.rewards.actors
-        if self.registry is not None:
-            try:
-                self.registry.set_reward_actors(actors)  # the registered models first ...
-            except Exception as e:  # noqa: BLE001 - ControlError: a worker did not confirm
-                self.event("reward_models_not_pushed", f"reward models not confirmed by the reward workers: {e}")
-        ray.get(self.coordinator.set_reward_actors.remote(actors))  # ... then the rollout loops see it
+            if self._has_models(new, handle):  # the registered models first ...
+                self._watch(new, handle)
+                self.event("reward_replaced", f"{name} died ({error}); replaced by {new}")
+        # ... then the rollout loops see it
+        ray.get(self.coordinator.set_reward_actors.remote(self.rewards.actors), timeout=CALL_TIMEOUT_S)
+
+    def _has_models(self, new: str, handle) -> bool:
+        """Push the registered reward models; a new worker that did not take them is not used
+        (it would score without their terms)."""
+        if self.registry is None:
+            return True
+        try:
+            self.registry.set_reward_actors(self.rewards.actors)
+            return True
+        except Exception as e:  # noqa: BLE001 - ControlError(UNAVAILABLE): a worker did not confirm
+            del self.rewards.by_name[new]
+            ray.kill(handle)
+            if not self.rewards.by_name:
+                raise RunFailed(f"{new} (a replacement reward worker) did not take the registered reward models: "
+                                f"{e}", component=new) from None
+            self.event("reward_not_replaced", f"{new} did not take the registered reward models ({e}); continuing "
+                                              f"with {len(self.rewards.by_name)}")
+            return False
 
     # -- registered reward models ------------------------------------------------------------------
     def tick(self) -> None:
@@ -149,10 +165,20 @@ class Supervisor:
                 del self.unhealthy_since[name]
                 reason = (f"unhealthy for {now - since:.0f}s (reward.model_disable_after_s="
                           f"{self.reward_cfg.model_disable_after_s:g})")
-                self.registry.disable(name, reason)
+                if not self._disable(name, reason):
+                    continue
                 self.event("reward_model_disabled", f"reward model {name!r} disabled: {reason}; the run "
                                                     f"continues on the other reward terms")
         self._set_pause(", ".join(sorted(self.unhealthy_since)) or None)
+
+    def _disable(self, name: str, reason: str) -> bool:
+        from learner.control.registry import ControlError
+
+        try:
+            self.registry.disable(name, reason)
+            return True
+        except ControlError:  # removed over Control meanwhile: nothing to disable
+            return False
 
     def _set_pause(self, who: str | None) -> None:
         if who is None:  # also opens a gate the coordinator closed itself (a late unhealthy sample)
@@ -161,7 +187,7 @@ class Supervisor:
             return
         reason = f"reward model(s) {who} unhealthy" if who else None
         if who:
-            ray.get(self.coordinator.pause.remote(reason))
+            ray.get(self.coordinator.pause.remote(reason), timeout=CALL_TIMEOUT_S)
             self.event("rollout_paused", f"rollout paused: {reason} (disabled after "
                                          f"reward.model_disable_after_s={self.reward_cfg.model_disable_after_s:g}s)")
         else:

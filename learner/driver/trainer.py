@@ -13,7 +13,9 @@ driver's loop is three visible phases per step:
    for the next batch of prompts, and commits the step's groups as trained.
 
 Checkpoints are ``learner.checkpoint``; metrics rows, the summary and peak
-memory are ``report.py``; the rollout fleet is ``fleet.py``.
+memory are ``report.py``; the rollout fleet is ``fleet.py``; who watches the
+actors is ``supervisor.py``; how a run ends early is ``ending.py``; restarts
+are ``run.py``.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ from learner.actor import create_learner
 from learner.config import Config
 from learner.control.registry import RewardRegistry
 from learner.control.service import start_control_server
+from learner.driver import ending
 from learner.driver.errors import RunFailed, StopRequested
 from learner.driver.fleet import FleetError, RolloutFleet
 from learner.driver.placement import place, placement_group, report_placement
 from learner.driver.policy import resolve_policy
-from learner.driver.report import RunReport, lost_coordinator_stats, peak_memory, run_summary
+from learner.driver.report import RunReport, peak_memory, run_summary
 from learner.driver.supervisor import Supervisor
 from learner.driver.weight_sync import CollectiveSync, WeightSync
 
@@ -72,7 +75,7 @@ class Trainer:
         self.segments = list(segments or [])  # earlier segments of a restarted run (``run.py``)
         self.eval_before = eval_before
         self.carried_models = list(reward_models or [])
-        self.final_models: list = []  # the registered reward models' specs when the run ended
+        self.final_models: list = list(self.carried_models)  # registered models' specs when the run ended
         self.supervisor = None
         self.summary: dict | None = None
         self.setup_s = 0.0
@@ -238,9 +241,8 @@ class Trainer:
             if isinstance(e.as_instanceof_cause(), SampleTimeout):
                 raise RunFailed(str(e.as_instanceof_cause())) from None
             raise
-        except ray.exceptions.RayActorError:
-            self.supervisor.check_core(timeout_s=10.0)
-            raise RunFailed("coordinator died while assembling a batch", component="coordinator") from None
+        except ray.exceptions.RayActorError as e:
+            raise ending.failure_from(self, e, "the batch request") from None
         self.waiting = None
         if self.cfg.train.max_staleness > 0 and self.step + 1 < self.cfg.train.steps:
             self.prefetched = self._request_batch(self.step + 1)
@@ -273,17 +275,8 @@ class Trainer:
         except CollectiveConfigError as e:
             raise RunFailed(str(e)) from None
         except ray.exceptions.RayError as e:
-            raise self.failure_from(e, f"learner step {self.step + 1} failed") from None
+            raise ending.failure_from(self, e, f"learner step {self.step + 1} failed") from None
 
-    def failure_from(self, e: ray.exceptions.RayError, what: str = "") -> RunFailed:
-        """A Ray error as a ``RunFailed`` naming the dead learner or coordinator if one died."""
-        try:
-            self.supervisor.check_core(timeout_s=10.0)
-        except RunFailed as died:
-            return died
-        cause = e.as_instanceof_cause() if isinstance(e, ray.exceptions.RayTaskError) else e
-        last = str(cause).strip().splitlines()[-1][:300] if str(cause).strip() else ""
-        return RunFailed(f"{what or f'step {self.step + 1}'}: {type(cause).__name__}: {last}")
 
     # -- the run -------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -313,12 +306,14 @@ class Trainer:
         t_start = time.perf_counter()
         try:
             self.setup()
-        except RunFailed as e:
-            self.write_summary("failed", str(e), None, wall_t0=t_start)
-            raise
-        if self.eval_before is None:
-            self.eval_before = self.evaluate()
-            self.say(f"held-out accuracy before RL (greedy, {cfg.task.eval_size} prompts): {self.eval_before:.3f}")
+            if self.eval_before is None:
+                self.eval_before = self.evaluate()
+                self.say(f"held-out accuracy before RL (greedy, {cfg.task.eval_size} prompts): "
+                         f"{self.eval_before:.3f}")
+        except (RunFailed, ray.exceptions.RayError) as e:
+            failure = e if isinstance(e, RunFailed) else ending.failure_from(self, e, "setup")
+            self.write_summary("failed", str(failure), None, wall_t0=t_start)
+            raise failure from None
         self.report = RunReport(self.run_dir, total_steps=cfg.train.steps, progress=self.progress, out=self.out,
                                 log_every=cfg.train.log_every, resume_step=self.step if self.resume else None)
         t_rl = time.perf_counter()
@@ -326,23 +321,30 @@ class Trainer:
         try:
             self.start_rollouts()
             ended = self.run_steps(t_rl)
-            if not cfg.train.checkpoint_every or self.step % cfg.train.checkpoint_every:
-                self.save_checkpoint()  # the end of the run
+            if not cfg.train.checkpoint_every or self.step % cfg.train.checkpoint_every:  # the end of the run
+                self.save_checkpoint(timeout_s=cfg.train.stop_timeout_s if ended == "stopped" else None)
         except RunFailed as e:
             failure = e
         except ray.exceptions.RayError as e:  # e.g. the learner died while writing a checkpoint
-            failure = self.failure_from(e)
+            failure = ending.failure_from(self, e)
+        except Exception as e:  # noqa: BLE001 - a bug or an OSError: still one line, a summary, the traceback in a file
+            failure = ending.unexpected(self.run_dir, e)
         finally:
             self.report.close()
-        stats = self.wind_down()
+        stats = ending.wind_down(self)
         if failure is not None:
-            self.save_what_can_be_saved(failure)
+            ending.save_what_can_be_saved(self, failure)
             self.write_summary("failed", str(failure), stats, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
             raise failure
         if ended == "stopped":
             return self.write_summary("stopped", "stop requested (signal or Control)", stats,
                                       rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
-        return self.finish(stats, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
+        try:
+            return self.finish(stats, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
+        except ray.exceptions.RayError as e:  # e.g. the learner died in the final evaluation
+            failure = ending.failure_from(self, e, "the final evaluation")
+            self.write_summary("failed", str(failure), stats, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
+            raise failure from None
 
     def run_steps(self, t_rl: float) -> str:
         """sample -> update -> sync weights, until ``train.steps``, ``train.max_wall_s`` or a
@@ -374,39 +376,6 @@ class Trainer:
         return "finished"
 
     # -- the end ---------------------------------------------------------------------------------------
-    def wind_down(self) -> dict:
-        """Stop generation and return the final counters, within ``train.stop_timeout_s``.
-        With the coordinator dead, the counters of the last publish, what was buffered
-        then counted as dropped (``coordinator_lost``)."""
-        timeout_s = self.cfg.train.stop_timeout_s
-        try:
-            if "coordinator" in self.supervisor.dead:
-                raise ray.exceptions.RayActorError()
-            stats = self.stop_rollouts(timeout_s) if self.rollouts.started else \
-                ray.get(self.coordinator.stats.remote(), timeout=timeout_s)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            stats = lost_coordinator_stats(self.counters)
-        self.final_models = self.registry.enabled_specs() if self.registry is not None else []
-        self.stop_control()
-        return stats
-
-    def save_what_can_be_saved(self, failure: RunFailed) -> None:
-        """After a failure: a checkpoint of the last completed step, if the learner is alive
-        and still at that step (a failed sync may have left it one update ahead)."""
-        if "learner" in self.supervisor.dead or not self.counters:
-            return
-        try:
-            version = ray.get(self.learner.version.remote(), timeout=10)
-            if version != self.counters.get("policy_version") or version != self.step:
-                self.say(f"no final checkpoint: the learner is at version {version}, the last completed step "
-                         f"is {self.step}")
-                return
-            point = self.counters["resume_point"] if "coordinator" in self.supervisor.dead else None
-            path = self.save_checkpoint(point, timeout_s=self.cfg.train.stop_timeout_s)
-            self.say(f"checkpoint of step {self.step} written to {path}")
-        except (ray.exceptions.RayError, OSError) as e:
-            self.say(f"no final checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-
     def finish(self, stats: dict, *, rl_s: float, wall_t0: float) -> dict:
         """Evaluate, save the policy, write ``summary.json``; returns the summary."""
         eval_after = self.evaluate()
