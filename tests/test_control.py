@@ -180,6 +180,8 @@ def test_control_status_codes(run, tmp_path):
             (lambda: register(stub, "cooldown", server.address, cooldown_s=-1.0), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: register(stub, "ca", server.address, tls_ca_pem=b"not a certificate"),
              grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: stub.ScaleRollout(control_pb2.ScaleRolloutRequest(num_workers=0), timeout=10),
+             grpc.StatusCode.INVALID_ARGUMENT),
         ]
         for call, code in cases:
             with pytest.raises(grpc.RpcError) as e:

@@ -40,7 +40,9 @@ def assert_exact(summary: dict) -> None:
 class KillRewardWorker(Trainer):
     def update(self, batch):
         m = super().update(batch)
-        if self.step == 2:
+        if self.step == 1:
+            kill_9(self.rollouts.workers["rollout-0"].actor)
+        if self.step == 3:
             kill_9(self.rewards.by_name["reward-0"])
         if self.step == 6:  # the driver stalls here: `fleetrl status` must still show rollout's progress
             frozen = self.counters["produced"]
@@ -48,13 +50,17 @@ class KillRewardWorker(Trainer):
         return m
 
 
-def test_killed_reward_worker_is_replaced_and_no_rollout_worker_dies(ray_session, tiny_policy, tmp_path):
+def test_killed_rollout_and_reward_workers_are_replaced_and_accounting_is_exact(ray_session, tiny_policy, tmp_path):
+    """kill -9 rollout-0 at step 2, then reward-0 at step 4: each is replaced once (the rollout
+    worker's prompts go back out first), and the reward worker's death costs no rollout worker."""
     t, summary = run_trainer(small_config(tiny_policy, "--train.steps", "10"), tmp_path, trainer_cls=KillRewardWorker)
     out = t.out.getvalue()
     assert summary["status"] == "finished" and summary["steps"] == 10
-    assert summary["reward_replacements"] == 1 and summary["rollout_replacements"] == 0, out
+    assert summary["rollout_replacements"] == 1 and "rollout-0 failed" in out and "replaced by rollout-2" in out
+    assert summary["reward_replacements"] == 1, out  # and no second rollout replacement
     assert "reward-0 died" in out and "replaced by reward-1" in out
     assert [e["event"] for e in summary["events"]] == ["reward_replaced"]
+    assert len(read_metrics(tmp_path)) == 10
     assert_exact(summary)
 
 

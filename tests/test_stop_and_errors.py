@@ -53,8 +53,8 @@ def test_sigterm_writes_a_checkpoint_and_summary(ray_session, tiny_policy, tmp_p
 
 
 def slow_reward(prompts, completions, **_):
-    """3 s per call: a graceful stop has to wait for the reward calls in flight."""
-    time.sleep(3)
+    """1.5 s per call: a graceful stop has to wait for the reward calls in flight."""
+    time.sleep(1.5)
     return [0.5] * len(completions)
 
 
