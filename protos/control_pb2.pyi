@@ -103,7 +103,7 @@ class ScaleRolloutResponse(_message.Message):
     def __init__(self, previous: _Optional[int] = ..., target: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("step", "policy_version", "samples_per_s", "rollout_workers", "reward_workers", "reward_means", "produced", "trained", "dropped", "dropped_by_reason")
+    __slots__ = ("step", "policy_version", "samples_per_s", "rollout_workers", "reward_workers", "reward_means", "produced", "trained", "dropped", "dropped_by_reason", "paused", "events")
     class RewardMeansEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,8 @@ class GetStatusResponse(_message.Message):
     TRAINED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     step: int
     policy_version: int
     samples_per_s: float
@@ -138,4 +140,6 @@ class GetStatusResponse(_message.Message):
     trained: int
     dropped: int
     dropped_by_reason: _containers.ScalarMap[str, int]
-    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., rollout_workers: _Optional[int] = ..., reward_workers: _Optional[int] = ..., reward_means: _Optional[_Mapping[str, float]] = ..., produced: _Optional[int] = ..., trained: _Optional[int] = ..., dropped: _Optional[int] = ..., dropped_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    paused: str
+    events: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., rollout_workers: _Optional[int] = ..., reward_workers: _Optional[int] = ..., reward_means: _Optional[_Mapping[str, float]] = ..., produced: _Optional[int] = ..., trained: _Optional[int] = ..., dropped: _Optional[int] = ..., dropped_by_reason: _Optional[_Mapping[str, int]] = ..., paused: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -223,6 +223,7 @@ def test_bad_reward_server_flags_samples_and_training_resumes(run, mode, reason)
         wait_for(lambda: flagged(trainer, reason) > before, 90, what=f"samples dropped as {reason}")
         first = trainer.step
         wait_for(lambda: paused(trainer), 90, what="rollout to pause (the circuit opened)")
+        assert stub.GetStatus(control_pb2.GetStatusRequest(), timeout=30).paused  # `fleetrl status` says why
         model = info(stub, f"bad-{mode}")
         assert not model.healthy and model.failed > 0 and model.last_error.startswith(reason), model
         assert not model.disabled  # reward.model_disable_after_s has not passed
@@ -234,6 +235,7 @@ def test_bad_reward_server_flags_samples_and_training_resumes(run, mode, reason)
         stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name=f"bad-{mode}"), timeout=60)
         wait_for(lambda: trainer.step >= step + 3, 120, what="training to resume")
         assert not paused(trainer)
+        assert stub.GetStatus(control_pb2.GetStatusRequest(), timeout=30).paused == ""
     finally:
         servicer.release.set()
         server.stop(0)

@@ -166,6 +166,8 @@ class RegisterHangingModel(Trainer):
     endpoint = ""
 
     def update(self, batch):
+        if self.step == 6:  # well after the pause and the disable: `fleetrl status` lists them
+            self.status_events = self.status()["events"]
         m = super().update(batch)
         if self.step == 1:
             stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(self.control.address))
@@ -193,6 +195,8 @@ def test_hanging_reward_model_pauses_rollout_then_is_disabled_and_the_run_goes_o
     assert summary["status"] == "finished" and summary["steps"] == 8, t.out.getvalue()
     assert events[:2] == ["rollout_paused", "reward_model_disabled"], events
     assert "rollout_resumed" in events
+    assert [e.split(":")[0] for e in t.status_events] == ["rollout paused", "reward model 'hang' disabled",
+                                                          "rollout resumed"], t.status_events
     assert servicer.calls >= 1
     lacking = sum(v for k, v in summary["dropped_by_reason"].items() if k.startswith("reward_"))
     # paused: only what was in flight when the circuit opened lacks the term (2 workers x one

@@ -52,6 +52,10 @@ from learner.driver.supervisor import Supervisor
 from learner.driver.weight_sync import CollectiveSync, WeightSync
 
 
+STATUS_EVENTS = 20
+"""How many of the latest events ``fleetrl status`` shows."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, *, out=sys.stdout, progress: bool = True,
                  stop_requested: threading.Event | None = None, segments: list[dict] | None = None,
@@ -416,7 +420,8 @@ class Trainer:
                 "samples_per_s": m.get("samples_per_s", 0.0), "rollout_workers": len(self.rollouts.live),
                 "reward_workers": len(self.rewards.actors), "reward_means": m.get("reward_by_name", {}),
                 "produced": c.get("produced", 0), "trained": c.get("trained", 0), "dropped": c.get("dropped", 0),
-                "dropped_by_reason": c.get("dropped_by_reason", {})}
+                "dropped_by_reason": c.get("dropped_by_reason", {}), "paused": c.get("paused", ""),
+                "events": [e["detail"] for e in (self.supervisor.events if self.supervisor else [])[-STATUS_EVENTS:]]}
 
     def stop_control(self) -> None:
         if self.control is not None:
