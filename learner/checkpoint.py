@@ -129,13 +129,19 @@ def find_checkpoint(where: str, run_dir: Path, say=print) -> tuple[Path, dict]:
     raise CheckpointError(f"train.resume: no complete checkpoint under {base}")
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (the marker written), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / MARKER).exists())
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints of the run (0 = keep all), and
     ``.tmp`` leftovers older than the newest complete one; returns what was deleted."""
     root = Path(run_dir) / "checkpoints"
     if keep <= 0 or not root.is_dir():
         return []
-    complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / MARKER).exists())
+    complete = complete_checkpoints(run_dir)
     doomed = complete[:-keep]
     newest = complete[-1].name if complete else None
     doomed += [p for p in root.glob("step-*.tmp") if newest and p.name[:-len(".tmp")] < newest]

@@ -38,7 +38,7 @@ class RewardDispatch:
         self.dead: set = set()
         self.calls = 0
         self.resent = 0
-        self.pending = None  # (ref, actor id, groups)
+        self.pending = None  # (ref, actor, groups)
 
     def _live(self) -> list:
         return [a for a in self.actors if a._actor_id not in self.dead]

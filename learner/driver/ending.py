@@ -45,12 +45,14 @@ def wind_down(trainer) -> dict:
     With the coordinator dead, the counters of the last publish, what was buffered
     then counted as dropped (``coordinator_lost``)."""
     timeout_s = trainer.cfg.train.stop_timeout_s
-    try:
-        if "coordinator" in trainer.supervisor.dead:
-            raise ray.exceptions.RayActorError()
-        stats = trainer.stop_rollouts(timeout_s) if trainer.rollouts.started else \
-            ray.get(trainer.coordinator.stats.remote(), timeout=timeout_s)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+    stats = None
+    if "coordinator" not in trainer.supervisor.dead:
+        try:
+            stats = trainer.stop_rollouts(timeout_s) if trainer.rollouts.started else \
+                ray.get(trainer.coordinator.stats.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+    if stats is None:
         stats = lost_coordinator_stats(trainer.counters)
     trainer.final_models = trainer.registry.enabled_specs() if trainer.registry is not None else []
     trainer.stop_control()
@@ -68,8 +70,7 @@ def save_what_can_be_saved(trainer, failure: RunFailed) -> None:
             trainer.say(f"no final checkpoint: the learner is at version {version}, the last completed step "
                         f"is {trainer.step}")
             return
-        point = trainer.counters["resume_point"] if "coordinator" in trainer.supervisor.dead else None
-        path = trainer.save_checkpoint(point, timeout_s=trainer.cfg.train.stop_timeout_s)
+        path = trainer.save_checkpoint(timeout_s=trainer.cfg.train.stop_timeout_s)
         trainer.say(f"checkpoint of step {trainer.step} written to {path}")
     except (ray.exceptions.RayError, OSError) as e:
         trainer.say(f"no final checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")

@@ -115,7 +115,7 @@ class RolloutFleet:
         rather than capped, so a caller never believes in workers that cannot start."""
         import grpc
 
-        from learner.control.registry import ControlError
+        from learner.control.rules import ControlError
 
         require(n >= 1, "rollout.num_workers", f"must be >= 1, got {n}")
         c = self.cfg

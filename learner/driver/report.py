@@ -28,10 +28,10 @@ class RunReport:
         """``resume_step``: the run resumes after this step; rows after it are removed (they
         will be written again) and the rows up to it are the start of the history."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.history: list[dict] = _rows_up_to(self.path, resume_step) if resume_step is not None else []
+        rows = _rows(self.path) if resume_step is not None else []
+        self.history: list[dict] = [r for r in rows if r["step"] <= resume_step]
         # samples of the steps after the checkpoint, trained before and trained again now
-        self.rolled_back = sum(r.get("samples", 0) for r in _rows(self.path) if r.get("step", 0) > resume_step) \
-            if resume_step is not None else 0
+        self.rolled_back = sum(r.get("samples", 0) for r in rows if r["step"] > resume_step)
         self.file = self.path.open("w")
         for row in self.history:
             self.file.write(json.dumps(row) + "\n")
@@ -86,9 +86,6 @@ def _rows(path: Path) -> list[dict]:
                 rows.append(row)
     return rows
 
-
-def _rows_up_to(path: Path, step: int) -> list[dict]:
-    return [r for r in _rows(path) if r["step"] <= step]
 
 
 COUNTED = ("produced", "trained", "dropped")

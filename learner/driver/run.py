@@ -18,13 +18,14 @@ import sys
 import threading
 from pathlib import Path
 
+from learner import checkpoint
 from learner.config import Config
 from learner.driver.errors import RunFailed
 from learner.driver.trainer import Trainer
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    return any((p / "COMPLETE").exists() for p in (Path(run_dir) / "checkpoints").glob("step-*"))
+    return bool(checkpoint.complete_checkpoints(run_dir))
 
 
 def run_training(cfg: Config, run_dir: str | Path, *, out=sys.stdout, progress: bool = True,

@@ -399,12 +399,13 @@ class Trainer:
         self.summary = summary
         return summary
 
-    def save_checkpoint(self, point: dict | None = None, *, timeout_s: float | None = None) -> Path:
-        if point is None:
-            point = ray.get(self.coordinator.resume_point.remote(), timeout=timeout_s)
+    def save_checkpoint(self, *, timeout_s: float | None = None) -> Path:
+        """A checkpoint of step ``self.step``. The prompt stream's resume point comes with the
+        counters of that step's publish (nothing is committed between a publish and the
+        checkpoint after it), so it is the same whether the coordinator still lives or not."""
         path = checkpoint.write_checkpoint(self.run_dir, self.step,
                                            lambda d: ray.get(self.learner.save_state.remote(d), timeout=timeout_s),
-                                           point)
+                                           self.counters["resume_point"])
         checkpoint.prune_checkpoints(self.run_dir, keep=self.cfg.train.keep_checkpoints)
         return path
 
