@@ -85,6 +85,7 @@ def test_on_policy_mode_trains_only_current_version(ray_session, tiny_policy, tm
         assert row["staleness_max"] == 0
         if row["ratio_max"] is not None:  # None: every group had equal rewards, nothing was backpropagated
             assert row["ratio_max"] == pytest.approx(1.0, abs=1e-3)  # on-policy: no importance weight
+    assert any(row["ratio_max"] is not None for row in rows), "no step backpropagated: the ratio went unchecked"
     assert summary["produced"] == summary["trained"] + summary["dropped"]
     assert summary["trained"] == sum(r["samples"] for r in rows)
 
