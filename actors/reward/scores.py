@@ -7,6 +7,10 @@ Where it runs (exactly once per score):
 * remote servers: ``client.RemoteRewardClient`` on each response;
 * ``fleetrl reward serve``: ``server.checked_scores`` before answering.
 
+A reward function may return, in place of a float, an ``Excluded`` for a
+sample it could not score (e.g. the math verifier's ``reward_timeout``): it
+passes through unchanged, so the sample is excluded, never scored.
+
 A reward *model* (local or remote) returns results that already went through
 it: per sample a finite float or an ``Excluded``; the reward worker then only
 checks the shape (``check_results``). A failure is never turned into a score.
@@ -25,7 +29,8 @@ Result = list  # list[float | Excluded]: a score, or why the sample could not be
 
 
 def validate_scores(name: str, scores, n: int) -> list[float | Excluded]:
-    """Per sample: a finite float, or an ``Excluded`` saying why it is unusable."""
+    """Per sample: a finite float, or an ``Excluded`` saying why it is unusable (an ``Excluded``
+    the function returned for a sample passes through unchanged)."""
     try:
         values = list(scores)
     except TypeError:
@@ -37,6 +42,8 @@ def validate_scores(name: str, scores, n: int) -> list[float | Excluded]:
 
 
 def _one(name: str, v) -> float | Excluded:
+    if isinstance(v, Excluded):  # the function itself says why it could not score this sample
+        return v
     try:
         f = float(v)
     except (TypeError, ValueError):

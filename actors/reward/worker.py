@@ -3,7 +3,9 @@
 A reward function is a plain callable
 ``fn(prompts: list[str], completions: list[str], **metadata) -> list[float]``
 where each metadata key (e.g. ``answer``) arrives as a list aligned with
-``prompts``. Configure it as ``"module:function"`` or a built-in alias.
+``prompts``. Configure it as ``"module:function"`` or a built-in alias, its
+keyword arguments in ``reward.function_args``. A function may return an
+``Excluded`` for a sample it could not score (the math verifier's timeout).
 
 Failures never become a silent 0.0: a function that raises, returns the wrong
 number of values or a value that is not a finite number marks the affected
@@ -14,9 +16,9 @@ are counted as dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-from actors.reward.functions import RewardFn, load_reward_fn
+from actors.reward.functions import RewardFn, check_function_args, load_reward_fn
 from actors.reward.scores import ScoreBatch, check_results, raised, validate_scores
 from actors.types import Excluded, Group
 from actors.validation import require
@@ -31,7 +33,15 @@ class RewardConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each reward worker needs."""
     functions: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Reward functions: built-in names (exact_match, arithmetic) or ``module:function``."""
+    """Reward functions: built-in names (exact_match, arithmetic, math, regex, format, length) or
+    ``module:function``."""
+    function_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keyword arguments of reward functions, keyed by the name as written in ``functions``, e.g.
+    ``{regex: {pattern: "#### (?P<answer>\\d+)"}, math: {timeout_s: 5}}``. ``regex`` needs ``pattern``;
+    ``math`` takes ``timeout_s`` (5), ``max_chars`` (10000), ``max_memory_mb`` (4096); ``format``
+    ``template`` (``<think>…</think><answer>…</answer>``); ``length`` ``max_chars`` (1000),
+    ``penalty_chars`` (1000). A ``module:function`` gets them as keyword arguments (a class: of its
+    constructor). Unknown arguments, and keys naming no configured function, are errors."""
     weights: list[float] = field(default_factory=list)
     """Weight of each function in the combined reward; empty = all 1.0."""
     max_replacements: int = 10
@@ -49,6 +59,7 @@ class RewardConfig:
         require(bool(self.functions), "reward.functions", "at least one reward function is required")
         require(not self.weights or len(self.weights) == len(self.functions), "reward.weights",
                 f"{len(self.weights)} weights for {len(self.functions)} functions")
+        check_function_args(self.functions, self.function_args)
 
 
 class RewardWorker:
@@ -74,7 +85,8 @@ class RewardWorker:
     @classmethod
     def from_config(cls, cfg: RewardConfig) -> "RewardWorker":
         weights = cfg.weights or [1.0] * len(cfg.functions)
-        return cls([(spec, load_reward_fn(spec), w) for spec, w in zip(cfg.functions, weights)])
+        return cls([(spec, load_reward_fn(spec, cfg.function_args.get(spec)), w)
+                    for spec, w in zip(cfg.functions, weights)])
 
     def set_models(self, models: list[tuple[str, float, Callable]]) -> None:
         """Replace the run-time reward models; takes effect at the next ``score``."""
