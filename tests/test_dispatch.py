@@ -13,6 +13,7 @@ import os
 import ray
 
 from actors.runtime.actors import create_coordinator
+from actors.tasks.registry import TaskPrompts
 from actors.runtime.rollout_loop import RewardDispatch
 from actors.types import Group, Sample
 from learner.config import TaskConfig
@@ -36,7 +37,7 @@ class Scorer:
 
 
 def test_groups_of_a_dead_reward_actor_are_resent_and_counted_once(ray_session):
-    coordinator = create_coordinator("reverse", TaskConfig().task_kwargs(), groups_per_step=2, prompts_per_request=2,
+    coordinator = create_coordinator(TaskPrompts("reverse", TaskConfig().task_kwargs()), groups_per_step=2, prompts_per_request=2,
                                      max_staleness=0, total_groups=100)
     dying, healthy = Scorer.remote(1.0, die=True), Scorer.remote(0.5, die=False)
     try:

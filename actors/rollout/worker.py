@@ -7,6 +7,7 @@ actor and runs the streaming loop around it; unit tests build it directly.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,6 +102,7 @@ class RolloutWorker:
         torch.manual_seed(seed)
         self.generated_samples = 0
         self.seed = seed
+        self.lock = threading.RLock()  # generate, evaluate and load_weights never overlap on the model
 
     @property
     def policy_version(self) -> int:
@@ -115,6 +117,10 @@ class RolloutWorker:
         otherwise the payload's object-store refs are fetched. If the broadcast to
         this worker failed, a refs-less payload is not applied (False): the worker
         keeps its weights until the trainer's object-store fallback arrives."""
+        with self.lock:
+            return self._load_weights(payload, force)
+
+    def _load_weights(self, payload: Payload, force: bool) -> bool:
         applied = self.staged.apply(self.receiver, payload.version, force=force)
         if applied is not None:
             return applied
@@ -132,6 +138,21 @@ class RolloutWorker:
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt]) -> list[Group]:
         """Generate one group per prompt with the weights currently loaded."""
+        with self.lock:
+            return self._generate(prompts)
+
+    @torch.inference_mode()
+    def evaluate(self, prompts: list[Prompt], cfg, *, verify, source_key: str) -> tuple[list, int]:
+        """Held-out evaluation (``actors.rollout.evaluate``) with the weights currently loaded;
+        returns the per-prompt results and the ``policy_version`` they were made with."""
+        from actors.rollout.evaluate import evaluate_prompts
+
+        with self.lock:
+            results = evaluate_prompts(self, prompts, cfg, verify=verify, source_key=source_key, seed=self.seed,
+                                       max_new_tokens=cfg.max_new_tokens or self.max_new_tokens)
+            return results, self.policy_version
+
+    def _generate(self, prompts: list[Prompt]) -> list[Group]:
         version = self.policy_version
         n = self.cfg.group_size
         groups: list[Group | None] = [None] * len(prompts)

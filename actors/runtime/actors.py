@@ -20,7 +20,6 @@ from actors.runtime import object_store
 from actors.runtime.coordinator import Coordinator
 from actors.runtime.placement import actor_env, where
 from actors.runtime.rollout_loop import run_rollout_loop
-from actors.tasks.registry import make_task
 from actors.types import Group, Prompt
 from actors.weights.flat import weights_digest
 
@@ -34,9 +33,26 @@ class RolloutActor:
         self.worker = RolloutWorker(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name,
                                     seed=seed, fetch_weights=object_store.fetch)
         self.name = name
+        self.verifiers: dict = {}
 
     def where(self) -> dict:
         return where()
+
+    def evaluate(self, prompts: list[Prompt], cfg, verifier: tuple[str, dict], source_key: str,
+                 coordinator) -> tuple[list, int]:
+        """Held-out evaluation (``actors.rollout.evaluate``) with the coordinator's newest weights;
+        ``verifier``: a reward function's name and arguments. Runs on a second thread: the
+        worker's lock keeps it between the streaming loop's generate calls."""
+        from actors.reward.functions import load_reward_fn
+
+        latest = ray.get(coordinator.latest_weights.remote())
+        key = (verifier[0], repr(sorted(verifier[1].items())))
+        if key not in self.verifiers:
+            self.verifiers[key] = load_reward_fn(verifier[0], verifier[1] or None)
+        with self.worker.lock:
+            if latest is not None and latest.version > self.worker.policy_version:
+                self.worker.load_weights(latest)
+            return self.worker.evaluate(prompts, cfg, verify=self.verifiers[key], source_key=source_key)
 
     def policy_version(self) -> int:
         return self.worker.policy_version
@@ -138,12 +154,16 @@ class RewardModelActor:
 
 
 class CoordinatorActor(Coordinator):
-    """The coordinator with its prompt stream built inside the actor (generators don't pickle)."""
+    """The coordinator with its prompt stream built inside the actor (generators don't pickle).
 
-    def __init__(self, task_name: str, task_kwargs: dict, *, start: int = 0, skip: list[int] = (), **kwargs):
+    ``source`` has ``prompt_stream(start)``: a built-in task (``TaskPrompts``) or a dataset
+    (``actors.data.source.DatasetPrompts``, which also reports its epoch and position)."""
+
+    def __init__(self, source, *, start: int = 0, skip: list[int] = (), **kwargs):
         skip = set(skip)
-        stream = (p for p in make_task(task_name, **task_kwargs).prompt_stream(start) if p.uid not in skip)
-        super().__init__(stream, start_uid=start, committed_uids=sorted(skip), **kwargs)
+        stream = (p for p in source.prompt_stream(start) if p.uid not in skip)
+        super().__init__(stream, start_uid=start, committed_uids=sorted(skip),
+                         progress=getattr(source, "progress", None), **kwargs)
 
     def where(self) -> dict:
         return where()
@@ -175,9 +195,9 @@ def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed
                          placement: dict | None = None):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
-        # 3 threads: the run loop, collective weight-sync calls, and quick queries (where, version)
-        # that must not wait behind a broadcast
-        runtime_env=actor_env(cfg.num_threads), max_concurrency=3, **(placement or {}))
+        # 4 threads: the run loop, collective weight-sync calls, evaluation, and quick queries
+        # (where, version) that must not wait behind a broadcast
+        runtime_env=actor_env(cfg.num_threads), max_concurrency=4, **(placement or {}))
     return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed)
 
 
@@ -200,5 +220,6 @@ def create_reward_model_actor(spec, *, num_cpus: float = 0.0):
                                                 runtime_env=actor_env(1)).remote(spec)
 
 
-def create_coordinator(task_name: str, task_kwargs: dict, **kwargs):
-    return ray.remote(CoordinatorActor).options(num_cpus=0).remote(task_name, task_kwargs, **kwargs)
+def create_coordinator(source, **kwargs):
+    """``source``: ``TaskPrompts`` or ``DatasetPrompts`` (see ``CoordinatorActor``)."""
+    return ray.remote(CoordinatorActor).options(num_cpus=0).remote(source, **kwargs)

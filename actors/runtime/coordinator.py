@@ -38,6 +38,7 @@ replaces a dead one; the rollout loops read the list from here).
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter, deque
 from typing import Iterator
 
@@ -50,12 +51,19 @@ class SampleTimeout(RuntimeError):
     """No batch could be assembled before the deadline."""
 
 
+class PromptsExhausted(RuntimeError):
+    """A finite prompt stream (``data.epochs``) is used up: no further batch can be assembled."""
+
+
 class Coordinator:
     def __init__(self, prompts: Iterator[Prompt], *, groups_per_step: int, prompts_per_request: int,
                  max_staleness: int, total_groups: int | None = None, start_step: int = 0, start_uid: int = 0,
-                 committed_uids: list[int] = ()):
-        """``max_staleness`` and the sizes are validated by the config (``TrainConfig``)."""
+                 committed_uids: list[int] = (), progress=None):
+        """``max_staleness`` and the sizes are validated by the config (``TrainConfig``);
+        ``progress(cursor)``: where a dataset stream stands (``DatasetPrompts.progress``)."""
         self.prompts = prompts
+        self.progress = progress
+        self.exhausted = False  # the prompt stream has ended (a dataset's last epoch)
         self.groups_per_step = groups_per_step
         self.prompts_per_request = prompts_per_request
         self.max_staleness = max_staleness
@@ -110,7 +118,8 @@ class Coordinator:
         """
         def ready():
             return self.stopping or worker in self.retiring or (
-                self.paused is None and (bool(self.requeue) or self._live() < self._limit()))
+                self.paused is None and (bool(self.requeue) or (self._live() < self._limit()
+                                                                 and not self.exhausted)))
 
         async with self.cond:
             try:
@@ -124,8 +133,11 @@ class Coordinator:
                 batch.append(self.requeue.popleft())
             if not batch:
                 n = min(self.prompts_per_request, self._limit() - self._live())
-                batch = [next(self.prompts) for _ in range(n)]
-                self.issued_groups += n
+                batch = list(itertools.islice(self.prompts, n))
+                if len(batch) < n:
+                    self.exhausted = True
+                    self.cond.notify_all()  # a learner waiting for a batch that can no longer fill
+                self.issued_groups += len(batch)
                 self.next_uid = max([self.next_uid] + [p.uid + 1 for p in batch])
             self.in_flight.setdefault(worker, {}).update({p.uid: p for p in batch})
             return batch, self.weights.version
@@ -240,9 +252,12 @@ class Coordinator:
                         break
                     if self.stopping:
                         raise SampleTimeout("coordinator is stopping")
+                    if self._starved():
+                        raise PromptsExhausted(f"the prompt stream ended ({len(batch)}/{self.groups_per_step} "
+                                               f"groups for version {version})")
                     try:
-                        await asyncio.wait_for(self.cond.wait_for(lambda: bool(self.buffer) or self.stopping),
-                                               timeout_s)
+                        await asyncio.wait_for(self.cond.wait_for(
+                            lambda: bool(self.buffer) or self.stopping or self._starved()), timeout_s)
                     except asyncio.TimeoutError:
                         raise SampleTimeout(
                             f"no scored group arrived for {timeout_s:.0f}s (have {len(batch)}/"
@@ -270,6 +285,10 @@ class Coordinator:
             self.weights.put(payload)
             self.cond.notify_all()
             return self.stats()
+
+    def _starved(self) -> bool:
+        """No group can arrive any more: the stream ended and nothing is in flight or re-queued."""
+        return self.exhausted and not self.requeue and not any(self.in_flight.values())
 
     def _advance_cursor(self) -> None:
         while self.cursor in self.committed_uids:
@@ -319,6 +338,7 @@ class Coordinator:
             "in_flight_by_worker": {w: len(p) for w, p in self.in_flight.items() if p},
             "paused": self.paused or "",
             "resume_point": self.resume_point(),
+            "data": self.progress(self.cursor) if self.progress else {},
         }
 
     def _pause_if_unhealthy(self, why: Excluded | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from actors.tasks.arithmetic import Arithmetic
 from actors.tasks.base import Task
 from actors.tasks.chat import ChatTemplate, load_tokenizer
@@ -28,3 +30,15 @@ def make_task(name: str, *, chat_template: bool | None = False, tokenizer_path: 
     if use_chat and not tokenizer_path:
         raise ConfigError("task.chat_template: rendering with a chat template needs the policy's tokenizer")
     return cls(**kwargs, chat=ChatTemplate(tokenizer_path, tokenizer) if use_chat else None)
+
+
+@dataclass
+class TaskPrompts:
+    """A built-in task's prompt stream, built where it is used (the coordinator actor):
+    ``make_task(name, **kwargs).prompt_stream(start)``."""
+
+    name: str
+    kwargs: dict
+
+    def prompt_stream(self, start: int = 0):
+        return make_task(self.name, **self.kwargs).prompt_stream(start)
