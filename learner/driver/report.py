@@ -2,15 +2,17 @@
 
 ``RunReport`` appends one JSON row per step to ``metrics.jsonl`` (the
 learner's metrics plus timing and the coordinator's counters) and keeps the
-history the summary is computed from. A resumed run first cuts the file back
-to the checkpoint's step, so no step appears twice. ``run_summary`` is what
+history the summary is computed from; it also sends each row to TensorBoard /
+W&B (``watch.report_to``), appends held-out evaluations to ``eval.jsonl``, a few
+samples to ``samples.jsonl`` and draws ``report.png`` at the end (``learner/watch``).
+A resumed run first cuts the files back to the checkpoint's step, so no step
+appears twice. ``run_summary`` is what
 ``summary.json`` holds, for a finished, stopped or failed run; after restarts
 its counters add up every segment's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -18,28 +20,38 @@ from pathlib import Path
 import ray
 
 from actors.runtime.placement import peak_rss_mib
+from learner.watch.config import WatchConfig
+from learner.watch.jsonl import append, open_cut_back
+from learner.watch.plot import draw_report
+from learner.watch.samples import SampleLog
+from learner.watch.writers import MetricWriters
 
 COUNTERS = ("produced", "trained", "dropped", "buffered_groups")
 
 
 class RunReport:
     def __init__(self, run_dir: Path, *, total_steps: int, progress: bool, out, log_every: int,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, watch: WatchConfig | None = None, run_config: dict | None = None):
         """``resume_step``: the run resumes after this step; rows after it are removed (they
-        will be written again) and the rows up to it are the start of the history."""
-        self.path = Path(run_dir) / "metrics.jsonl"
-        rows = _rows(self.path) if resume_step is not None else []
-        self.history: list[dict] = [r for r in rows if r["step"] <= resume_step]
+        will be written again) and the rows up to it are the start of the history.
+        ``watch``: where else the rows go (None = ``WatchConfig()``); ``run_config``: the
+        resolved config as a dict, for TensorBoard's text tab and W&B."""
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.watch = watch if watch is not None else WatchConfig()
+        self.file, self.history, later = open_cut_back(self.path, resume_step)
         # samples of the steps after the checkpoint, trained before and trained again now
-        self.rolled_back = sum(r.get("samples", 0) for r in rows if r["step"] > resume_step)
-        self.file = self.path.open("w")
-        for row in self.history:
-            self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        self.rolled_back = sum(r.get("samples", 0) for r in later)
+        self.eval_path = self.run_dir / "eval.jsonl"
+        self.eval_file, self.evals, _ = open_cut_back(self.eval_path, resume_step)
+        self.writers = MetricWriters(self.run_dir, self.watch, run_config, resume_step=resume_step)
+        self.sample_log = SampleLog(self.run_dir, self.watch.samples_every, self.watch.samples_per_write,
+                                    resume_step=resume_step)
         self.bar = _progress(total_steps, progress, out)
         self.bar.update(len(self.history))
         self.progress, self.out, self.log_every = progress, out, log_every
         self.trained = 0
+        self.closed = False
 
     def step(self, step: int, version: int, metrics: dict, counters: dict, *, elapsed_s: float, sample_s: float,
              update_sync_s: float) -> dict:
@@ -49,9 +61,9 @@ class RunReport:
                "sample_s": sample_s,
                "update_sync_s": update_sync_s, "samples_per_s": self.trained / elapsed_s, **metrics,
                **{k: counters[k] for k in COUNTERS}}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        append(self.file, row)
         self.history.append(row)
+        self.writers.scalars(step, row, wall_time=row["t"])
         self.bar.update(1)
         self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", v=version, sps=f"{row['samples_per_s']:.0f}",
                              refresh=False)  # the bar itself redraws at most every mininterval
@@ -60,9 +72,52 @@ class RunReport:
                   file=self.out, flush=True)
         return row
 
-    def close(self) -> None:
+    def eval(self, step: int, metrics: dict, time_s: float, policy_version: int) -> dict:
+        """Record a held-out evaluation of the weights after step ``step`` (0 = before RL): one
+        ``eval.jsonl`` row ``{"step", "time_s", "t", "policy_version", **metrics}`` and ``eval/`` scalars."""
+        row = {"step": step, "time_s": round(time_s, 3), "t": round(time.time(), 3), "policy_version": policy_version,
+               **{k: v for k, v in metrics.items() if k not in ("step", "time_s", "t", "policy_version")}}
+        if self.closed:  # e.g. the final evaluation, after the steps' close(): the files, then the plot again
+            with self.eval_path.open("a") as f:
+                append(f, row)
+        else:
+            append(self.eval_file, row)
+        self.evals.append(row)
+        self.writers.eval(step, metrics, wall_time=row["t"])
+        return row
+
+    def samples_due(self, step: int) -> bool:
+        """Whether step ``step`` logs samples (``watch.samples_every``)."""
+        return self.sample_log.due(step)
+
+    def samples(self, step: int, rows: list[dict]) -> list[dict]:
+        """At a due step, log a few of ``rows`` (prompt, completion, reward, rewards, policy_version)
+        to ``samples.jsonl`` and TensorBoard; returns the rows written ([] when not due)."""
+        return self.sample_log.write(step, rows, self.writers)
+
+    def close(self, draw: bool = True) -> None:
+        """Close the files and writers, then draw ``report.png`` (``watch.plot`` and ``draw``); a second
+        call does nothing. An ``eval`` after it still goes to eval.jsonl and TensorBoard (not W&B)."""
+        if self.closed:
+            return
+        self.closed = True
         self.bar.close()
         self.file.close()
+        self.eval_file.close()
+        self.sample_log.close()
+        self.writers.close()
+        if self.watch.plot and draw:
+            self.draw()
+
+    def draw(self) -> Path | None:
+        """Draw ``report.png`` from the run's files (again, e.g. once summary.json is written); a
+        failure is one line to ``out``, never the run's."""
+        try:
+            return draw_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - a plot must not fail a run
+            print(f"report.png not drawn: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  file=self.out, flush=True)
+            return None
 
     def reward_first_last(self) -> tuple[float, float]:
         """Mean training reward of the first and the last tenth of the steps."""
@@ -71,21 +126,6 @@ class RunReport:
         if not rewards:
             return math.nan, math.nan
         return sum(rewards[:k]) / k, sum(rewards[-k:]) / k
-
-
-def _rows(path: Path) -> list[dict]:
-    """The metrics rows of ``path`` (a torn last line from a crash is skipped)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows.append(row)
-    return rows
-
 
 
 COUNTED = ("produced", "trained", "dropped")
