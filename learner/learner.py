@@ -18,10 +18,7 @@ from typing import Literal
 import torch
 
 from actors.device import check_device, mixed_precision, torch_device, torch_dtype
-from actors.reward.functions import load_reward_fn
 from actors.rollout.policy import load_policy
-from actors.tasks.base import Example
-from actors.tasks.evaluate import greedy_accuracy
 from actors.types import Group
 from actors.validation import require
 from actors.weights.collective import BroadcastSource
@@ -204,12 +201,14 @@ class Learner:
     def policy_version(self) -> int:
         return self.publisher.version
 
-    def train_step(self, groups: list[Group]) -> dict:
-        """One optimizer step on the trainable samples of ``groups``; bumps the version."""
+    def train_step(self, groups: list[Group], preview: int = 0) -> dict:
+        """One optimizer step on the trainable samples of ``groups``; bumps the version.
+        ``preview``: also return that many prompt/completion/reward rows (``samples.jsonl``)."""
         t0 = time.perf_counter()
         # a fixed order (by prompt uid), whatever order the groups arrived in: the same
         # batch always gives the same update (exact resume depends on it)
-        batch = TrainBatch.from_groups(sorted(groups, key=lambda g: g.prompt.uid),
+        groups = sorted(groups, key=lambda g: g.prompt.uid)
+        batch = TrainBatch.from_groups(groups,
                                        overlong_penalty=self.cfg.overlong_penalty,
                                        filter_equal_groups=self.cfg.filter_equal_groups)
         if len(batch) == 0 and not self.cfg.filter_equal_groups:
@@ -225,7 +224,9 @@ class Learner:
             out.update(batch_metrics(groups, batch, adv, self.publisher.version))
         self.scheduler.step()
         self.publisher.bump()
-        return {**out, "lr": lr, "update_s": time.perf_counter() - t0}
+        return {**out, "lr": lr, "update_s": time.perf_counter() - t0,
+                "prompt_uids": [g.prompt.uid for g in groups], **({"preview": preview_rows(groups, preview)}
+                                                                  if preview else {})}
 
     def _optimize(self, batch: TrainBatch, adv: torch.Tensor) -> dict:
         """``ppo_epochs`` passes of ``mini_batches`` optimizer steps over the batch; a part whose
@@ -357,11 +358,7 @@ class Learner:
                                "(actors.runtime.object_store.put)")
         return self.publisher.publish(self.put_weights)
 
-    # -- evaluation and output -------------------------------------------------------------------
-    def evaluate(self, examples: list[Example], max_new_tokens: int, reward: str = "exact_match") -> float:
-        return greedy_accuracy(self.model, self.tokenizer, examples, max_new_tokens=max_new_tokens,
-                               reward_fn=load_reward_fn(reward))
-
+    # -- output ----------------------------------------------------------------------------------
     def save_policy(self, path: str) -> str:
         os.makedirs(path, exist_ok=True)
         self.model.save_pretrained(path)
@@ -391,3 +388,14 @@ def _pad_rows(rows: list[list[float]], *, like: torch.Tensor) -> torch.Tensor:
     for b, row in enumerate(rows):
         out[b, : len(row)] = torch.tensor(row)
     return out
+
+
+def preview_rows(groups: list[Group], n: int) -> list[dict]:
+    """The first sample of the first ``n`` groups as readable rows (``samples.jsonl``)."""
+    rows = []
+    for g in groups[:n]:
+        s = g.samples[0] if g.samples else None
+        if s is not None:
+            rows.append({"prompt": g.prompt.text, "completion": s.completion_text, "reward": s.reward,
+                         "rewards": dict(s.rewards), "policy_version": s.policy_version})
+    return rows

@@ -103,7 +103,7 @@ class ScaleRolloutResponse(_message.Message):
     def __init__(self, previous: _Optional[int] = ..., target: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("step", "policy_version", "samples_per_s", "rollout_workers", "reward_workers", "reward_means", "produced", "trained", "dropped", "dropped_by_reason", "paused", "events")
+    __slots__ = ("step", "policy_version", "samples_per_s", "rollout_workers", "reward_workers", "reward_means", "produced", "trained", "dropped", "dropped_by_reason", "paused", "events", "data", "last_eval")
     class RewardMeansEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,8 @@ class GetStatusResponse(_message.Message):
     DROPPED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVAL_FIELD_NUMBER: _ClassVar[int]
     step: int
     policy_version: int
     samples_per_s: float
@@ -142,4 +144,35 @@ class GetStatusResponse(_message.Message):
     dropped_by_reason: _containers.ScalarMap[str, int]
     paused: str
     events: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., rollout_workers: _Optional[int] = ..., reward_workers: _Optional[int] = ..., reward_means: _Optional[_Mapping[str, float]] = ..., produced: _Optional[int] = ..., trained: _Optional[int] = ..., dropped: _Optional[int] = ..., dropped_by_reason: _Optional[_Mapping[str, int]] = ..., paused: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
+    data: DataProgress
+    last_eval: EvalSummary
+    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., rollout_workers: _Optional[int] = ..., reward_workers: _Optional[int] = ..., reward_means: _Optional[_Mapping[str, float]] = ..., produced: _Optional[int] = ..., trained: _Optional[int] = ..., dropped: _Optional[int] = ..., dropped_by_reason: _Optional[_Mapping[str, int]] = ..., paused: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ..., data: _Optional[_Union[DataProgress, _Mapping]] = ..., last_eval: _Optional[_Union[EvalSummary, _Mapping]] = ...) -> None: ...
+
+class DataProgress(_message.Message):
+    __slots__ = ("epoch", "position", "size", "epochs")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    position: int
+    size: int
+    epochs: int
+    def __init__(self, epoch: _Optional[int] = ..., position: _Optional[int] = ..., size: _Optional[int] = ..., epochs: _Optional[int] = ...) -> None: ...
+
+class EvalSummary(_message.Message):
+    __slots__ = ("step", "policy_version", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    policy_version: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...

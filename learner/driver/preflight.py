@@ -55,7 +55,10 @@ def preflight(cfg: Config, run_dir: Path) -> None:
         require(bool(c.tls_cert) == bool(c.tls_key), "control.tls_cert", "TLS needs both tls_cert and tls_key")
         _bindable(c.host, c.port, "control.port")
     for spec in cfg.reward.functions:
-        load_reward_fn(spec)
+        load_reward_fn(spec, cfg.reward.function_args.get(spec))
+    for key in ("train_files", "eval_files"):  # read in setup; a missing one fails before any actor starts
+        for f in getattr(cfg.data, key):
+            require(Path(f).exists(), f"data.{key}", f"{f}: no such file or folder")
     if cfg.train.resume and cfg.train.resume != "auto":
         require(Path(cfg.train.resume).is_dir(), "train.resume", f"{cfg.train.resume} is not a directory")
     if not cfg.train.resume:  # a fresh run must not mix with (or prune, or restart from) an earlier one's

@@ -33,9 +33,8 @@ import yaml
 from actors.device import device_kind, dtype_name
 from actors.reward.functions import load_reward_fn
 from actors.runtime.actors import create_coordinator, create_reward_group
-from actors.runtime.coordinator import SampleTimeout
+from actors.runtime.coordinator import PromptsExhausted, SampleTimeout
 from actors.serving import ServerConfig
-from actors.tasks.registry import make_task
 from actors.weights.collective import CollectiveConfigError
 from learner import checkpoint
 from learner.actor import create_learner
@@ -44,10 +43,12 @@ from learner.control.registry import RewardRegistry
 from learner.control.service import start_control_server
 from learner.driver import ending
 from learner.driver.errors import RunFailed, StopRequested
+from learner.driver.evaluation import Evaluation, eval_line
 from learner.driver.fleet import FleetError, RolloutFleet
 from learner.driver.placement import place, placement_group, report_placement
 from learner.driver.policy import resolve_policy
 from learner.driver.report import RunReport, peak_memory, run_summary
+from learner.driver.sources import build_prompts
 from learner.driver.supervisor import Supervisor
 from learner.driver.weight_sync import CollectiveSync, WeightSync
 
@@ -68,8 +69,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.progress = progress
-        self.task = None  # built in setup(): a chat-template task needs the policy's tokenizer
+        self.prompts = None  # built in setup(): a chat template needs the policy's tokenizer
+        self.evaluation: Evaluation | None = None
+        self.evals: list[dict] = []  # this segment's evaluations, oldest first
+        self.t_rl: float | None = None
         self.max_new_tokens = cfg.rollout.max_new_tokens
+        self.steps = cfg.train.steps  # data.epochs may end the run earlier (setup)
         self.step = 0
         self.control = None
         self.registry = None
@@ -111,14 +116,14 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-        task_kwargs = self.setup_policy_and_task()
+        self.setup_policy_and_prompts()
         if cfg.train.resume:
             self.resume = checkpoint.find_checkpoint(cfg.train.resume, self.run_dir, self.say)
         point = self.resume[1] if self.resume else {"step": 0, "cursor": 0, "skip": []}
         self.coordinator = create_coordinator(
-            cfg.task.name, task_kwargs, start=point["cursor"], skip=point["skip"], start_step=point["step"],
+            self.prompts.source, start=point["cursor"], skip=point["skip"], start_step=point["step"],
             groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
-            max_staleness=cfg.train.max_staleness, total_groups=cfg.train.steps * cfg.train.prompts_per_step)
+            max_staleness=cfg.train.max_staleness, total_groups=self.steps * cfg.train.prompts_per_step)
         self.pg, bundles = placement_group(cfg, name=f"fleetrl-{self.run_dir.name}")
         self.pg_id = self.pg.id.hex() if self.pg is not None else None
         self.create_actors(bundles)
@@ -132,34 +137,31 @@ class Trainer:
         self.sync_weights(None)  # every worker starts from the learner's weights (version 0, or the resumed one)
         self.setup_s = time.perf_counter() - t0
 
-    def setup_policy_and_task(self) -> dict:
-        """Check the reward functions, resolve (or build) the policy, build the task; returns
-        the task's keyword arguments for the coordinator."""
+    def setup_policy_and_prompts(self) -> None:
+        """Check the reward functions, resolve (or build) the policy, build the prompt source
+        (the built-in task or the datasets) and the held-out evaluation."""
         cfg = self.cfg
         for spec in cfg.reward.functions:  # fail here, naming the key, not inside an actor
-            load_reward_fn(spec)
+            load_reward_fn(spec, cfg.reward.function_args.get(spec))
         self.policy_path, self.warm_start = resolve_policy(cfg, self.run_dir)
         if self.warm_start:
             ws = self.warm_start
             took = "cached" if ws["cached"] else f"{ws['seconds']}s"
             self.say(f"built-in policy: {self.policy_path} (warm start: {ws['steps']} supervised steps on "
                      f"{ws['labelled']} labelled examples, validation accuracy {ws['val_accuracy']:.2f}, {took})")
-        task_kwargs = cfg.task.task_kwargs(self.policy_path)
-        self.task = make_task(cfg.task.name, **task_kwargs)
-        task_kwargs["chat_template"] = self.task.chat is not None  # decided once, not again in the coordinator
-        self.max_new_tokens = cfg.rollout.max_new_tokens or self.task.max_new_tokens
-        if self.task.reward not in cfg.reward.functions:
-            self.say(f"warning: task {self.task.name!r} is verified by reward function {self.task.reward!r}, "
-                     f"which reward.functions ({cfg.reward.functions}) does not include")
-        if self.task.chat is not None:
-            self.say(f"prompts rendered with the chat template of {self.policy_path}")
-        return task_kwargs
+        self.prompts = build_prompts(cfg, self.policy_path, self.say)
+        for line in self.prompts.notes:
+            self.say(line)
+        self.max_new_tokens, self.steps = self.prompts.max_new_tokens, self.prompts.steps
+        if self.prompts.eval:
+            self.evaluation = Evaluation(self.prompts.eval, cfg.eval, verifier=self.prompts.verifier,
+                                         source_key=cfg.data.source_key if cfg.data.enabled else "")
 
     def create_actors(self, bundles: list[dict]) -> None:
         """The learner (bundle 0), the weight sync, the reward workers and the rollout fleet."""
         cfg = self.cfg
         rollout_dtype = dtype_name(cfg.rollout.dtype, device_kind(cfg.rollout.device, cfg.rollout.num_gpus))
-        self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=cfg.train.steps,
+        self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=self.steps,
                                       temperature=cfg.rollout.temperature, seed=cfg.train.seed,
                                       max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype)
         collective = None
@@ -242,13 +244,16 @@ class Trainer:
         try:
             [batch] = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.as_instanceof_cause(), SampleTimeout):
-                raise RunFailed(str(e.as_instanceof_cause())) from None
+            cause = e.as_instanceof_cause()
+            if isinstance(cause, SampleTimeout):
+                raise RunFailed(str(cause)) from None
+            if isinstance(cause, PromptsExhausted):
+                raise PromptsExhausted(str(cause).strip().splitlines()[-1]) from None
             raise
         except ray.exceptions.RayActorError as e:
             raise ending.failure_from(self, e, "the batch request") from None
         self.waiting = None
-        if self.cfg.train.max_staleness > 0 and self.step + 1 < self.cfg.train.steps:
+        if self.cfg.train.max_staleness > 0 and self.step + 1 < self.steps:
             self.prefetched = self._request_batch(self.step + 1)
         return batch
 
@@ -267,7 +272,9 @@ class Trainer:
     def update(self, batch):
         """Phase 2: one optimizer step on the learner. Returns the ref of its metrics:
         the driver does not wait here, the sync is queued right behind it."""
-        return self.learner.train_step.remote(batch)
+        w = self.cfg.watch
+        preview = w.samples_per_write if w.samples_every and (self.step + 1) % w.samples_every == 0 else 0
+        return self.learner.train_step.remote(batch, preview)
 
     def sync_weights(self, update) -> tuple[dict | None, int]:
         """Phase 3: publish the weights after ``update`` (None: the initial publish) and
@@ -283,9 +290,23 @@ class Trainer:
 
 
     # -- the run -------------------------------------------------------------------------------------
-    def evaluate(self) -> float:
-        examples = self.task.eval_set(self.cfg.task.eval_size)
-        return ray.get(self.learner.evaluate.remote(examples, self.max_new_tokens, reward=self.task.reward))
+    def evaluate(self, when: str) -> float | None:
+        """Held-out evaluation on the live rollout workers (``eval`` section), recorded in
+        ``eval.jsonl`` and TensorBoard; returns the greedy accuracy (None without held-out
+        prompts or with ``eval.greedy: false``)."""
+        if self.evaluation is None:
+            return None
+        actors = {n: self.rollouts.workers[n].actor for n in self.rollouts.live}
+        t0 = time.perf_counter()
+        m = self.evaluation.run(actors, self.coordinator, self.stop_requested)
+        m["eval_s"] = round(time.perf_counter() - t0, 3)
+        self.evals.append({"step": self.step, "when": when, **m})
+        if self.report is not None:
+            self.report.eval(self.step, m, time_s=time.perf_counter() - self.t_rl if self.t_rl else 0.0,
+                             policy_version=m["policy_version"])
+        if when != "during":
+            self.say(eval_line(f"held-out evaluation {when} RL", m))
+        return m.get("greedy_accuracy")
 
     def start_rollouts(self) -> None:
         self.rollouts.start()
@@ -310,17 +331,19 @@ class Trainer:
         t_start = time.perf_counter()
         try:
             self.setup()
+            self.report = RunReport(self.run_dir, total_steps=self.steps, progress=self.progress, out=self.out,
+                                    log_every=cfg.train.log_every, resume_step=self.step if self.resume else None,
+                                    watch=cfg.watch, run_config=asdict(cfg))
             if self.eval_before is None:
-                self.eval_before = self.evaluate()
-                self.say(f"held-out accuracy before RL (greedy, {cfg.task.eval_size} prompts): "
-                         f"{self.eval_before:.3f}")
-        except (RunFailed, ray.exceptions.RayError) as e:
-            failure = e if isinstance(e, RunFailed) else ending.failure_from(self, e, "setup")
+                self.eval_before = self.evaluate("before")
+        except (RunFailed, StopRequested, ray.exceptions.RayError) as e:
+            failure = (e if isinstance(e, RunFailed) else RunFailed("stopped during setup")
+                       if isinstance(e, StopRequested) else ending.failure_from(self, e, "setup"))
+            if self.report is not None:
+                self.report.close()
             self.write_summary("failed", str(failure), None, wall_t0=t_start)
             raise failure from None
-        self.report = RunReport(self.run_dir, total_steps=cfg.train.steps, progress=self.progress, out=self.out,
-                                log_every=cfg.train.log_every, resume_step=self.step if self.resume else None)
-        t_rl = time.perf_counter()
+        t_rl = self.t_rl = time.perf_counter()
         failure, ended = None, "finished"
         try:
             self.start_rollouts()
@@ -334,7 +357,7 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - a bug or an OSError: still one line, a summary, the traceback in a file
             failure = ending.unexpected(self.run_dir, e)
         finally:
-            self.report.close()
+            self.report.close(draw=False)  # report.png is drawn with the summary
         stats = ending.wind_down(self)
         if failure is not None:
             ending.save_what_can_be_saved(self, failure)
@@ -354,7 +377,7 @@ class Trainer:
         """sample -> update -> sync weights, until ``train.steps``, ``train.max_wall_s`` or a
         stop request; returns "finished" or "stopped"."""
         cfg = self.cfg
-        while self.step < cfg.train.steps:
+        while self.step < self.steps:
             if self.stop_requested.is_set():
                 self.say(f"stopping at step {self.step}: stop requested")
                 return "stopped"
@@ -367,12 +390,22 @@ class Trainer:
             except StopRequested:
                 self.say(f"stopping at step {self.step}: stop requested")
                 return "stopped"
+            except PromptsExhausted as e:
+                self.say(f"stopping at step {self.step}: {e}")
+                return "finished"
             t1 = time.perf_counter()
             m, version = self.sync_weights(self.update(batch))
             t3 = time.perf_counter()
             self.step += 1
+            if m.get("preview"):
+                self.report.samples(self.step, m.pop("preview"))
+            m.pop("preview", None)
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                m["eval_accuracy"] = self.evaluate()  # the learner's weights after this step
+                try:
+                    m["eval_accuracy"] = self.evaluate("during")  # the weights of this step (or newer)
+                except StopRequested:
+                    self.say(f"stopping at step {self.step}: stop requested")
+                    return "stopped"
             self.report.step(self.step, version, m, self.counters, elapsed_s=t3 - t_rl, sample_s=t1 - t0,
                              update_sync_s=t3 - t1)
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
@@ -382,8 +415,7 @@ class Trainer:
     # -- the end ---------------------------------------------------------------------------------------
     def finish(self, stats: dict, *, rl_s: float, wall_t0: float) -> dict:
         """Evaluate, save the policy, write ``summary.json``; returns the summary."""
-        eval_after = self.evaluate()
-        self.say(f"held-out accuracy after RL (greedy): {eval_after:.3f} (before {self.eval_before:.3f})")
+        eval_after = self.evaluate("after")
         policy_dir = ray.get(self.learner.save_policy.remote(str((self.run_dir / "policy").resolve())))
         memory = peak_memory(self.learner, self.rollouts.actors, self.rewards.actors)
         self.say("peak RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in memory.items()))
@@ -393,10 +425,14 @@ class Trainer:
     def write_summary(self, status: str, reason: str, stats: dict | None, *, wall_t0: float, rl_s: float = 0.0,
                       eval_after: float | None = None, extra: dict | None = None) -> dict:
         """``summary.json``: this run's (and, after restarts, every segment's) outcome."""
+        extra = {"evals": self.evals, "data": {**(self.prompts.info if self.prompts else {}),
+                                                 **((stats or self.counters or {}).get("data") or {})}, **(extra or {})}
         summary = run_summary(self, status, reason, stats, rl_s=rl_s, wall_s=time.perf_counter() - wall_t0,
-                              eval_after=eval_after, extra=extra or {})
+                              eval_after=eval_after, extra=extra)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.summary = summary
+        if self.report is not None and self.cfg.watch.plot:
+            self.report.draw()
         return summary
 
     def save_checkpoint(self, *, timeout_s: float | None = None) -> Path:
@@ -422,7 +458,8 @@ class Trainer:
                 "reward_workers": len(self.rewards.actors), "reward_means": m.get("reward_by_name", {}),
                 "produced": c.get("produced", 0), "trained": c.get("trained", 0), "dropped": c.get("dropped", 0),
                 "dropped_by_reason": c.get("dropped_by_reason", {}), "paused": c.get("paused", ""),
-                "events": [e["detail"] for e in (self.supervisor.events if self.supervisor else [])[-STATUS_EVENTS:]]}
+                "events": [e["detail"] for e in (self.supervisor.events if self.supervisor else [])[-STATUS_EVENTS:]],
+                "data": c.get("data", {}), "last_eval": status_eval(self.evals[-1] if self.evals else None)}
 
     def stop_control(self) -> None:
         if self.control is not None:
@@ -444,3 +481,14 @@ class Trainer:
                   *getattr(getattr(self, "rewards", None), "actors", [])]:
             if a is not None:
                 ray.kill(a)
+
+
+def status_eval(m: dict | None) -> dict:
+    """An evaluation's numbers as ``control.v1.EvalSummary`` fields (step -1: none yet)."""
+    if m is None:
+        return {"step": -1}
+    flat = {k: float(v) for k, v in m.items() if k == "greedy_accuracy" or k.startswith(("pass@", "mean@"))}
+    for source, sm in m.get("by_source", {}).items():
+        flat |= {f"{source}/{k}": float(v) for k, v in sm.items()
+                 if k == "greedy_accuracy" or k.startswith(("pass@", "mean@"))}
+    return {"step": m["step"], "policy_version": m.get("policy_version", 0), "metrics": flat}
