@@ -237,10 +237,13 @@ def test_dataset_progress_is_in_the_coordinator_stats(tmp_path, char_tok):
 def test_dataset_prompts_pickle_without_their_rows(tmp_path, char_tok):
     import pickle
 
-    rows = [{"prompt": f"{i:06d}=" * 4, "answer": str(i)} for i in range(20_000)]
-    data = load(char_tok, train_files=[write_jsonl(tmp_path / "big.jsonl", rows)])
+    rows = [{"prompt": f"{i:06d}=" * (4 if i % 10 else 9), "answer": str(i)} for i in range(20_000)]
+    data = load(char_tok, limit=40, train_files=[write_jsonl(tmp_path / "big.jsonl", rows)], eval_fraction=0.1)
+    assert data.info["too_long"]["train"] == 2000 and data.train.size == 16_200
+    data.train.order(0)
     blob = pickle.dumps(data.train)
-    assert len(blob) < 100_000  # the rows (~600 kB of text) stay in the Arrow file
+    # the rows (~600 kB of text), the kept/split row indices and the epoch order stay out of it
+    assert len(blob) < 20_000, len(blob)
     assert pickle.loads(blob).prompt(123).text == data.train.prompt(123).text
 
 
@@ -251,3 +254,27 @@ def test_pass_at_k_is_the_chance_that_k_of_the_n_samples_hold_a_correct_one(n, c
     subsets = list(itertools.combinations(range(n), k))
     expected = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
     assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_resuming_on_a_dataset_of_another_size_is_an_error(tmp_path, char_tok):
+    import io
+
+    from learner.config import Config
+    from learner.driver.sources import Prompts
+    from learner.driver.trainer import Trainer
+
+    def trainer_on(rows):
+        data = load(char_tok, train_files=[write_jsonl(tmp_path / f"d{len(rows)}.jsonl", rows)])
+        t = Trainer(Config(), tmp_path / "run", out=io.StringIO(), progress=False)
+        t.prompts = Prompts(data.train, data.eval, ("exact_match", {}), 5, 10)
+        return t
+
+    point = {"step": 4, "cursor": 32, "skip": [], **trainer_on(ROWS).data_identity()}
+    assert point["data_rows"] == 40
+    trainer_on(ROWS).check_same_data(point)  # the same rows: fine
+    with pytest.raises(ConfigError, match=r"train.resume: the checkpoint's prompt cursor counts in 40 dataset rows, "
+                                          r"this run has 39"):
+        trainer_on(ROWS[:39]).check_same_data(point)
+    changed = trainer_on([dict(r, prompt=r["prompt"] + "0") for r in ROWS])
+    changed.check_same_data(point)
+    assert "the dataset changed since the checkpoint" in changed.out.getvalue()

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from actors.data.config import DataConfig
-from actors.data.files import file_fingerprint, load_file
+from actors.data.files import cache_dir, file_fingerprint, load_file
 from actors.data.prompts import INTERNAL, PromptRenderer, preprocess
 from actors.types import Prompt
 from actors.validation import ConfigError
@@ -45,6 +45,9 @@ class DatasetPrompts:
     def total(self) -> int | None:
         """Prompts in the whole stream (None: endless)."""
         return self.epochs * self.size if self.epochs else None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_order": None}  # the permutation is recomputed, not shipped
 
     def order(self, epoch: int) -> np.ndarray:
         """Row indices in the order epoch ``epoch`` hands them out (a seeded permutation per epoch)."""
@@ -112,12 +115,18 @@ def _load_split(paths: list[str], key: str, renderer: PromptRenderer):
 
 def _drop_too_long(ds, limit: int, key: str):
     """(rows of ``ds`` of at most ``limit`` prompt tokens, how many were longer)."""
-    tokens = np.asarray(ds.with_format("numpy")["__tokens"])
+    tokens = ds.with_format("arrow")["__tokens"].to_numpy()  # one Arrow column, not a row at a time
     keep = np.flatnonzero(tokens <= limit)
     if len(keep) == 0:
         raise ConfigError(f"{key}: all {len(ds)} prompts are longer than {limit} tokens (the policy's context minus "
                           f"rollout.max_new_tokens, or data.max_prompt_tokens); the longest has {int(tokens.max())}")
-    return (ds if len(keep) == len(ds) else ds.select(keep, keep_in_memory=True)), len(ds) - len(keep)
+    return (ds if len(keep) == len(ds) else _select(ds, keep, f"keep-{limit}")), len(ds) - len(keep)
+
+
+def _select(ds, rows: np.ndarray, tag: str):
+    """``ds.select(rows)`` with the index mapping in a cached Arrow file: it pickles as a path."""
+    name = cache_dir() / f"indices-{ds._fingerprint}-{tag}.arrow"
+    return ds.select(rows, indices_cache_file_name=str(name))
 
 
 def _split(ds, fraction: float, seed: int):
@@ -126,7 +135,8 @@ def _split(ds, fraction: float, seed: int):
     k = max(1, int(round(len(ds) * fraction)))
     if k >= len(ds):
         raise ConfigError(f"data.eval_fraction: {fraction} of {len(ds)} rows leaves no train rows")
-    return ds.select(np.sort(order[k:]), keep_in_memory=True), ds.select(np.sort(order[:k]), keep_in_memory=True)
+    return (_select(ds, np.sort(order[k:]), f"train-{fraction}-{seed}"),
+            _select(ds, np.sort(order[:k]), f"eval-{fraction}-{seed}"))
 
 
 def duplicates(train, held_out) -> int:
