@@ -139,6 +139,8 @@ def test_register_changes_the_combined_reward_then_remove(run):
         assert row["reward_mean"] == pytest.approx(by_name["tests.test_pipeline:digit_reward"] + 2.0 * 0.25, abs=1e-5)
         status = stub.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
         assert status.step >= row["step"] and status.rollout_workers == 2 and status.produced >= status.trained
+        assert status.last_eval.step == 0 and 0 <= status.last_eval.metrics["greedy_accuracy"] <= 1  # before RL
+        assert status.data.size == 0  # a built-in task: no dataset position
         assert info(stub, "judge").scored > 0
         stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name="judge"), timeout=30)
         step1 = trainer.step

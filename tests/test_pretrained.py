@@ -283,26 +283,30 @@ def test_prepare_is_idempotent(smollm2):
 
 
 @needs_wheel
-def test_one_training_step_on_smollm2(smollm2, tmp_path):
-    """`fleetrl train deploy/smollm2.yaml` for one step, as the CLI runs it (its own Ray).
+def test_one_training_step_of_the_shipped_gsm8k_example(smollm2, tmp_path):
+    """`fleetrl train deploy/gsm8k-smollm2.yaml` (SmolLM2 on the shipped word-problem dataset, the
+    `math` verifier, the chat template) for one step, as the CLI runs it (its own Ray).
     27-54 s on the 2-core machine, idle or shared (preparing the model: 18-26 s), so not marked slow."""
     out, _, _ = smollm2
     run_dir = tmp_path / "run"
     r = subprocess.run(
-        [sys.executable, "-m", "learner.cli", "train", "deploy/smollm2.yaml", "--output-dir", str(run_dir),
+        [sys.executable, "-m", "learner.cli", "train", "deploy/gsm8k-smollm2.yaml", "--output-dir", str(run_dir),
          "--no-progress", "--model.path", os.path.relpath(out, ROOT), "--train.steps", "1", "--train.prompts_per_step", "2",
-         "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--task.eval_size", "4",
+         "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "16",
+         "--data.eval_size", "2", "--eval.num_samples", "2", "--eval.k", "[1, 2]", "--watch.plot", "false",
          "--train.eval_every", "0", "--train.checkpoint_every", "0", "--control.enabled", "false",
-         "--reward.functions", "[arithmetic, 'tests.test_pretrained:brevity']"],
+         "--reward.functions", "[math, 'tests.test_pretrained:brevity']"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    assert "prompts rendered with the chat template" in r.stdout
+    assert "data: 2000 train prompts from 1 files, chat template; 2 held-out prompts" in r.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["final_policy_version"] == 1
     assert summary["trained"] == 8 and summary["produced"] == summary["trained"] + summary["dropped"]
+    assert [e["when"] for e in summary["evals"]] == ["before", "after"]
+    assert set(summary["evals"][0]) >= {"greedy_accuracy", "pass@1", "pass@2", "mean@2", "by_source"}
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert row["grad_norm"] > 0 and row["active_samples"] > 0  # brevity varies within a group: a real update
-    assert set(row["reward_by_name"]) == {"arithmetic", "tests.test_pretrained:brevity"}
-    assert row["sequence_tokens"] > 8 * 40  # chat-rendered prompts (~46 tokens each) were trained on
+    assert set(row["reward_by_name"]) == {"math", "tests.test_pretrained:brevity"}
+    assert row["sequence_tokens"] > 8 * 50  # chat-rendered prompts with the system prompt (~61 tokens each)
     policy = Path(summary["policy_dir"])
     assert (policy / "model.safetensors").is_file() and (policy / "chat_template.jinja").is_file()

@@ -38,7 +38,7 @@ from actors.serving import ServerConfig
 from actors.weights.collective import CollectiveConfigError
 from learner import checkpoint
 from learner.actor import create_learner
-from learner.config import Config
+from learner.config import Config, ConfigError
 from learner.control.registry import RewardRegistry
 from learner.control.service import start_control_server
 from learner.driver import ending
@@ -49,12 +49,9 @@ from learner.driver.placement import place, placement_group, report_placement
 from learner.driver.policy import resolve_policy
 from learner.driver.report import RunReport, peak_memory, run_summary
 from learner.driver.sources import build_prompts
+from learner.driver.status import run_status
 from learner.driver.supervisor import Supervisor
 from learner.driver.weight_sync import CollectiveSync, WeightSync
-
-
-STATUS_EVENTS = 20
-"""How many of the latest events ``fleetrl status`` shows."""
 
 
 class Trainer:
@@ -120,6 +117,8 @@ class Trainer:
         if cfg.train.resume:
             self.resume = checkpoint.find_checkpoint(cfg.train.resume, self.run_dir, self.say)
         point = self.resume[1] if self.resume else {"step": 0, "cursor": 0, "skip": []}
+        if self.resume:
+            self.check_same_data(point)
         self.coordinator = create_coordinator(
             self.prompts.source, start=point["cursor"], skip=point["skip"], start_step=point["step"],
             groups_per_step=cfg.train.prompts_per_step, prompts_per_request=cfg.rollout.prompts_per_request,
@@ -156,6 +155,25 @@ class Trainer:
         if self.prompts.eval:
             self.evaluation = Evaluation(self.prompts.eval, cfg.eval, verifier=self.prompts.verifier,
                                          source_key=cfg.data.source_key if cfg.data.enabled else "")
+
+    def data_identity(self) -> dict:
+        """What a checkpoint records of the dataset its prompt cursor counts in (nothing for a task)."""
+        src = self.prompts.source if self.prompts else None
+        return {"data_rows": src.size, "data_fingerprint": src.fingerprint} if hasattr(src, "fingerprint") else {}
+
+    def check_same_data(self, point: dict) -> None:
+        """A prompt cursor means (epoch, position) only over the same rows: a different row count is
+        an error, other changes (the files were rewritten, the config renders them differently) a warning."""
+        mine = self.data_identity()
+        if "data_rows" not in point and not mine:
+            return
+        if point.get("data_rows") != mine.get("data_rows"):
+            raise ConfigError(f"train.resume: the checkpoint's prompt cursor counts in {point.get('data_rows', 'no')} "
+                              f"dataset rows, this run has {mine.get('data_rows', 'none (a built-in task)')}: resume "
+                              f"with the data.* settings and files of the run that wrote it")
+        if point.get("data_fingerprint") != mine["data_fingerprint"]:
+            self.say("warning: the dataset changed since the checkpoint (files or data.* settings); the resumed "
+                     "run continues at the same epoch and position of the new rows")
 
     def create_actors(self, bundles: list[dict]) -> None:
         """The learner (bundle 0), the weight sync, the reward workers and the rollout fleet."""
@@ -298,7 +316,8 @@ class Trainer:
             return None
         actors = {n: self.rollouts.workers[n].actor for n in self.rollouts.live}
         t0 = time.perf_counter()
-        m = self.evaluation.run(actors, self.coordinator, self.stop_requested)
+        # the final evaluation is not abandoned on a stop request (a second Ctrl-C exits at once)
+        m = self.evaluation.run(actors, self.coordinator, self.stop_requested if when != "after" else None)
         m["eval_s"] = round(time.perf_counter() - t0, 3)
         self.evals.append({"step": self.step, "when": when, **m})
         if self.report is not None:
@@ -441,25 +460,13 @@ class Trainer:
         checkpoint after it), so it is the same whether the coordinator still lives or not."""
         path = checkpoint.write_checkpoint(self.run_dir, self.step,
                                            lambda d: ray.get(self.learner.save_state.remote(d), timeout=timeout_s),
-                                           self.counters["resume_point"])
+                                           {**self.counters["resume_point"], **self.data_identity()})
         checkpoint.prune_checkpoints(self.run_dir, keep=self.cfg.train.keep_checkpoints)
         return path
 
     def status(self) -> dict:
-        """What ``fleetrl status`` shows (fields of control.v1.GetStatusResponse): the
-        coordinator's live counters (the last publish's if it does not answer within 2 s)."""
-        try:
-            c = ray.get(self.coordinator.stats.remote(), timeout=2.0)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-            c = self.counters or {}
-        m = self.last_metrics
-        return {"step": self.step, "policy_version": c.get("policy_version", 0),
-                "samples_per_s": m.get("samples_per_s", 0.0), "rollout_workers": len(self.rollouts.live),
-                "reward_workers": len(self.rewards.actors), "reward_means": m.get("reward_by_name", {}),
-                "produced": c.get("produced", 0), "trained": c.get("trained", 0), "dropped": c.get("dropped", 0),
-                "dropped_by_reason": c.get("dropped_by_reason", {}), "paused": c.get("paused", ""),
-                "events": [e["detail"] for e in (self.supervisor.events if self.supervisor else [])[-STATUS_EVENTS:]],
-                "data": c.get("data", {}), "last_eval": status_eval(self.evals[-1] if self.evals else None)}
+        """What ``fleetrl status`` shows (``status.run_status``)."""
+        return run_status(self)
 
     def stop_control(self) -> None:
         if self.control is not None:
@@ -482,13 +489,3 @@ class Trainer:
             if a is not None:
                 ray.kill(a)
 
-
-def status_eval(m: dict | None) -> dict:
-    """An evaluation's numbers as ``control.v1.EvalSummary`` fields (step -1: none yet)."""
-    if m is None:
-        return {"step": -1}
-    flat = {k: float(v) for k, v in m.items() if k == "greedy_accuracy" or k.startswith(("pass@", "mean@"))}
-    for source, sm in m.get("by_source", {}).items():
-        flat |= {f"{source}/{k}": float(v) for k, v in sm.items()
-                 if k == "greedy_accuracy" or k.startswith(("pass@", "mean@"))}
-    return {"step": m["step"], "policy_version": m.get("policy_version", 0), "metrics": flat}
