@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from actors.data.config import DataConfig
-from actors.data.source import DatasetPrompts, load_prompt_data
+from actors.data.source import load_prompt_data
 from actors.models.tiny import build_char_tokenizer
 from actors.rollout.evaluate import pass_at_k
 from actors.runtime.coordinator import Coordinator, PromptsExhausted
