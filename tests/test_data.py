@@ -160,6 +160,9 @@ def test_too_long_prompts_are_dropped_counted_and_reported(tmp_path, char_tok):
     ("answer_key", r"data.answer_key: 'solution' is not a column of .*d.jsonl \(columns: prompt, answer"),
     ("not_text", r"data.prompt_key: .*odd.jsonl row 1: the prompt is int"),
     ("role", r"data.prompt_key: .*odd.jsonl row 0: message 0 has unknown role 'wizard'"),
+    ("blank", r"data.prompt_key: .*odd.jsonl row 1: the prompt is empty"),
+    ("null_answer", r"data.answer_key: .*odd.jsonl row 1: 'answer' is null"),
+    ("null_struct", r"data.answer_key: .*odd.jsonl row 0: 'reward_model.ground_truth' is null"),
 ])
 def test_bad_input_is_one_line_naming_the_file_row_or_key(tmp_path, chat_tok, case, match):
     good = write_jsonl(tmp_path / "d.jsonl", ROWS[:4])
@@ -183,9 +186,27 @@ def test_bad_input_is_one_line_naming_the_file_row_or_key(tmp_path, chat_tok, ca
         kw["train_files"] = [write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a"}, {"prompt": 7}])]
     elif case == "role":
         kw["train_files"] = [write_jsonl(tmp_path / "odd.jsonl", [{"prompt": [{"role": "wizard", "content": "hi"}]}])]
+    elif case == "blank":
+        kw["train_files"] = [write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a"}, {"prompt": "  "}])]
+    elif case == "null_answer":
+        kw["train_files"] = [write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a", "answer": "1"},
+                                                                    {"prompt": "b", "answer": None}])]
+        kw["answer_key"] = "answer"
+    elif case == "null_struct":
+        kw["train_files"] = [write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "a", "reward_model": None},
+                                                                    {"prompt": "b", "reward_model": {"ground_truth": "2"}}])]
+        kw["answer_key"] = "reward_model.ground_truth"
     with pytest.raises(ConfigError, match=match) as e:
         load(chat_tok, limit=512, **kw)
     assert "\n" not in str(e.value)
+
+
+def test_a_csv_with_a_byte_order_mark_reads(tmp_path, char_tok):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffprompt,answer\n0012=,2100\n0100=,0010\n".encode("utf-8"))
+    data = load(char_tok, train_files=[str(path)], answer_key="answer", shuffle=False)
+    assert [(p.text, p.metadata["answer"]) for p in itertools.islice(data.train.prompt_stream(), 2)] == [
+        ("0012=", "2100"), ("0100=", "0010")]
 
 
 def test_a_message_list_without_a_chat_template_is_an_error(tmp_path, char_tok):
@@ -275,6 +296,30 @@ def test_resuming_on_a_dataset_of_another_size_is_an_error(tmp_path, char_tok):
     with pytest.raises(ConfigError, match=r"train.resume: the checkpoint's prompt cursor counts in 40 dataset rows, "
                                           r"this run has 39"):
         trainer_on(ROWS[:39]).check_same_data(point)
+    reseeded = trainer_on(ROWS)
+    reseeded.prompts.source.seed = 7
+    with pytest.raises(ConfigError, match=r"train.resume: .*data.shuffle/data.seed \[True, 0\], this run has \[True, 7\]"):
+        reseeded.check_same_data(point)
     changed = trainer_on([dict(r, prompt=r["prompt"] + "0") for r in ROWS])
     changed.check_same_data(point)
     assert "the dataset changed since the checkpoint" in changed.out.getvalue()
+
+
+def test_fully_excluded_and_stale_prompts_move_the_resume_point_past_them():
+    async def run():
+        c = Coordinator((Prompt(uid=i, text=str(i)) for i in range(10)), groups_per_step=2, prompts_per_request=3,
+                        max_staleness=1)
+        handed, _ = await c.acquire("w")
+        bad = _group(handed[0], "w")
+        for s in bad.samples:
+            s.reward = None  # unscored: the whole group is excluded
+        await c.put([bad, _group(handed[1], "w"), _group(handed[2], "w")])
+        await c.get_batch(0, timeout_s=5)
+        from actors.weights.flat import Payload
+
+        await c.publish(Payload(version=1, fingerprint="f"), commit_groups=2)
+        return c.resume_point(), c.stats()["dropped_by_reason"]
+
+    point, dropped = asyncio.run(asyncio.wait_for(run(), 4))
+    assert point == {"cursor": 3, "skip": []}  # uid 0 was excluded, 1 and 2 trained
+    assert dropped == {"unscored": 2}

@@ -83,7 +83,8 @@ def test_reverse_as_a_jsonl_dataset_learns_like_the_built_in_task(ray_session, f
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, s["steps"]]
     assert evals[-1]["greedy_accuracy"] == s["eval_after"]
-    assert s["data"]["epoch"] * 4000 + s["data"]["position"] <= s["trained"] // 8 + 64  # the cursor moved on
+    cursor = s["data"]["epoch"] * 4000 + s["data"]["position"]  # the first prompt not trained (or dropped)
+    assert s["trained"] // 8 - 64 <= cursor <= s["trained"] // 8 + 64, (cursor, s["trained"])
     assert (out / "report.png").stat().st_size > 20_000 and list((out / "tensorboard").glob("events.*"))
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert rows and all(set(row) >= {"step", "prompt", "completion", "reward"} for row in rows)

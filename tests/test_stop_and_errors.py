@@ -91,7 +91,8 @@ def _busy_port():
 
 @pytest.mark.parametrize("case", ["non_utf8_yaml", "output_dir_is_a_file", "missing_token_file",
                                   "negative_resource", "missing_model_path", "pickle_only_policy",
-                                  "control_port_in_use", "earlier_checkpoints"])
+                                  "control_port_in_use", "earlier_checkpoints", "missing_data_file",
+                                  "unknown_eval_verifier"])
 def test_bad_input_is_one_line_before_ray_starts(case, tmp_path, tiny_policy):
     args = ["train", "--output-dir", str(tmp_path / "run")]
     busy = _busy_port()
@@ -116,6 +117,12 @@ def test_bad_input_is_one_line_before_ray_starts(case, tmp_path, tiny_policy):
     elif case == "negative_resource":
         args += ["--rollout.resources", "{gpu_node: -1}"]
         message = "rollout.resources: gpu_node"
+    elif case == "missing_data_file":
+        args += ["--model.path", tiny_policy, "--data.train_files", f"[{tmp_path / 'nope.jsonl'}]"]
+        message = "data.train_files: " + str(tmp_path / "nope.jsonl") + ": no such file"
+    elif case == "unknown_eval_verifier":
+        args += ["--model.path", tiny_policy, "--eval.reward", "mathh"]
+        message = "eval.reward: reward.functions: 'mathh' is neither a built-in"
     elif case == "missing_model_path":
         args += ["--model.path", str(tmp_path / "no-such-model")]
         message = "model.path"

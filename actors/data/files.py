@@ -62,10 +62,10 @@ def _csv_text_features(path: Path):
 
     import datasets
 
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         header = next(csv.reader(f), None)
     if not header:
-        raise ConfigError(f"{path}: no header row")
+        raise ConfigError(f"data.train_files: {path}: no header row")
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 

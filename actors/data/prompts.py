@@ -30,10 +30,20 @@ def get_path(value, dotted: str):
     return value
 
 
-def column(rows: dict, dotted: str) -> list:
-    """The values of column ``dotted`` in a ``Dataset.map`` batch (``"a.b"``: field b of struct column a)."""
+def column(rows: dict, dotted: str, key: str, where: list[str]) -> list:
+    """The values of column ``dotted`` in a ``Dataset.map`` batch (``"a.b"``: field b of struct column a);
+    a missing value (null) is a ConfigError naming ``key`` and the row (``where[i]``)."""
     head, _, rest = dotted.partition(".")
-    return [get_path(v, rest) for v in rows[head]] if rest else rows[head]
+    out = []
+    for v, w in zip(rows[head], where):
+        try:
+            v = get_path(v, rest)
+        except (KeyError, TypeError):
+            v = None
+        if v is None:
+            raise ConfigError(f"{key}: {w}: {dotted!r} is null")
+        out.append(v)
+    return out
 
 
 def check_columns(ds, cfg: DataConfig, path: str) -> None:
@@ -73,6 +83,8 @@ class PromptRenderer:
         """The chat messages of one prompt value (a string or a message list), validated."""
         system = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
         if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ConfigError(f"data.prompt_key: {where}: the prompt is empty")
             return system + [{"role": "user", "content": prompt}]
         if not isinstance(prompt, list) or not prompt:
             raise ConfigError(f"data.prompt_key: {where}: the prompt is {type(prompt).__name__}, not a string "
@@ -95,14 +107,16 @@ class PromptRenderer:
             self.messages(prompt, where)  # a malformed list gets its own message first
             raise ConfigError(f"data.prompt_key: {where}: a message-list prompt needs a chat template "
                               f"(data.chat_template is false or the policy's tokenizer has none)")
+        self.messages(prompt, where)  # the same checks as a chat prompt (not empty)
         return f"{self.cfg.system_prompt}\n\n{prompt}" if self.cfg.system_prompt else prompt
 
     def batch(self, rows: dict, indices: list[int], path: str) -> dict:
         """``Dataset.map`` function: the rendered text, its token count and the answer of each row."""
-        texts = [self.render(p, f"{path} row {i}") for p, i in zip(column(rows, self.cfg.prompt_key), indices)]
+        where = [f"{path} row {i}" for i in indices]
+        texts = [self.render(p, w) for p, w in zip(column(rows, self.cfg.prompt_key, "data.prompt_key", where), where)]
         out = {"__text": texts, "__tokens": [len(x) for x in self.tokenizer(texts)["input_ids"]]}
         if self.cfg.answer_key:
-            out["__answer"] = ["" if a is None else str(a) for a in column(rows, self.cfg.answer_key)]
+            out["__answer"] = [str(a) for a in column(rows, self.cfg.answer_key, "data.answer_key", where)]
         return out
 
 

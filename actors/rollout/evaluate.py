@@ -123,23 +123,34 @@ def score_prompt(uid: int, source: str, greedy_text: str | None, sampled: list[s
 
 def evaluate_prompts(worker, prompts: list, cfg: EvalConfig, *, verify, source_key: str, max_new_tokens: int,
                      seed: int = 0, batch_prompts: int = 16) -> list[PromptResult]:
-    """Complete and score ``prompts`` (``Prompt``) with ``worker``'s engine and current weights."""
+    """Complete and score ``prompts`` (``Prompt``) with ``worker``'s engine and current weights.
+    The worker's lock is held per chunk of ``batch_prompts``, so the streaming loop generates
+    between chunks (the weights do not change meanwhile: the driver publishes none while it
+    waits for the evaluation)."""
     out = []
     for i in range(0, len(prompts), batch_prompts):
-        chunk = prompts[i : i + batch_prompts]
-        ids = [worker.tokenizer(p.text)["input_ids"] for p in chunk]
-        decode = lambda c: worker.tokenizer.decode(c.ids, skip_special_tokens=True)  # noqa: E731
-        greedy = [None] * len(chunk)
-        if cfg.greedy:
-            rows = worker.engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                          seed=seed)
-            greedy = [decode(row[0]) for row in rows]
-        sampled = [[] for _ in chunk]
-        if cfg.num_samples:
-            rows = worker.engine.generate(ids, n=cfg.num_samples, temperature=cfg.temperature, top_p=1.0,
-                                          max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + chunk[0].uid)
-            sampled = [[decode(c) for c in row] for row in rows]
-        for p, g, s in zip(chunk, greedy, sampled):
-            source = str(p.metadata.get(source_key, "")) if source_key else ""
-            out.append(score_prompt(p.uid, source, g, s, verify, cfg.correct_threshold, p.metadata, p.text))
+        with worker.lock:
+            out += _evaluate_chunk(worker, prompts[i : i + batch_prompts], cfg, verify=verify, source_key=source_key,
+                                   max_new_tokens=max_new_tokens, seed=seed)
+    return out
+
+
+def _evaluate_chunk(worker, chunk: list, cfg: EvalConfig, *, verify, source_key: str, max_new_tokens: int,
+                    seed: int) -> list[PromptResult]:
+    out = []
+    ids = [worker.tokenizer(p.text)["input_ids"] for p in chunk]
+    decode = lambda c: worker.tokenizer.decode(c.ids, skip_special_tokens=True)  # noqa: E731
+    greedy = [None] * len(chunk)
+    if cfg.greedy:
+        rows = worker.engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                      seed=seed)
+        greedy = [decode(row[0]) for row in rows]
+    sampled = [[] for _ in chunk]
+    if cfg.num_samples:
+        rows = worker.engine.generate(ids, n=cfg.num_samples, temperature=cfg.temperature, top_p=1.0,
+                                      max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + chunk[0].uid)
+        sampled = [[decode(c) for c in row] for row in rows]
+    for p, g, s in zip(chunk, greedy, sampled):
+        source = str(p.metadata.get(source_key, "")) if source_key else ""
+        out.append(score_prompt(p.uid, source, g, s, verify, cfg.correct_threshold, p.metadata, p.text))
     return out

@@ -147,10 +147,10 @@ class RolloutWorker:
         returns the per-prompt results and the ``policy_version`` they were made with."""
         from actors.rollout.evaluate import evaluate_prompts
 
-        with self.lock:
-            results = evaluate_prompts(self, prompts, cfg, verify=verify, source_key=source_key, seed=self.seed,
-                                       max_new_tokens=cfg.max_new_tokens or self.max_new_tokens)
-            return results, self.policy_version
+        version = self.policy_version
+        results = evaluate_prompts(self, prompts, cfg, verify=verify, source_key=source_key, seed=self.seed,
+                                   max_new_tokens=cfg.max_new_tokens or self.max_new_tokens)  # locks per chunk
+        return results, version
 
     def _generate(self, prompts: list[Prompt]) -> list[Group]:
         version = self.policy_version

@@ -42,7 +42,7 @@ class RolloutActor:
                  coordinator) -> tuple[list, int]:
         """Held-out evaluation (``actors.rollout.evaluate``) with the coordinator's newest weights;
         ``verifier``: a reward function's name and arguments. Runs on a second thread: the
-        worker's lock keeps it between the streaming loop's generate calls."""
+        worker's lock keeps each chunk of it between the streaming loop's generate calls."""
         from actors.reward.functions import load_reward_fn
 
         latest = ray.get(coordinator.latest_weights.remote())
@@ -52,7 +52,7 @@ class RolloutActor:
         with self.worker.lock:
             if latest is not None and latest.version > self.worker.policy_version:
                 self.worker.load_weights(latest)
-            return self.worker.evaluate(prompts, cfg, verify=self.verifiers[key], source_key=source_key)
+        return self.worker.evaluate(prompts, cfg, verify=self.verifiers[key], source_key=source_key)
 
     def policy_version(self) -> int:
         return self.worker.policy_version

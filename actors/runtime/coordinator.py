@@ -216,6 +216,7 @@ class Coordinator:
                         self._pause_if_unhealthy(s.excluded)
                 if not usable:
                     self.abandoned_groups += 1
+                    self._settle_uid(g.prompt.uid)  # never trained, and never retried (as without a resume)
                 elif self.stopping:
                     self._drop_group(g, "end_of_run")
                 else:
@@ -245,6 +246,7 @@ class Coordinator:
                         g = self.buffer.popleft()
                         if g.policy_version < oldest:
                             self._drop_group(g, "stale")
+                            self._settle_uid(g.prompt.uid)
                             self.cond.notify_all()  # frees a slot at the gate
                         else:
                             batch.append(g)
@@ -286,6 +288,13 @@ class Coordinator:
             self.cond.notify_all()
             return self.stats()
 
+    def _settle_uid(self, uid: int) -> None:
+        """A prompt that is done without being trained (fully excluded, stale): the resume point
+        moves past it, so a resumed run does not retry what an uninterrupted one would not, and
+        the list of uids after the cursor stays short."""
+        self.committed_uids.add(uid)
+        self._advance_cursor()
+
     def _starved(self) -> bool:
         """No group can arrive any more: the stream ended and nothing is in flight or re-queued."""
         return self.exhausted and not self.requeue and not any(self.in_flight.values())
@@ -296,8 +305,9 @@ class Coordinator:
             self.cursor += 1
 
     def resume_point(self) -> dict:
-        """Where a resumed run picks up the prompt stream: the first prompt not trained
-        on, and the prompts after it that were (so none is trained twice)."""
+        """Where a resumed run picks up the prompt stream: the first prompt not settled
+        (trained, or dropped as stale / fully excluded), and the settled prompts after it
+        (so none is trained twice)."""
         return {"cursor": self.cursor, "skip": sorted(self.committed_uids)}
 
     # -- shutdown ------------------------------------------------------------------------

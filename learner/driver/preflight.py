@@ -56,6 +56,11 @@ def preflight(cfg: Config, run_dir: Path) -> None:
         _bindable(c.host, c.port, "control.port")
     for spec in cfg.reward.functions:
         load_reward_fn(spec, cfg.reward.function_args.get(spec))
+    if cfg.eval.reward:  # the evaluation's verifier: fail here, not inside a rollout actor
+        try:
+            load_reward_fn(cfg.eval.reward, cfg.reward.function_args.get(cfg.eval.reward))
+        except ConfigError as e:
+            raise ConfigError(f"eval.reward: {e}") from None
     for key in ("train_files", "eval_files"):  # read in setup; a missing one fails before any actor starts
         for f in getattr(cfg.data, key):
             require(Path(f).exists(), f"data.{key}", f"{f}: no such file or folder")

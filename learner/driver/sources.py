@@ -79,8 +79,10 @@ def dataset_prompts(cfg: Config, policy_path: str, say=print) -> Prompts:
             raise ConfigError(f"data.epochs: {d.epochs} epochs of {data.train.size} prompts do not fill one step of "
                               f"train.prompts_per_step={cfg.train.prompts_per_step}")
         if per_run < steps:
+            left = d.epochs * data.train.size - per_run * cfg.train.prompts_per_step
             notes.append(f"data: {d.epochs} epochs of {data.train.size} prompts end the run after {per_run} steps "
-                         f"(train.steps {steps})")
+                         f"(train.steps {steps})" + (f"; the last {left} prompts of the last epoch fill no whole step "
+                                                     f"and are not trained" if left else ""))
             steps = per_run
     if not data.eval and (cfg.train.eval_every or cfg.eval.num_samples):
         notes.append("warning: no held-out prompts (data.eval_files / data.eval_fraction): no evaluation")

@@ -159,11 +159,14 @@ class Trainer:
     def data_identity(self) -> dict:
         """What a checkpoint records of the dataset its prompt cursor counts in (nothing for a task)."""
         src = self.prompts.source if self.prompts else None
-        return {"data_rows": src.size, "data_fingerprint": src.fingerprint} if hasattr(src, "fingerprint") else {}
+        if not hasattr(src, "fingerprint"):
+            return {}
+        return {"data_rows": src.size, "data_order": [src.shuffle, src.seed], "data_fingerprint": src.fingerprint}
 
     def check_same_data(self, point: dict) -> None:
-        """A prompt cursor means (epoch, position) only over the same rows: a different row count is
-        an error, other changes (the files were rewritten, the config renders them differently) a warning."""
+        """A prompt cursor means (epoch, position) only over the same rows in the same order: a different
+        row count, data.shuffle or data.seed is an error, other changes (the files were rewritten, the
+        config renders them differently) a warning."""
         mine = self.data_identity()
         if "data_rows" not in point and not mine:
             return
@@ -171,6 +174,10 @@ class Trainer:
             raise ConfigError(f"train.resume: the checkpoint's prompt cursor counts in {point.get('data_rows', 'no')} "
                               f"dataset rows, this run has {mine.get('data_rows', 'none (a built-in task)')}: resume "
                               f"with the data.* settings and files of the run that wrote it")
+        if point.get("data_order") != mine["data_order"]:
+            raise ConfigError(f"train.resume: the checkpoint's epochs were shuffled with data.shuffle/data.seed "
+                              f"{point.get('data_order')}, this run has {mine['data_order']}: the same rows would be "
+                              f"trained twice in an epoch")
         if point.get("data_fingerprint") != mine["data_fingerprint"]:
             self.say("warning: the dataset changed since the checkpoint (files or data.* settings); the resumed "
                      "run continues at the same epoch and position of the new rows")
@@ -319,7 +326,12 @@ class Trainer:
         # the final evaluation is not abandoned on a stop request (a second Ctrl-C exits at once)
         m = self.evaluation.run(actors, self.coordinator, self.stop_requested if when != "after" else None)
         m["eval_s"] = round(time.perf_counter() - t0, 3)
-        self.evals.append({"step": self.step, "when": when, **m})
+        m["when"] = when
+        completions = m["prompts"] * (int(self.cfg.eval.greedy) + self.cfg.eval.num_samples)
+        if m["excluded"] >= completions:
+            self.say(f"warning: the evaluation's verifier {self.prompts.verifier[0]!r} could not score any of the "
+                     f"{completions} completions (is data.answer_key set? eval.reward?)")
+        self.evals.append({"step": self.step, **m})
         if self.report is not None:
             self.report.eval(self.step, m, time_s=time.perf_counter() - self.t_rl if self.t_rl else 0.0,
                              policy_version=m["policy_version"])
@@ -355,9 +367,13 @@ class Trainer:
                                     watch=cfg.watch, run_config=asdict(cfg))
             if self.eval_before is None:
                 self.eval_before = self.evaluate("before")
-        except (RunFailed, StopRequested, ray.exceptions.RayError) as e:
-            failure = (e if isinstance(e, RunFailed) else RunFailed("stopped during setup")
-                       if isinstance(e, StopRequested) else ending.failure_from(self, e, "setup"))
+        except StopRequested:  # Ctrl-C during the first evaluation: nothing was generated for training yet
+            self.report.close(draw=False)
+            self.say("stopping before training: stop requested")
+            return self.write_summary("stopped", "stop requested (signal or Control) before training", None,
+                                      wall_t0=t_start)
+        except (RunFailed, ray.exceptions.RayError) as e:
+            failure = e if isinstance(e, RunFailed) else ending.failure_from(self, e, "setup")
             if self.report is not None:
                 self.report.close()
             self.write_summary("failed", str(failure), None, wall_t0=t_start)
@@ -419,14 +435,17 @@ class Trainer:
             if m.get("preview"):
                 self.report.samples(self.step, m.pop("preview"))
             m.pop("preview", None)
+            stopped = False
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 try:
                     m["eval_accuracy"] = self.evaluate("during")  # the weights of this step (or newer)
-                except StopRequested:
-                    self.say(f"stopping at step {self.step}: stop requested")
-                    return "stopped"
+                except StopRequested:  # the step itself is done: its row and checkpoint are still written
+                    stopped = True
             self.report.step(self.step, version, m, self.counters, elapsed_s=t3 - t_rl, sample_s=t1 - t0,
                              update_sync_s=t3 - t1)
+            if stopped:
+                self.say(f"stopping at step {self.step}: stop requested during evaluation")
+                return "stopped"
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                 self.save_checkpoint()
         return "finished"
