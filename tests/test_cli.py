@@ -60,4 +60,4 @@ def test_default_job_through_the_cli_learns(ray_session, fleetrl_cache, tmp_path
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == summary["steps"] and all(r["staleness_max"] <= 1 for r in rows)
     assert (out / "policy" / "model.safetensors").exists() and (out / "policy" / "tokenizer.json").exists()
-    assert "held-out accuracy after RL" in r.stdout
+    assert "held-out evaluation after RL (200 prompts, policy_version" in r.stdout

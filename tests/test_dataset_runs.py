@@ -91,12 +91,12 @@ def test_reverse_as_a_jsonl_dataset_learns_like_the_built_in_task(ray_session, f
 
 
 def test_kill_9_mid_run_and_resume_trains_every_row_once_per_epoch(ray_session, tiny_policy, tmp_path):
-    """48 rows x 2 epochs = 12 steps of 8 prompts. The driver (attached to the session's Ray) is
+    """32 rows x 2 epochs = 8 steps of 8 prompts. The driver (attached to the session's Ray) is
     killed with SIGKILL after the checkpoint of step 4, and its actors die with it; ``--resume
     auto`` finishes the run. What the final
     policy was trained on (metrics.jsonl after the resume) is every row of each epoch exactly
-    once: prompt uids 0..95, none missing, none twice."""
-    rows = [{"prompt": f"{i:04d}="[-5:], "answer": f"{i:04d}"[::-1]} for i in range(1000, 1048)]
+    once: prompt uids 0..63, none missing, none twice."""
+    rows = [{"prompt": f"{i:04d}="[-5:], "answer": f"{i:04d}"[::-1]} for i in range(1000, 1032)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
@@ -116,8 +116,8 @@ def test_kill_9_mid_run_and_resume_trains_every_row_once_per_epoch(ray_session, 
                                 timeout=60, env=env)
         assert status.returncode == 0, status.stderr
         data_status = json.loads(status.stdout)["data"]  # `fleetrl status` shows where the dataset stands
-        assert int(data_status["size"]) == 48 and int(data_status["epochs"]) == 2
-        assert int(data_status.get("epoch", 0)) * 48 + int(data_status["position"]) >= 16
+        assert int(data_status["size"]) == 32 and int(data_status["epochs"]) == 2
+        assert int(data_status.get("epoch", 0)) * 32 + int(data_status["position"]) >= 16
         wait_for(lambda: (out / "checkpoints" / "step-000004" / "COMPLETE").exists() or first.poll() is not None,
                  timeout_s=180, interval_s=0.02, what="the checkpoint of step 4")
         os.kill(first.pid, signal.SIGKILL)  # the driver, mid-run: Ray kills the actors it owned
@@ -128,13 +128,13 @@ def test_kill_9_mid_run_and_resume_trains_every_row_once_per_epoch(ray_session, 
     assert not (out / "summary.json").exists(), "the first run must not have finished before the kill"
     r = subprocess.run([*args, "--resume", "auto"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resumed from" in r.stdout and "2 epochs of 48 prompts end the run after 12 steps" in r.stdout
+    assert "resumed from" in r.stdout and "2 epochs of 32 prompts end the run after 8 steps" in r.stdout
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert [m["step"] for m in metrics] == list(range(1, 9))
     uids = [u for m in metrics for u in m["prompt_uids"]]
-    assert sorted(uids) == list(range(96)), sorted(uids)
+    assert sorted(uids) == list(range(64)), sorted(uids)
     s = json.loads((out / "summary.json").read_text())
-    assert s["status"] == "finished" and s["steps"] == 12 and s["produced"] == s["trained"] + s["dropped"]
+    assert s["status"] == "finished" and s["steps"] == 8 and s["produced"] == s["trained"] + s["dropped"]
     assert s["data"]["epoch"] == 2 and s["data"]["position"] == 0  # the cursor at the end of epoch 2
 
 

@@ -24,7 +24,8 @@ def small_config(policy: str, *extra: str):
     return load_config(None, [
         "--model.path", policy, "--reward.functions", "['tests.test_pipeline:digit_reward']", "--train.steps", "6", "--train.prompts_per_step", "4",
         "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "5",
-        "--task.eval_size", "16", "--learner.num_threads", "1", "--train.sample_timeout_s", "30", *extra])
+        "--task.eval_size", "16", "--learner.num_threads", "1", "--train.sample_timeout_s", "30",
+        "--watch.plot", "false", "--watch.report_to", "[jsonl]", *extra])  # watching: tests/test_watch.py
 
 
 def run_trainer(cfg, tmp_path, trainer_cls=Trainer):

@@ -292,18 +292,18 @@ def test_one_training_step_of_the_shipped_gsm8k_example(smollm2, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "learner.cli", "train", "deploy/gsm8k-smollm2.yaml", "--output-dir", str(run_dir),
          "--no-progress", "--model.path", os.path.relpath(out, ROOT), "--train.steps", "1", "--train.prompts_per_step", "2",
-         "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "16",
-         "--data.eval_size", "2", "--eval.num_samples", "2", "--eval.k", "[1, 2]", "--watch.plot", "false",
+         "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "12",
+         "--data.eval_size", "1", "--eval.max_new_tokens", "4", "--watch.plot", "false",
          "--train.eval_every", "0", "--train.checkpoint_every", "0", "--control.enabled", "false",
          "--reward.functions", "[math, 'tests.test_pretrained:brevity']"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    assert "data: 2000 train prompts from 1 files, chat template; 2 held-out prompts" in r.stdout
+    assert "data: 2000 train prompts from 1 files, chat template; 1 held-out prompts" in r.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["final_policy_version"] == 1
     assert summary["trained"] == 8 and summary["produced"] == summary["trained"] + summary["dropped"]
     assert [e["when"] for e in summary["evals"]] == ["before", "after"]
-    assert set(summary["evals"][0]) >= {"greedy_accuracy", "pass@1", "pass@2", "mean@2", "by_source"}
+    assert set(summary["evals"][0]) >= {"greedy_accuracy", "by_source"}  # pass@k: tests/test_dataset_runs.py
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert row["grad_norm"] > 0 and row["active_samples"] > 0  # brevity varies within a group: a real update
     assert set(row["reward_by_name"]) == {"math", "tests.test_pretrained:brevity"}

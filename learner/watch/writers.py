@@ -20,6 +20,9 @@ from pathlib import Path
 
 from learner.watch.config import WatchConfig
 
+FLUSH_EVERY_S = 2.0
+"""TensorBoard event files are flushed at most this often (and at close): a flush per step costs."""
+
 TAGS = {
     "reward_mean": "reward/mean", "reward_std": "reward/std", "adv_abs_mean": "reward/adv_abs_mean",
     "zero_adv_group_frac": "reward/zero_adv_group_frac",
@@ -104,6 +107,7 @@ class MetricWriters:
         self.run_dir = Path(run_dir)
         self.tb = self.wandb = None
         self.closed = False
+        self._flushed = 0.0  # monotonic time of the last TensorBoard flush
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -141,12 +145,13 @@ class MetricWriters:
         return tags
 
     def _flush_tb(self) -> None:
-        """A watched run shows each write at once. After ``close`` a write (the final evaluation)
+        """A watched run shows each write within ``FLUSH_EVERY_S``. After ``close`` a write (the final evaluation)
         goes to an event file of its own, closed again at once."""
         if self.closed:
             self.tb.close()
-        else:
+        elif time.monotonic() - self._flushed >= FLUSH_EVERY_S:
             self.tb.flush()
+            self._flushed = time.monotonic()
 
     def close(self) -> None:
         """Flush and close every backend (a second call does nothing). TensorBoard still takes
