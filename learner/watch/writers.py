@@ -113,6 +113,7 @@ class MetricWriters:
 
             # purge marker: a resumed run hides the earlier run's events from the step after its
             # checkpoint on; a fresh run in a used directory hides all of the earlier run's
+            _after_existing_event_files(self.run_dir / "tensorboard")
             self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
                                     purge_step=0 if resume_step is None else resume_step + 1, flush_secs=30)
             if run_config is not None and resume_step is None:
@@ -167,6 +168,21 @@ class MetricWriters:
 
 def _code_block(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
+
+
+def _after_existing_event_files(log_dir: Path) -> None:
+    """TensorBoard reads event files in name order, and a name is ``events.out.tfevents.<unix second>.
+    <host>.<pid>.<counter>``: within one second a counter of 10 sorts before 9, and the purge marker of
+    a new writer must come after the files it purges. So a new writer waits (at most a second) until
+    the clock is past the newest existing file's second."""
+    newest = -1
+    for f in log_dir.glob("events.out.tfevents.*"):
+        try:
+            newest = max(newest, int(f.name.split(".")[3]))
+        except (IndexError, ValueError):
+            continue
+    while time.time() < newest + 1:
+        time.sleep(0.05)
 
 
 def _start_wandb(run_dir: Path, run_config: dict | None, *, resumed: bool):
