@@ -49,6 +49,11 @@ class EvalConfig:
         return sorted({k for k in self.k if k <= self.num_samples} | ({self.num_samples} - {0}))
 
 
+def is_headline(metric: str) -> bool:
+    """The accuracy metrics of an evaluation (greedy_accuracy, pass@k, mean@n), not its counts."""
+    return metric == "greedy_accuracy" or metric.startswith(("pass@", "mean@"))
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of one prompt with ``c`` correct of ``n`` samples (``k <= n``)."""
     if n - c < k:

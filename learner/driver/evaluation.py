@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ray
 
-from actors.rollout.evaluate import EvalConfig, PromptResult, eval_metrics
+from actors.rollout.evaluate import EvalConfig, PromptResult, eval_metrics, is_headline
 from actors.types import Prompt
 from learner.driver.errors import RunFailed, StopRequested
 
@@ -67,6 +67,6 @@ class Evaluation:
 
 def eval_line(title: str, m: dict) -> str:
     """One line of an evaluation's headline numbers."""
-    parts = [f"{k} {v:.3f}" for k, v in m.items() if k == "greedy_accuracy" or k.startswith(("pass@", "mean@"))]
+    parts = [f"{k} {v:.3f}" for k, v in m.items() if is_headline(k)]
     return (f"{title} ({m['prompts']} prompts, policy_version {m['policy_version']}, {m.get('eval_s', 0):.0f}s): "
             + (", ".join(parts) or "nothing scored"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ray
 
+from actors.rollout.evaluate import is_headline
+
 STATUS_EVENTS = 20
 """How many of the latest events ``fleetrl status`` shows."""
 
@@ -30,8 +32,7 @@ def status_eval(m: dict | None) -> dict:
     """An evaluation's numbers as ``control.v1.EvalSummary`` fields (step -1: none yet)."""
     if m is None:
         return {"step": -1}
-    keep = lambda k: k == "greedy_accuracy" or k.startswith(("pass@", "mean@"))  # noqa: E731
-    flat = {k: float(v) for k, v in m.items() if keep(k)}
+    flat = {k: float(v) for k, v in m.items() if is_headline(k)}
     for source, sm in m.get("by_source", {}).items():
-        flat |= {f"{source}/{k}": float(v) for k, v in sm.items() if keep(k)}
+        flat |= {f"{source}/{k}": float(v) for k, v in sm.items() if is_headline(k)}
     return {"step": m["step"], "policy_version": m.get("policy_version", 0), "metrics": flat}

@@ -432,9 +432,9 @@ class Trainer:
             m, version = self.sync_weights(self.update(batch))
             t3 = time.perf_counter()
             self.step += 1
-            if m.get("preview"):
-                self.report.samples(self.step, m.pop("preview"))
-            m.pop("preview", None)
+            preview = m.pop("preview", None)
+            if preview:
+                self.report.samples(self.step, preview)
             stopped = False
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 try:
