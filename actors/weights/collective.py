@@ -2,8 +2,9 @@
 
 Ranks. The learner is rank 0; the rollout workers of the current group are
 ranks 1..N of a ``torch.distributed`` process group made for weight sync only
-(the default group of each of those processes; the learner serves its
-``TCPStore`` on its node IP and every group uses a fresh key prefix). The
+(a standalone process group, not the default one, which an in-process vLLM
+engine owns; the learner serves its ``TCPStore`` on its node IP and every group
+uses a fresh key prefix). The
 driver (``learner.driver.weight_sync.CollectiveSync``) builds groups and starts each broadcast; ranks never
 decide membership themselves.
 
@@ -93,39 +94,40 @@ def device_info(device: torch.device, fingerprint: str) -> dict:
 
 
 class _Rank:
-    """This process's membership in the current weight-sync group (its default process group)."""
+    """This process's membership in the current weight-sync group.
+
+    The group is a standalone ``ProcessGroupGloo`` / ``ProcessGroupNCCL`` over the learner's
+    store, never this process's *default* group: an in-process vLLM engine owns that one
+    (it initialises ``torch.distributed`` for its own ranks)."""
 
     def __init__(self):
         self.epoch: int | None = None
         self.backend: str | None = None
+        self.group = None
         self.lock = threading.Lock()  # one collective operation at a time (join vs. a late broadcast)
 
     def join(self, spec: GroupSpec, rank: int, device: torch.device, store=None) -> None:
         with self.lock:
             self.leave_locked()
-            if dist.is_initialized():
-                raise CollectiveConfigError("this process already has a torch.distributed default group that "
-                                            "fleetrl did not create; the weight-sync group needs it")
             timeout = timedelta(seconds=spec.timeout_s)
             if store is None:
                 store = dist.TCPStore(spec.host, spec.port, None, False, timeout)
-            kwargs = {}
+            prefixed = dist.PrefixStore(f"{STORE_PREFIX}/{spec.epoch}/", store)
             if spec.backend == "nccl":
-                # eager communicator init: a duplicate GPU fails here, at the join
-                kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device() if device.index is None
-                                                   else device.index)
-                # a timed-out collective raises in the calling thread and aborts the communicator, instead of
-                # the watchdog tearing the whole process (the learner!) down; read when the group is created
-                os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
-                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-            dist.init_process_group(spec.backend, store=dist.PrefixStore(f"{STORE_PREFIX}/{spec.epoch}/", store),
-                                    rank=rank, world_size=spec.world_size, timeout=timeout, **kwargs)
+                self.group = _nccl_group(prefixed, rank, spec.world_size, timeout, device)
+            else:
+                self.group = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
+                self.group.barrier().wait()  # every member connected: a missing one fails here, at the join
             self.epoch, self.backend = spec.epoch, spec.backend
 
     def leave_locked(self) -> None:
         """Leave the current group (the caller holds ``self.lock``)."""
-        if self.epoch is not None and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.group is not None:
+            try:
+                self.group.shutdown()
+            except Exception:  # a group broken by a dead peer may not shut down cleanly; drop it anyway
+                pass
+        self.group = None
         self.epoch = self.backend = None
 
     def check(self, epoch: int, who: str) -> None:
@@ -136,12 +138,28 @@ class _Rank:
         """Rank 0 sends ``version`` then ``tensors``; other ranks receive into ``tensors``.
         Returns the version. Blocks until this rank's part is done (CUDA included)."""
         header = torch.tensor([-1 if version is None else version], dtype=torch.int64, device=device)
-        dist.broadcast(header, src=0)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.group.broadcast([header], opts).wait()
         for t in tensors:
-            dist.broadcast(t.view(-1).view(torch.uint8), src=0)  # raw bytes: exact for every dtype
+            self.group.broadcast([t.view(-1).view(torch.uint8)], opts).wait()  # raw bytes: exact for every dtype
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return int(header.item())
+
+
+def _nccl_group(store, rank: int, world_size: int, timeout: timedelta, device: torch.device):
+    """A standalone NCCL group with an eager communicator (a duplicate GPU fails at the join)."""
+    # a timed-out collective raises in the calling thread and aborts the communicator, instead of
+    # the watchdog tearing the whole process (the learner!) down; read when the group is created
+    os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    group = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    group.eager_connect_single_device(torch.device("cuda", index))
+    return group
 
 
 class BroadcastSource:
