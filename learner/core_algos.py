@@ -273,3 +273,26 @@ def truncated_importance_weights(proximal_logprobs: torch.Tensor, behaviour_logp
     elif level != "token":
         raise ValueError(f"unknown importance-weight level {level!r}")
     return torch.exp(log_ratio.clamp(max=20.0)).clamp(max=cap)
+
+
+def logprob_mismatch(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor) -> dict[str, float | None]:
+    """How far the engine's recorded log-probs are from the learner's recompute of the same
+    tokens under the same weights (the rollout-training mismatch).
+
+    Args:
+        logprobs: ``[N]`` the learner's log-probs of ``N`` completion tokens.
+        behaviour_logprobs: ``[N]`` the engine's log-probs of the same tokens, recorded
+            with the same ``policy_version``.
+
+    Returns:
+        ``mismatch_abs_mean`` and ``mismatch_abs_max`` of ``|Δ log p|``, ``mismatch_ratio_std``
+        (the spread of the importance ratio ``exp(Δ)`` this mismatch alone causes) and
+        ``mismatch_tokens`` (``N``); None for each when ``N == 0``.
+    """
+    with torch.no_grad():
+        delta = (logprobs.detach().float() - behaviour_logprobs.float()).clamp(-20.0, 20.0)
+        if delta.numel() == 0:
+            return {"mismatch_abs_mean": None, "mismatch_abs_max": None, "mismatch_ratio_std": None,
+                    "mismatch_tokens": 0}
+        return {"mismatch_abs_mean": float(delta.abs().mean()), "mismatch_abs_max": float(delta.abs().max()),
+                "mismatch_ratio_std": float(delta.exp().std(correction=0)), "mismatch_tokens": int(delta.numel())}

@@ -26,7 +26,7 @@ from actors.weights.flat import FlatParams, Payload, weights_digest
 from actors.weights.object_store import Put, WeightPublisher
 from learner import checkpoint
 from learner.batch import TrainBatch, batch_metrics, empty_step_metrics, pad_micro_batch
-from learner.core_algos import aggregate, entropy_from_logits, kl_estimate, token_logprobs
+from learner.core_algos import aggregate, entropy_from_logits, kl_estimate, logprob_mismatch, token_logprobs
 from learner.estimators import ADVANTAGES, POLICY_LOSSES, EstimatorState
 
 
@@ -235,10 +235,13 @@ class Learner:
         parts = [p for p in (list(range(len(batch)))[i::self.cfg.mini_batches]
                              for i in range(self.cfg.mini_batches)) if p]
         losses, skipped, active, grad_norm = [], 0, 0, 0.0
-        for _ in range(self.cfg.ppo_epochs):
-            for part in parts:
+        deltas: list[tuple[torch.Tensor, torch.Tensor]] = []  # (learner, engine) log-probs of fresh tokens
+        for epoch in range(self.cfg.ppo_epochs):
+            for j, part in enumerate(parts):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, n_active, ratio_metrics = self.accumulate_gradients(batch, adv, rows=part, proximal=proximal)
+                # only the first forward of a step sees the weights that produced this version's samples
+                loss, n_active, ratio_metrics = self.accumulate_gradients(
+                    batch, adv, rows=part, proximal=proximal, mismatch=deltas if epoch == j == 0 else None)
                 losses.append(loss)
                 active = max(active, n_active)
                 norm = self._clip_grad_norm()
@@ -247,8 +250,9 @@ class Learner:
                     skipped += 1
                 elif norm is not None:
                     self.optimizer.step()
+        pairs = [torch.cat(x) if x else torch.zeros(0) for x in zip(*deltas)] or [torch.zeros(0)] * 2
         return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "skipped_step": skipped,
-                "active_samples": active, **ratio_metrics}
+                "active_samples": active, **ratio_metrics, **logprob_mismatch(*pairs)}
 
     def _clip_grad_norm(self) -> float | None:
         """The global gradient norm (clipped to ``max_grad_norm`` when > 0); None when no
@@ -297,7 +301,8 @@ class Learner:
         return pred, token_logprobs(pred, targets, temperature=self.temperature)
 
     def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool | None = None,
-                             rows: list[int] | None = None, proximal: list[list[float]] | None = None):
+                             rows: list[int] | None = None, proximal: list[list[float]] | None = None,
+                             mismatch: list | None = None):
         """Backward the batch loss over micro-batches into ``.grad``.
 
         Returns ``(loss, active_samples, ratio_metrics)``; ratio metrics
@@ -310,6 +315,9 @@ class Learner:
         and saves its forward/backward (all-equal groups are common early and late
         in training). A per-sample term that does not vanish with A (KL, entropy)
         must pass ``skip_zero_advantage=False``.
+
+        ``mismatch``: a list that receives ``(learner, engine)`` log-probs of the tokens of the
+        samples generated with the current ``policy_version`` (before any update of this step).
         """
         part = list(range(len(batch))) if rows is None else rows
         num_tokens = float(sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in part))
@@ -324,6 +332,10 @@ class Learner:
             idx = rows[start : start + mb]
             ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
             pred, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
+            if mismatch is not None:
+                fresh = torch.tensor([batch.versions[i] == self.policy_version for i in idx], device=cmask.device)
+                keep = cmask.bool() & fresh.unsqueeze(-1)
+                mismatch.append((logp.detach()[keep].cpu(), old[keep].cpu()))
             norms = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=self.norm_constant)
             agg = dict(mask=cmask, mode=self.cfg.loss_agg, **norms)
             prox = _pad_rows([proximal[i] for i in idx], like=old) if proximal is not None else None
