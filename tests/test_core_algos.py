@@ -126,3 +126,16 @@ def test_learning_rate_schedules():
     assert [c(0), c(5), c(10)] == pytest.approx([1.0, 0.5, 0.0])
     k = lr_lambda(LearnerConfig(), total_steps=10)
     assert {k(s) for s in range(0, 30, 7)} == {1.0}
+
+
+def test_logprob_mismatch_stats_and_the_empty_case():
+    from learner.core_algos import logprob_mismatch
+
+    learner = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    engine = torch.tensor([-1.0, -2.1, -0.3, -3.0])  # Δ = 0, +0.1, -0.2, 0
+    m = logprob_mismatch(learner, engine)
+    assert m["mismatch_abs_mean"] == pytest.approx(0.075) and m["mismatch_abs_max"] == pytest.approx(0.2)
+    assert m["mismatch_ratio_std"] == pytest.approx(0.10304, rel=1e-3)  # population std of e^0, e^.1, e^-.2, e^0
+    assert m["mismatch_tokens"] == 4
+    assert logprob_mismatch(torch.zeros(0), torch.zeros(0)) == {
+        "mismatch_abs_mean": None, "mismatch_abs_max": None, "mismatch_ratio_std": None, "mismatch_tokens": 0}
