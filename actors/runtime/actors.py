@@ -66,6 +66,10 @@ class RolloutActor:
     def weights_digest(self) -> str:
         return weights_digest(self.worker.flat)
 
+    def engine_info(self) -> dict:
+        """What the worker's rollout engine holds (``Engine.info``) and its ``policy_version``."""
+        return {**self.worker.engine.info(), "policy_version": self.worker.policy_version}
+
     # -- collective weight sync (actors.weights.collective): called by the driver, on the
     # actor's second thread while ``run`` generates on the first
     def sync_device(self) -> dict:

@@ -1,5 +1,7 @@
 """Rollout engines: generate ``n`` completions per prompt with per-token behaviour log-probs.
 
-``hf.py`` is Hugging Face ``generate`` (a static batch). A vLLM engine joins it
-here. Engines import torch and transformers only (no ``ray``, no ``actors.runtime``).
+``base.py`` is the interface every engine implements (``Engine``, ``Completion``);
+``hf.py`` is Hugging Face ``generate`` (a static batch); ``vllm.py`` an in-process
+vLLM engine (continuous batching, prefix caching; ``vllm`` imported lazily).
+Engines import torch, transformers and vllm only (no ``ray``, no ``actors.runtime``).
 """

@@ -8,28 +8,31 @@ glossary) and whether each stopped at EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated completion, as the engine returns it."""
-
-    ids: list[int]
-    """Token ids, up to and including EOS when the policy stopped."""
-    logprobs: list[float]
-    """Behaviour log-prob of each token in ``ids``."""
-    finished: bool
-    """True when the completion ended with EOS, False when cut at ``max_new_tokens``."""
+from actors.rollout.engines.base import Completion
 
 
 class HFEngine:
-    """Generates with ``model.generate`` on the policy the rollout worker holds."""
+    """Generates with ``model.generate`` on the policy the rollout worker holds.
+
+    The model's parameters are views into the worker's flat buffers, so a weight
+    payload copied into those buffers is already loaded: ``load_weights`` is a no-op."""
+
+    name = "hf"
 
     def __init__(self, model, tokenizer, *, device: torch.device):
         self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Nothing to do: the parameters are the flat buffers the payload was copied into."""
+
+    def info(self) -> dict:
+        dtype = next(self.model.parameters()).dtype
+        return {"engine": self.name, "device": str(self.device), "dtype": str(dtype).removeprefix("torch.")}
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
