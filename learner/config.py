@@ -268,10 +268,18 @@ def reference_markdown() -> str:
         cls = section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name]
         lines.append(f"**`{section.name}`** ({field_docs(Config).get(section.name, '')})\n")
         lines.append("| key | default | meaning |\n|---|---|---|")
-        docs = field_docs(cls)
-        inst = cls()
-        for f in dataclasses.fields(cls):
-            default = getattr(inst, f.name)
-            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+        lines += _reference_rows(cls, section.name)
         lines.append("")
     return "\n".join(lines)
+
+
+def _reference_rows(cls, prefix: str) -> list[str]:
+    """One table row per field of ``cls``; a nested dataclass field expands into its own rows."""
+    docs, inst, rows = field_docs(cls), cls(), []
+    for f in dataclasses.fields(cls):
+        default = getattr(inst, f.name)
+        if dataclasses.is_dataclass(default):
+            rows += _reference_rows(type(default), f"{prefix}.{f.name}")
+        else:
+            rows.append(f"| `{prefix}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+    return rows
