@@ -25,6 +25,7 @@ from learner.batch import TrainBatch
 from learner.config import load_config
 from learner.driver.trainer import RunFailed, Trainer
 from learner.learner import Learner, LearnerConfig
+from tests.conftest import wait_for
 from tests.test_faults import assert_exact, kill_9
 from tests.test_fleet import ScalingTrainer
 from tests.test_pipeline import assert_workers_end_on_the_learners_weights, run_trainer, small_config
@@ -46,6 +47,14 @@ def on_actor(actor, fn):
     return ray.get(actor.__ray_call__.remote(lambda self: fn(self.worker)), timeout=120)
 
 
+def lock_is_held(worker) -> bool:
+    """True while another thread (a generate call) holds the worker's lock."""
+    if worker.lock.acquire(blocking=False):
+        worker.lock.release()
+        return False
+    return True
+
+
 def set_temperature(actor, t: float) -> None:
     on_actor(actor, lambda w: setattr(w.cfg, "temperature", t))
 
@@ -57,8 +66,10 @@ def texts(groups) -> list[list[tuple]]:
 @pytest.fixture(scope="module")
 def engine(ray_session, warm_policy):
     """One vLLM rollout worker (Ray actor) shared by the unit tests below."""
-    small_blocks = VLLMConfig(engine_args={"block_size": 32})  # the CPU default (128) exceeds the context
-    actor = create_rollout_actor(warm_policy, vllm_config(group_size=6, vllm=small_blocks), name="vllm-0", seed=1,
+    # blocks of 32 (the CPU default, 128, exceeds the context); a step budget of 64 tokens: a batch
+    # of prompts takes several steps (with chunked prefill, seeded requests crashed vLLM's CPU runner)
+    small = VLLMConfig(engine_args={"block_size": 32, "max_num_batched_tokens": 64})
+    actor = create_rollout_actor(warm_policy, vllm_config(group_size=6, vllm=small), name="vllm-0", seed=1,
                                  default_max_new_tokens=8)
     info = ray.get(actor.engine_info.remote(), timeout=300)
     assert info["engine"] == "vllm" and info["max_model_len"] == 64, info
@@ -116,6 +127,7 @@ def test_a_payload_changes_output_and_version_and_never_lands_inside_a_generate_
     payload = learner.publish_weights()
     many = PROMPTS * 16  # a generate call long enough for the payload to arrive during it
     running = engine.generate.remote(many)
+    wait_for(lambda: on_actor(engine, lock_is_held), 60, what="the generate call to hold the worker's lock")
     applied = engine.load_weights.remote(payload)
     during = ray.get(running, timeout=120)
     assert ray.get(applied, timeout=120) is True

@@ -154,6 +154,11 @@ def _start(model_path: str, cfg: VLLMConfig, device: torch.device, dtype: torch.
                   enforce_eager=eager, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
                   generation_config="vllm",  # sampling and EOS as fleetrl asks, not the folder's defaults
                   gpu_memory_utilization=cfg.gpu_memory_utilization)
+    if device.type == "cpu":
+        # vLLM's CPU runner crashes ("CPU Generator does not use offset") when a seeded request's
+        # prefill is split across steps: it rewinds the request's generator like a CUDA Philox one.
+        # Every fleetrl request is seeded, so prompts are prefilled whole on CPU.
+        kwargs["enable_chunked_prefill"] = False
     if cfg.kv_cache_gib:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * (1 << 30))
     if cfg.max_model_len:
