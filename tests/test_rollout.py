@@ -127,3 +127,19 @@ def test_skipping_zero_advantage_samples_leaves_the_gradient_unchanged(tiny_poli
         assert active == (8 if skip else 16)
     assert grads[True].abs().sum() > 0
     assert torch.allclose(grads[True], grads[False], atol=1e-7, rtol=1e-5)
+
+
+def test_an_engine_that_failed_marks_the_worker_broken(tiny_policy):
+    """After its engine raised, a worker may hold half-loaded weights or unfinished requests:
+    it refuses generate, evaluate and load_weights (its loop fails and the fleet replaces it)."""
+    from actors.weights.flat import Payload
+
+    w = RolloutWorker(tiny_policy, RolloutConfig(group_size=2, max_new_tokens=3))
+    w.engine.model = None  # the engine lost its model, as after a crash inside it
+    with pytest.raises(AttributeError):
+        w.generate(prompts("12="))
+    with pytest.raises(RuntimeError, match=r"engine failed earlier \(generating: AttributeError.*must be replaced"):
+        w.generate(prompts("12="))
+    with pytest.raises(RuntimeError, match="must be replaced"):
+        w.load_weights(Payload(1, w.flat.fingerprint, {}))
+    assert w.policy_version == 0

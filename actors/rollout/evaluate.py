@@ -146,15 +146,17 @@ def _evaluate_chunk(worker, chunk: list, cfg: EvalConfig, *, verify, source_key:
     ids = [worker.tokenizer(p.text)["input_ids"] for p in chunk]
     decode = lambda c: worker.tokenizer.decode(c.ids, skip_special_tokens=True)  # noqa: E731
     greedy = [None] * len(chunk)
-    if cfg.greedy:
-        rows = worker.engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                      seed=seed)
-        greedy = [decode(row[0]) for row in rows]
-    sampled = [[] for _ in chunk]
-    if cfg.num_samples:
-        rows = worker.engine.generate(ids, n=cfg.num_samples, temperature=cfg.temperature, top_p=1.0,
-                                      max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + chunk[0].uid)
-        sampled = [[decode(c) for c in row] for row in rows]
+    worker._check_engine()
+    with worker._engine_guard("evaluating"):
+        if cfg.greedy:
+            rows = worker.engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                          seed=seed)
+            greedy = [decode(row[0]) for row in rows]
+        sampled = [[] for _ in chunk]
+        if cfg.num_samples:
+            rows = worker.engine.generate(ids, n=cfg.num_samples, temperature=cfg.temperature, top_p=1.0,
+                                          max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + chunk[0].uid)
+            sampled = [[decode(c) for c in row] for row in rows]
     for p, g, s in zip(chunk, greedy, sampled):
         source = str(p.metadata.get(source_key, "")) if source_key else ""
         out.append(score_prompt(p.uid, source, g, s, verify, cfg.correct_threshold, p.metadata, p.text))

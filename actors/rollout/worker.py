@@ -6,6 +6,7 @@ actor and runs the streaming loop around it; unit tests build it directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ class RolloutWorker:
         self.receiver = WeightReceiver(self.flat)
         self.staged = StagedReceiver(self.flat, name=name)  # weights broadcast to the collective group
         self.engine = make_engine(model_path, self.model, self.tokenizer, cfg, self.device, self.dtype)
+        # version 0 is these buffers, bit for bit, in every engine (vLLM read the folder itself)
+        self.engine.load_weights(self.model.named_parameters())
+        self.broken: str | None = None  # set when the engine failed: it may hold weights of no version
         self.max_new_tokens = cfg.max_new_tokens or default_max_new_tokens
         self.context = self.engine.context
         torch.manual_seed(seed)
@@ -131,10 +135,28 @@ class RolloutWorker:
             return self._load_weights(payload, force)
 
     def _load_weights(self, payload: Payload, force: bool) -> bool:
+        self._check_engine()
         applied = self._copy_weights(payload, force)
         if applied:
-            self.engine.load_weights(self.model.named_parameters())
+            with self._engine_guard("loading weights of version %d" % payload.version):
+                self.engine.load_weights(self.model.named_parameters())
         return applied
+
+    def _check_engine(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"{self.name}: its {self.engine.name} engine failed earlier ({self.broken}); "
+                               f"this worker must be replaced")
+
+    @contextlib.contextmanager
+    def _engine_guard(self, what: str):
+        """An engine that raised may hold half-loaded weights or unfinished requests: the
+        worker refuses all further work (its loop fails, the fleet replaces it) rather than
+        tag samples with a version its engine may not hold."""
+        try:
+            yield
+        except BaseException as e:
+            self.broken = f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            raise
 
     def _copy_weights(self, payload: Payload, force: bool) -> bool:
         """Copy a payload into the flat buffers from the staged broadcast or the object store."""
@@ -196,8 +218,10 @@ class RolloutWorker:
         # sampling depends only on (run seed, prompts, weights), not on which worker got them
         # or what it generated before: a resumed run draws the same samples
         seed = (self.seed * 1_000_003 + prompts[0].uid) % (2**63)
-        completions = self.engine.generate(prompt_ids, n=cfg.group_size, temperature=cfg.temperature,
-                                           top_p=cfg.top_p, max_new_tokens=self.max_new_tokens, seed=seed)
+        self._check_engine()
+        with self._engine_guard("generating"):
+            completions = self.engine.generate(prompt_ids, n=cfg.group_size, temperature=cfg.temperature,
+                                               top_p=cfg.top_p, max_new_tokens=self.max_new_tokens, seed=seed)
         decode = self.tokenizer.decode
         return [Group(prompt=p, prompt_ids=ids, worker=self.name, samples=[
                     Sample(completion_ids=c.ids, completion_text=decode(c.ids, skip_special_tokens=True),
