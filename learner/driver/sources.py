@@ -64,6 +64,8 @@ def dataset_prompts(cfg: Config, policy_path: str, say=print) -> Prompts:
 
     d = cfg.data
     context = getattr(AutoConfig.from_pretrained(policy_path), "max_position_embeddings", None) or 1 << 30
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.max_model_len:
+        context = min(context, cfg.rollout.vllm.max_model_len)  # the engine's context, for training and evaluation
     max_new = cfg.rollout.max_new_tokens or min(DATASET_MAX_NEW_TOKENS, context // 2)
     limit = d.max_prompt_tokens or context - max_new
     if limit < 1:

@@ -19,11 +19,12 @@ cache, whose KV entries were computed with the old weights.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import platform
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Any, Iterable
 
 import torch
 
@@ -38,18 +39,19 @@ class VLLMConfig:
     ``VLLM_CPU_KVCACHE_SPACE`` in fractions of a GiB; that variable, if set, still overrides it on
     CPU). 0 = vLLM sizes it from ``gpu_memory_utilization``."""
     gpu_memory_utilization: float = 0.9
-    """With ``kv_cache_gib: 0``: the fraction of the GPU's memory (on CPU: of host RAM) vLLM may
-    use for weights + KV cache; lower it when workers share a GPU (``rollout.num_gpus`` < 1)."""
+    """The fraction of the GPU's memory vLLM requires free at start (and, with ``kv_cache_gib: 0``,
+    uses for weights + KV cache; on CPU with ``kv_cache_gib: 0``, a fraction of host RAM). Workers
+    sharing a GPU (``rollout.num_gpus`` < 1) need it below their share."""
     max_model_len: int = 0
     """Longest prompt + completion in tokens (0 = the policy's ``max_position_embeddings``); longer
     prompts are excluded as ``prompt_too_long``. The KV cache must hold at least one such sequence."""
-    enforce_eager: Literal["auto", "true", "false"] = "auto"
-    """``true`` = no CUDA graphs / compilation (faster start, slower decode); auto = true on CPU,
-    false on CUDA."""
+    enforce_eager: bool | None = None
+    """``true`` = no CUDA graphs / compilation (faster start, slower decode); null (auto) = true on
+    CPU, false on CUDA."""
     cpu_threads_bind: str = "nobind"
     """CPU backend: ``VLLM_CPU_OMP_THREADS_BIND`` (``nobind`` = leave placement to the OS and
     ``rollout.num_threads``; ``auto`` or a core list such as ``0-1`` pins the engine's threads)."""
-    engine_args: dict = field(default_factory=dict)
+    engine_args: dict[str, Any] = field(default_factory=dict)
     """More ``vllm.LLM`` keyword arguments, passed through as given (e.g. ``{"block_size": 32}``)."""
 
     def __post_init__(self):
@@ -57,9 +59,11 @@ class VLLMConfig:
         require(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "must be in (0, 1]")
         require(self.max_model_len >= 0, "rollout.vllm.max_model_len", "must be >= 0 (0 = the policy's)")
         require(bool(self.cpu_threads_bind), "rollout.vllm.cpu_threads_bind", "must be nobind, auto or a core list")
-        owned = {"model", "tokenizer", "dtype", "seed", "logprobs_mode", "enable_prefix_caching"}
+        owned = {"model", "tokenizer", "dtype", "seed", "logprobs_mode", "enable_prefix_caching", "enforce_eager",
+                 "gpu_memory_utilization", "generation_config", "kv_cache_memory_bytes", "max_model_len",
+                 "enable_chunked_prefill"}
         require(not owned & set(self.engine_args), "rollout.vllm.engine_args",
-                f"{sorted(owned & set(self.engine_args))} are set by fleetrl")
+                f"{sorted(owned & set(self.engine_args))} are set by fleetrl (use the rollout / rollout.vllm keys)")
 
 
 def vllm_unavailable() -> str | None:
@@ -97,21 +101,28 @@ class VLLMEngine:
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int) -> list[list[Completion]]:
-        """``[len(prompt_ids)][n]`` completions; prompt ``j``'s samples use seeds
-        ``seed + j*n + i`` (vLLM seeds the ``i``-th of ``n`` as ``seed + i``)."""
+        """``[len(prompt_ids)][n]`` completions; prompt ``j`` is seeded ``prompt_seed(seed, j)`` (vLLM
+        seeds the ``i``-th of its ``n`` as that ``+ i``)."""
         from vllm import SamplingParams, TokensPrompt
 
+        if self.llm.llm_engine.has_unfinished_requests():  # left by a call that raised: they would come back here
+            raise RuntimeError("the vLLM engine holds unfinished requests of an earlier call")
         greedy = temperature == 0  # vLLM refuses n > 1 when greedy: one completion, copied n times
-        params = [SamplingParams(n=1 if greedy else n, temperature=temperature, top_p=1.0 if greedy else top_p,
+        k = 1 if greedy else n
+        params = [SamplingParams(n=k, temperature=temperature, top_p=1.0 if greedy else top_p,
                                  max_tokens=max_new_tokens, logprobs=0, detokenize=False,
-                                 seed=(seed + j * n) % (2**63)) for j in range(len(prompt_ids))]
+                                 seed=prompt_seed(seed, j)) for j in range(len(prompt_ids))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
-        return [[_completion(c) for c in out.outputs] * (n if greedy else 1) for out in outs]
+        if len(outs) != len(prompt_ids) or any(len(o.outputs) != k for o in outs):
+            raise RuntimeError(f"vLLM returned {[len(o.outputs) for o in outs]} completions for {len(prompt_ids)} "
+                               f"prompts x {k}")
+        return [[_completion(c) for c in out.outputs] * (n // k) for out in outs]
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         weights = list(named)
         self.llm.collective_rpc(lambda worker: _reload(worker.model_runner, weights))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if self.llm.reset_prefix_cache() is False:  # cached KV blocks were computed with the old weights
+            raise RuntimeError("vLLM kept its prefix cache after a weight reload (blocks still in use)")
         self.reloads += 1
 
     def info(self) -> dict:
@@ -119,12 +130,32 @@ class VLLMEngine:
                 "max_model_len": self.context, "kv_cache_gib": self.cfg.kv_cache_gib, "reloads": self.reloads}
 
 
+def prompt_seed(seed: int, j: int) -> int:
+    """The seed of the ``j``-th prompt of a call seeded ``seed``: hashed, so the ``n`` consecutive
+    seeds of one prompt never overlap another prompt's (``seed + j*n`` did across calls)."""
+    digest = hashlib.blake2b(f"{seed}:{j}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "big")  # < 2**56: room for + n below 2**63
+
+
 def _reload(runner, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """Runs inside vLLM's worker: load checkpoint-format tensors in place."""
-    runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    """Runs inside vLLM's worker: load checkpoint-format tensors in place, every parameter of
+    the engine's model or an error (vLLM's own ``reload_weights`` only logs what it missed and
+    keeps the old tensors there)."""
+    from vllm.model_executor.model_loader.reload.layerwise import (finalize_layerwise_reload,
+                                                                    initialize_layerwise_reload)
+
     model = runner.get_model()
-    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
-    if head is not None and embed is not None and getattr(model.config, "tie_word_embeddings", False):
+    expected = {name for name, _ in model.named_parameters()}
+    initialize_layerwise_reload(model)
+    loaded = model.load_weights(iter(weights))
+    finalize_layerwise_reload(model, runner.vllm_config.model_config)
+    missing = expected - set(loaded or ())
+    if missing:
+        raise RuntimeError(f"vLLM weight reload left {len(missing)} parameters on the old weights: {sorted(missing)[:4]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+        if head is None or embed is None:
+            raise RuntimeError(f"{type(model).__name__}: tied embeddings in a layout fleetrl cannot re-tie after a reload")
         # a tied LM head is never loaded itself, so the reload leaves the CPU backend's
         # repacked copy of the old embedding in it: re-tie and re-pack it from the new one
         head.weight = embed.weight
@@ -149,7 +180,7 @@ def _start(model_path: str, cfg: VLLMConfig, device: torch.device, dtype: torch.
     """The ``vllm.LLM``, or a one-line RuntimeError saying why it could not start."""
     from vllm import LLM
 
-    eager = {"auto": device.type == "cpu", "true": True, "false": False}[cfg.enforce_eager]
+    eager = device.type == "cpu" if cfg.enforce_eager is None else cfg.enforce_eager
     kwargs = dict(model=model_path, tokenizer=model_path, dtype=str(dtype).removeprefix("torch."), seed=0,
                   enforce_eager=eager, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
                   generation_config="vllm",  # sampling and EOS as fleetrl asks, not the folder's defaults
