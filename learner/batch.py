@@ -118,4 +118,5 @@ def empty_step_metrics(groups: list[Group]) -> dict:
             "adv_abs_mean": 0.0, "zero_adv_group_frac": 1.0,
             "samples": sum(len(g.trainable_samples()) for g in groups), "active_samples": 0, "tokens": 0,
             "sequence_tokens": 0, "response_len_mean": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
-            "behaviour_versions": [], "reward_by_name": {}, "filtered_groups": len(groups)}
+            "behaviour_versions": [], "reward_by_name": {}, "filtered_groups": len(groups),
+            "mismatch_abs_mean": None, "mismatch_abs_max": None, "mismatch_ratio_std": None, "mismatch_tokens": 0}

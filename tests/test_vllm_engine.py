@@ -22,13 +22,12 @@ from actors.runtime import object_store
 from actors.runtime.actors import create_rollout_actor
 from actors.types import Prompt
 from learner.batch import TrainBatch
-from learner.config import load_config
-from learner.driver.trainer import RunFailed, Trainer
+from learner.driver.trainer import Trainer
 from learner.learner import Learner, LearnerConfig
 from tests.conftest import wait_for
 from tests.test_faults import assert_exact, kill_9
 from tests.test_fleet import ScalingTrainer
-from tests.test_pipeline import assert_workers_end_on_the_learners_weights, run_trainer, small_config
+from tests.test_pipeline import assert_workers_end_on_the_learners_weights, small_config
 
 pytestmark = pytest.mark.skipif(vllm_unavailable() is not None,
                                 reason=f"the vLLM engine cannot run here: {vllm_unavailable()}")
@@ -142,7 +141,7 @@ def test_a_payload_changes_output_and_version_and_never_lands_inside_a_generate_
     assert [[c for c, _ in row] for row in texts(after)] == [[c for c, _ in row] for row in texts(expected)]
     for gv, gh in zip(after, expected):
         assert gv.samples[0].logprobs == pytest.approx(gh.samples[0].logprobs, abs=1e-4)
-    assert ray.get(engine.engine_info.remote())["reloads"] == 1
+    assert ray.get(engine.engine_info.remote())["reloads"] == 2  # at start (from the flat buffers) + the payload
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +200,7 @@ def test_training_on_vllm_learns_survives_a_kill_scales_and_measures_the_mismatc
         assert_exact(s)
         assert_workers_end_on_the_learners_weights(t, s["final_policy_version"])
         (info,) = ray.get([a.engine_info.remote() for a in t.rollouts.actors])
-        assert info["engine"] == "vllm" and info["reloads"] >= 1 and info["policy_version"] == s["steps"], info
+        assert info["engine"] == "vllm" and info["reloads"] > 1 and info["policy_version"] == s["steps"], info
     finally:
         t.shutdown()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

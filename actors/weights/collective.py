@@ -114,7 +114,7 @@ class _Rank:
                 store = dist.TCPStore(spec.host, spec.port, None, False, timeout)
             prefixed = dist.PrefixStore(f"{STORE_PREFIX}/{spec.epoch}/", store)
             if spec.backend == "nccl":
-                self.group = _nccl_group(prefixed, rank, spec.world_size, timeout, device)
+                self.group = _nccl_group(prefixed, rank, spec.world_size, timeout, device, f"fleetrl-weights-{spec.epoch}")
             else:
                 self.group = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
                 self.group.barrier().wait()  # every member connected: a missing one fails here, at the join
@@ -148,7 +148,7 @@ class _Rank:
         return int(header.item())
 
 
-def _nccl_group(store, rank: int, world_size: int, timeout: timedelta, device: torch.device):
+def _nccl_group(store, rank: int, world_size: int, timeout: timedelta, device: torch.device, name: str):
     """A standalone NCCL group with an eager communicator (a duplicate GPU fails at the join)."""
     # a timed-out collective raises in the calling thread and aborts the communicator, instead of
     # the watchdog tearing the whole process (the learner!) down; read when the group is created
@@ -156,9 +156,14 @@ def _nccl_group(store, rank: int, world_size: int, timeout: timedelta, device: t
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timeout
+    opts.group_name = name  # names the group in NCCL logs and flight-recorder dumps
     group = dist.ProcessGroupNCCL(store, rank, world_size, opts)
     index = torch.cuda.current_device() if device.index is None else device.index
-    group.eager_connect_single_device(torch.device("cuda", index))
+    try:
+        group.eager_connect_single_device(torch.device("cuda", index))
+    except BaseException:
+        group.abort()
+        raise
     return group
 
 

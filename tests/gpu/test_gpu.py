@@ -12,6 +12,7 @@ only thing faked; NCCL and shared-GPU tests skip).
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 
@@ -189,3 +190,33 @@ def test_training_run_on_cuda_with_collective_sync(ray_session, tiny_policy, tmp
     assert summary["steps"] == summary["final_policy_version"] == 6
     assert summary["weight_sync_fallbacks"] == 0 and summary["weight_sync_broadcasts"] == 7
     assert summary["produced"] == summary["trained"] + summary["dropped"]
+
+
+@only_real_gpu
+def test_training_run_on_cuda_with_the_vllm_engine(ray_session, warm_policy, tmp_path):
+    """One vLLM worker (bf16, in-process engine) and the learner share one GPU; weights are
+    broadcast into the engine. Reports the bf16 rollout-training mismatch it measures."""
+    from actors.rollout.engines.vllm import vllm_unavailable
+
+    if vllm_unavailable():
+        pytest.skip(f"the vLLM engine cannot run here: {vllm_unavailable()}")
+    cfg = small_config(warm_policy, "--rollout.engine", "vllm", "--rollout.num_workers", "1",
+                       "--rollout.num_gpus", "0.5", "--rollout.vllm.gpu_memory_utilization", "0.3",
+                       "--rollout.dtype", "bfloat16", "--learner.num_gpus", "0.5", "--learner.dtype", "bfloat16",
+                       "--train.weight_sync", "collective", "--train.max_staleness", "0", "--train.steps", "8",
+                       "--rollout.max_new_tokens", "8")
+    t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
+    try:
+        summary = t.train()
+        (actor,) = t.rollouts.actors
+        info = ray.get(actor.engine_info.remote())
+        assert info["engine"] == "vllm" and info["device"].startswith("cuda") and info["dtype"] == "bfloat16"
+        assert info["policy_version"] == 8 and info["reloads"] > 1
+    finally:
+        t.shutdown()
+    assert summary["produced"] == summary["trained"] + summary["dropped"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if r["mismatch_tokens"]]
+    assert measured and all(math.isfinite(r["mismatch_abs_mean"]) for r in measured)
+    print("bf16 mismatch |dlogp| mean/max per step:",
+          [(round(r["mismatch_abs_mean"], 4), round(r["mismatch_abs_max"], 3)) for r in measured])
