@@ -61,12 +61,12 @@ def slow_exact(prompts, completions, *, answer, **_):
 
 @pytest.mark.slow
 def test_reverse_as_a_jsonl_dataset_learns_like_the_built_in_task(ray_session, fleetrl_cache, tmp_path):
-    """The default job's settings and time budget (45 s of RL, as the CLI default-job test), but
+    """The default job's settings and step budget (450 steps, as the CLI default-job test), but
     the prompts come from a JSONL file and exact_match checks the ``answer`` column."""
     train, test = write_reverse_dataset(tmp_path / "data", train_rows=4000)
     out = tmp_path / "run"
     r = subprocess.run([*FLEETRL, "train", "--address", ray_session.get_runtime_context().gcs_address,
-                        "--output-dir", str(out), "--no-progress", "--train.max_wall_s", "45",
+                        "--output-dir", str(out), "--no-progress", "--train.steps", "450", "--train.max_wall_s", "400",
                         "--data.train_files", f"[{train}]", "--data.eval_files", f"[{test}]",
                         "--data.answer_key", "answer", "--rollout.max_new_tokens", "5",
                         "--eval.num_samples", "4", "--eval.k", "[1, 4]"],
