@@ -38,7 +38,9 @@ PROMPTS = [Prompt(uid=i, text=t, metadata={}) for i, t in enumerate(["123=", "45
 
 
 def vllm_config(**kw) -> RolloutConfig:
-    return RolloutConfig(engine="vllm", num_cpus=0.5, max_new_tokens=8, **kw)
+    # no CPU reserved: the module's engine stays alive beside the training run below, whose
+    # actors take the session's 2 CPUs
+    return RolloutConfig(engine="vllm", num_cpus=0.0, max_new_tokens=8, **kw)
 
 
 def on_actor(actor, fn):
