@@ -250,7 +250,7 @@ class Learner:
                     skipped += 1
                 elif norm is not None:
                     self.optimizer.step()
-        pairs = [torch.cat(x) if x else torch.zeros(0) for x in zip(*deltas)] or [torch.zeros(0)] * 2
+        pairs = [torch.cat(x) for x in zip(*deltas)] if deltas else [torch.zeros(0), torch.zeros(0)]
         return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "skipped_step": skipped,
                 "active_samples": active, **ratio_metrics, **logprob_mismatch(*pairs)}
 

@@ -146,8 +146,7 @@ def _evaluate_chunk(worker, chunk: list, cfg: EvalConfig, *, verify, source_key:
     ids = [worker.tokenizer(p.text)["input_ids"] for p in chunk]
     decode = lambda c: worker.tokenizer.decode(c.ids, skip_special_tokens=True)  # noqa: E731
     greedy = [None] * len(chunk)
-    worker._check_engine()
-    with worker._engine_guard("evaluating"):
+    with worker.engine_call("evaluating"):
         if cfg.greedy:
             rows = worker.engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                                           seed=seed)

@@ -135,10 +135,10 @@ class RolloutWorker:
             return self._load_weights(payload, force)
 
     def _load_weights(self, payload: Payload, force: bool) -> bool:
-        self._check_engine()
+        self._check_engine()  # before any byte is copied: a broken worker keeps reporting its old version
         applied = self._copy_weights(payload, force)
         if applied:
-            with self._engine_guard("loading weights of version %d" % payload.version):
+            with self.engine_call("loading weights of version %d" % payload.version):
                 self.engine.load_weights(self.model.named_parameters())
         return applied
 
@@ -148,10 +148,12 @@ class RolloutWorker:
                                f"this worker must be replaced")
 
     @contextlib.contextmanager
-    def _engine_guard(self, what: str):
-        """An engine that raised may hold half-loaded weights or unfinished requests: the
-        worker refuses all further work (its loop fails, the fleet replaces it) rather than
+    def engine_call(self, what: str):
+        """Wrap every call into the engine (generate, evaluate, load). A broken worker refuses
+        it; an engine that raises may hold half-loaded weights or unfinished requests, so the
+        worker then refuses all further work (its loop fails, the fleet replaces it) rather than
         tag samples with a version its engine may not hold."""
+        self._check_engine()
         try:
             yield
         except BaseException as e:
@@ -218,8 +220,7 @@ class RolloutWorker:
         # sampling depends only on (run seed, prompts, weights), not on which worker got them
         # or what it generated before: a resumed run draws the same samples
         seed = (self.seed * 1_000_003 + prompts[0].uid) % (2**63)
-        self._check_engine()
-        with self._engine_guard("generating"):
+        with self.engine_call("generating"):
             completions = self.engine.generate(prompt_ids, n=cfg.group_size, temperature=cfg.temperature,
                                                top_p=cfg.top_p, max_new_tokens=self.max_new_tokens, seed=seed)
         decode = self.tokenizer.decode
