@@ -13,8 +13,10 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,7 @@ def cluster(without_session_ray, tmp_path):
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
+    node_tmp = tempfile.mkdtemp(prefix="ray-n2-")  # short: Ray's socket paths under it must fit 107 bytes
     common = ["--node-ip-address=127.0.0.2", "--object-store-memory=200000000", "--memory=4000000000",
               "--disable-usage-stats", "--block"]
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
@@ -54,8 +57,11 @@ def cluster(without_session_ray, tmp_path):
         address = f"http://127.0.0.1:{dash}"
         wait_for(lambda: ray_cli("job", "list", "--address", address, env=env, timeout=30).returncode == 0,
                  120, interval_s=1, what="the head node's job server")
+        # the second node keeps its own temp dir, as a second machine would: sharing the head's,
+        # its agent re-unpacks the job's working_dir package into the same path when the
+        # driver connects, and the running driver's cwd is deleted under it (measured here)
         worker = subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.2:{gcs}", "--num-cpus=1",
-                                   '--resources={"rollout": 2}', *common], env=env, stdout=subprocess.DEVNULL,
+                                   '--resources={"rollout": 2}', f"--temp-dir={node_tmp}", *common], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
         procs.append(worker)
 
@@ -77,6 +83,7 @@ def cluster(without_session_ray, tmp_path):
                 pass
         for p in procs:
             p.wait(60)
+        shutil.rmtree(node_tmp, ignore_errors=True)
         # `ray start` records the cluster as the machine's "current" one; leave no stale pointer behind
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and current.read_text().strip() == f"127.0.0.2:{gcs}":

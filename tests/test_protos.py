@@ -1,10 +1,11 @@
 """Checked-in generated gRPC code matches the .proto files, and the Control
 server enforces the common contract (token, health, reflection)."""
 
-import filecmp
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,22 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ["reward", "control"]
 
 
+STAMPS = [  # what the generator writes about its own version, not about the .proto files
+    (re.compile(r"^GRPC_GENERATED_VERSION = '([0-9.]+)'$", re.M), "GRPC_GENERATED_VERSION = ..."),
+    (re.compile(r"^# Protobuf Python Version: ([0-9.]+)$", re.M), "# Protobuf Python Version: ..."),
+    (re.compile(r"Domain\.PUBLIC,\n    (\d+),\n    (\d+),\n    (\d+),"), "Domain.PUBLIC, ..."),
+]
+
+
+def without_stamps(text: str) -> str:
+    for pattern, blank in STAMPS:
+        text = pattern.sub(blank, text)
+    return text
+
+
 def test_generated_code_is_current(tmp_path):
+    """A fresh protoc run over the .proto files gives the checked-in code, up to the
+    generator's version stamps (a newer grpcio-tools changes only those)."""
     (tmp_path / "protos").mkdir()
     for name in PROTOS:
         shutil.copy(ROOT / "protos" / f"{name}.proto", tmp_path / "protos")
@@ -23,8 +39,25 @@ def test_generated_code_is_current(tmp_path):
     for name in PROTOS:
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             fresh, checked_in = tmp_path / "protos" / f"{name}{suffix}", ROOT / "protos" / f"{name}{suffix}"
-            assert filecmp.cmp(fresh, checked_in, shallow=False), \
+            assert without_stamps(fresh.read_text()) == without_stamps(checked_in.read_text()), \
                 f"protos/{name}{suffix} is stale: run `bash protos/generate.sh`"
+
+
+def _floor(requirement: str) -> tuple[int, ...]:
+    (spec,) = [r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if re.match(rf"{requirement}\b(?!-)", r)]
+    return tuple(int(x) for x in re.search(r">=([0-9.]+)", spec).group(1).split("."))
+
+
+def test_dependency_floors_admit_the_checked_in_code():
+    """The generated code refuses a grpcio / protobuf older than the generator that wrote it:
+    pyproject's lower bounds must not admit one."""
+    for name in PROTOS:
+        grpc_code = (ROOT / "protos" / f"{name}_pb2_grpc.py").read_text()
+        needs_grpc = tuple(int(x) for x in STAMPS[0][0].search(grpc_code).group(1).split("."))
+        assert _floor("grpcio") >= needs_grpc, f"pyproject's grpcio floor is below {needs_grpc} ({name})"
+        needs_pb = tuple(int(x) for x in STAMPS[2][0].search((ROOT / "protos" / f"{name}_pb2.py").read_text()).groups())
+        assert _floor("protobuf") >= needs_pb, f"pyproject's protobuf floor is below {needs_pb} ({name})"
 
 
 def test_control_server_requires_the_token_and_keeps_health_open(monkeypatch):
