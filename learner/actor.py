@@ -14,7 +14,7 @@ from actors.runtime import object_store
 from actors.runtime.actors import WATCH_GROUP, watched
 from actors.runtime.placement import actor_env, where
 from actors.weights.collective import GroupSpec
-from actors.weights.flat import Payload
+from actors.weights.payload import Payload
 from learner.learner import Learner, LearnerConfig
 
 

@@ -22,7 +22,8 @@ from actors.rollout.policy import load_policy
 from actors.types import Group
 from actors.validation import require
 from actors.weights.collective import BroadcastSource
-from actors.weights.flat import FlatParams, Payload, weights_digest
+from actors.weights.flat import FlatParams, weights_digest
+from actors.weights.payload import Payload
 from actors.weights.object_store import Put, WeightPublisher
 from learner import checkpoint
 from learner.batch import TrainBatch, batch_metrics, empty_step_metrics, pad_micro_batch

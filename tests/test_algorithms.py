@@ -191,12 +191,6 @@ def test_overlong_penalty_and_group_filter():
     assert len(f) == 2 and f.rewards.tolist() == [1.0, 0.5]  # the penalty made group 0 informative
 
 
-def half_constant_reward(prompts, completions, *, answer, **_):
-    """0.5 for every completion of a prompt whose answer starts with an odd digit (a group
-    with nothing to learn from: filter_equal_groups must leave it out), else the digit fraction."""
-    return [0.5 if int(a[0]) % 2 else sum(ch.isdigit() for ch in c) / max(1, len(c)) for a, c in zip(answer, completions)]
-
-
 class RecordingTrainer(Trainer):
     def update(self, batch):
         self.seen.extend(ray.get(batch))  # the batch is an object ref
@@ -209,7 +203,7 @@ class RecordingTrainer(Trainer):
 
 def test_group_filter_runs_end_to_end_with_exact_accounting(ray_session, tiny_policy, tmp_path):
     cfg = small_config(tiny_policy, "--train.steps", "4", "--learner.filter_equal_groups", "true",
-                       "--reward.functions", "['tests.test_algorithms:half_constant_reward']")
+                       "--reward.functions", "['tests.rewards:half_constant_reward']")
     t, summary = run_trainer(cfg, tmp_path, trainer_cls=RecordingTrainer)
     rows = read_metrics(tmp_path)
     assert summary["produced"] == summary["trained"] + summary["dropped"]

@@ -96,7 +96,7 @@ def test_ray_job_submit_places_rollout_workers_on_the_resource_node(cluster, tin
     out = tmp_path / "run"
     r = ray_cli("job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                 "fleetrl", "train", "--output-dir", str(out), "--no-progress", "--model.path", tiny_policy,
-                "--reward.functions", "['tests.test_pipeline:digit_reward']", "--train.steps", "8",
+                "--reward.functions", "['tests.rewards:digit_reward']", "--train.steps", "8",
                 "--train.prompts_per_step", "4", "--rollout.group_size", "4", "--rollout.max_new_tokens", "4",
                 "--task.eval_size", "8", "--rollout.resources", "{rollout: 1}", "--learner.num_threads", "1",
                 env=env, timeout=600)

@@ -15,7 +15,7 @@ import torch
 
 from actors.weights.collective import CollectiveConfigError, CollectiveSyncError, GroupSpec, choose_backend
 from learner.driver.weight_sync import CollectiveSync
-from actors.runtime.actors import create_rollout_actor
+from actors.runtime.rollout_actor import create_rollout_actor
 from actors.runtime.placement import bundle
 from actors.rollout.worker import RolloutConfig
 from actors.types import Prompt
@@ -146,7 +146,7 @@ def test_a_failed_broadcast_leaves_the_worker_on_its_weights(ray_session, tiny_p
     fallback arrives, the refs-less payload of that version must not crash the worker's
     loop: it keeps the weights it had, bit for bit. All of it real: a gloo group of Ray
     actors and ``ray.kill``."""
-    from actors.weights.flat import Payload
+    from actors.weights.payload import Payload
 
     learner = create_learner(tiny_policy, LearnerConfig(num_cpus=0.05, lr=1e-2), total_steps=10)
     r0 = reader(other_policy, "r0")

@@ -63,7 +63,7 @@ def start_reward_server(servicer, port=0, **cfg):
 def training(ray_session, tiny_policy, tmp_path_factory):
     checkpoints = tmp_path_factory.mktemp("reward-checkpoints")  # the only place --checkpoint may point
     cfg = load_config(None, ["--control.reward_checkpoint_roots", f"['{checkpoints}']",
-        "--model.path", tiny_policy, "--reward.functions", "['tests.test_pipeline:digit_reward']",
+        "--model.path", tiny_policy, "--reward.functions", "['tests.rewards:digit_reward']",
         "--train.steps", "100000", "--train.prompts_per_step", "2", "--rollout.group_size", "4",
         "--rollout.prompts_per_request", "1", "--rollout.max_new_tokens", "4", "--task.eval_size", "4",
         "--learner.num_threads", "1", "--train.sample_timeout_s", "300", "--train.max_wall_s", "600"])
@@ -136,7 +136,7 @@ def test_register_changes_the_combined_reward_then_remove(run):
         by_name = row["reward_by_name"]
         assert by_name["judge"] == pytest.approx(0.25)
         # combined reward = weighted sum of every function's score, sample by sample
-        assert row["reward_mean"] == pytest.approx(by_name["tests.test_pipeline:digit_reward"] + 2.0 * 0.25, abs=1e-5)
+        assert row["reward_mean"] == pytest.approx(by_name["tests.rewards:digit_reward"] + 2.0 * 0.25, abs=1e-5)
         status = stub.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
         assert status.step >= row["step"] and status.rollout_workers == 2 and status.produced >= status.trained
         assert status.last_eval.step == 0 and 0 <= status.last_eval.metrics["greedy_accuracy"] <= 1  # before RL

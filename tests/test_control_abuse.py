@@ -331,7 +331,7 @@ def test_disable_health_and_new_reward_workers(control, servers):
     from actors.reward.worker import RewardConfig
     from actors.runtime.actors import create_reward_actor
 
-    cfg = RewardConfig(functions=["tests.test_pipeline:digit_reward"], num_cpus=0)
+    cfg = RewardConfig(functions=["tests.rewards:digit_reward"], num_cpus=0)
     first, second = create_reward_actor(cfg), create_reward_actor(cfg)
     try:
         stub, registry, _ = control(reward_actors=[first])

@@ -7,7 +7,7 @@ import pytest
 
 from actors.runtime.coordinator import Coordinator, SampleTimeout
 from actors.types import Excluded, Exclusion, Group, Prompt, Sample
-from actors.weights.flat import Payload
+from actors.weights.payload import Payload
 
 
 def stream():

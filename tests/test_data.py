@@ -315,7 +315,7 @@ def test_fully_excluded_and_stale_prompts_move_the_resume_point_past_them():
             s.reward = None  # unscored: the whole group is excluded
         await c.put([bad, _group(handed[1], "w"), _group(handed[2], "w")])
         await c.get_batch(0, timeout_s=5)
-        from actors.weights.flat import Payload
+        from actors.weights.payload import Payload
 
         await c.publish(Payload(version=1, fingerprint="f"), commit_groups=2)
         return c.resume_point(), c.stats()["dropped_by_reason"]

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ import ray
 
 from actors.rollout.evaluate import EvalConfig
 from actors.rollout.worker import RolloutConfig
-from actors.runtime.actors import create_coordinator, create_rollout_actor
+from actors.runtime.actors import create_coordinator
+from actors.runtime.rollout_actor import create_rollout_actor
 from actors.tasks.evaluate import greedy_accuracy
 from actors.tasks.registry import TaskPrompts
 from actors.tasks.reverse import ReverseDigits
@@ -51,12 +51,6 @@ def write_reverse_dataset(folder: Path, *, train_rows: int, eval_rows: int = 200
             for e in task.eval_set(eval_rows)]
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
     return str(folder / "train.jsonl"), str(folder / "test.jsonl")
-
-
-def slow_exact(prompts, completions, *, answer, **_):
-    """exact_match, 0.4 s per call: steps slow enough for a test to look at the run and kill it."""
-    time.sleep(0.4)
-    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
 
 
 @pytest.mark.slow
@@ -105,13 +99,14 @@ def test_kill_9_mid_run_and_resume_trains_every_row_once_per_epoch(ray_session, 
             "--data.eval_fraction", "0", "--train.steps", "1000", "--train.prompts_per_step", "8",
             "--train.checkpoint_every", "2", "--train.max_wall_s", "0", "--rollout.group_size", "2",
             "--rollout.prompts_per_request", "4", "--rollout.max_new_tokens", "4",
-            "--reward.functions", "['tests.test_dataset_runs:slow_exact']", "--learner.num_threads", "1",
+            "--reward.functions", "['tests.rewards:slow_exact']", "--learner.num_threads", "1",
             "--watch.plot", "false"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         wait_for(lambda: (out / "checkpoints" / "step-000002" / "COMPLETE").exists() or first.poll() is not None,
                  timeout_s=180, interval_s=0.02, what="the checkpoint of step 2")
+        assert first.poll() is None, "the first run ended before the kill:\n" + first.stdout.read()[-3000:]
         status = subprocess.run([*FLEETRL, "status", "--run-dir", str(out)], capture_output=True, text=True,
                                 timeout=60, env=env)
         assert status.returncode == 0, status.stderr

@@ -15,14 +15,9 @@ from learner.config import ConfigError, load_config
 from learner.driver.trainer import RunFailed, Trainer
 
 
-def digit_reward(prompts, completions, **_):
-    """A dense reward a random policy can climb: the fraction of digits in the completion."""
-    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) if c else 0.0 for c in completions]
-
-
 def small_config(policy: str, *extra: str):
     return load_config(None, [
-        "--model.path", policy, "--reward.functions", "['tests.test_pipeline:digit_reward']", "--train.steps", "6", "--train.prompts_per_step", "4",
+        "--model.path", policy, "--reward.functions", "['tests.rewards:digit_reward']", "--train.steps", "6", "--train.prompts_per_step", "4",
         "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "5",
         "--task.eval_size", "16", "--learner.num_threads", "1", "--train.sample_timeout_s", "30",
         "--watch.plot", "false", "--watch.report_to", "[jsonl]", *extra])  # watching: tests/test_watch.py
@@ -103,7 +98,7 @@ def test_async_mode_respects_staleness_bound(ray_session, tiny_policy, tmp_path)
 
 
 def test_nan_rewards_are_excluded_and_counted(ray_session, tiny_policy, tmp_path):
-    cfg = small_config(tiny_policy, "--reward.functions", "['tests.test_pipeline:digit_reward', 'tests.test_pipeline:flaky_reward']")
+    cfg = small_config(tiny_policy, "--reward.functions", "['tests.rewards:digit_reward', 'tests.rewards:flaky_reward']")
     _, summary = run_trainer(cfg, tmp_path)
     rows = read_metrics(tmp_path)
     assert summary["dropped_by_reason"].get("reward_nonfinite", 0) > 0
@@ -111,17 +106,8 @@ def test_nan_rewards_are_excluded_and_counted(ray_session, tiny_policy, tmp_path
     assert all(r["loss"] == r["loss"] for r in rows), "a NaN reward leaked into the loss"
 
 
-def flaky_reward(prompts, completions, *, answer, **_):
-    """NaN for prompts whose answer starts with an odd digit, else 0.5."""
-    return [float("nan") if int(a[0]) % 2 else 0.5 for a in answer]
-
-
-def always_raises(prompts, completions, **_):
-    raise RuntimeError("reward service unavailable")
-
-
 def test_reward_that_always_fails_ends_the_run_with_a_clear_error(ray_session, tiny_policy, tmp_path):
-    cfg = small_config(tiny_policy, "--reward.functions", "['tests.test_pipeline:always_raises']",
+    cfg = small_config(tiny_policy, "--reward.functions", "['tests.rewards:always_raises']",
                        "--train.sample_timeout_s", "4")
     t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
     try:

@@ -148,11 +148,6 @@ def test_arithmetic_needs_a_pretrained_policy(tmp_path):
         Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False).setup()
 
 
-def brevity(prompts, completions, **_):
-    """A dense reward (shorter is better) so that every group has a learning signal."""
-    return [-len(c) / 64 for c in completions]
-
-
 def test_arithmetic_chat_task_through_the_pipeline(ray_session, tmp_path):
     """The whole pipeline on a tiny random Llama with a chat tokenizer: prompts reach the
     workers rendered, the arithmetic verifier scores them and the evaluation uses it too."""
@@ -174,7 +169,7 @@ def test_arithmetic_chat_task_through_the_pipeline(ray_session, tmp_path):
         "--model.path", policy, "--train.steps", "2", "--train.prompts_per_step", "2", "--rollout.group_size", "4",
         "--rollout.prompts_per_request", "2", "--rollout.num_cpus", "0.2", "--learner.num_cpus", "0.2",
         "--task.eval_size", "8", "--train.eval_every", "0", "--train.checkpoint_every", "0",
-        "--reward.functions", "[arithmetic, 'tests.test_pretrained:brevity']", "--control.enabled", "false",
+        "--reward.functions", "[arithmetic, 'tests.rewards:brevity']", "--control.enabled", "false",
         "--train.sample_timeout_s", "60"])
     out = io.StringIO()
     t = Trainer(cfg, tmp_path / "run", out=out, progress=False)
@@ -185,7 +180,7 @@ def test_arithmetic_chat_task_through_the_pipeline(ray_session, tmp_path):
     assert "prompts rendered with the chat template" in out.getvalue()
     assert summary["steps"] == 2 and summary["produced"] == summary["trained"] + summary["dropped"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(set(r["reward_by_name"]) == {"arithmetic", "tests.test_pretrained:brevity"} for r in rows)
+    assert all(set(r["reward_by_name"]) == {"arithmetic", "tests.rewards:brevity"} for r in rows)
     assert 0.0 <= summary["eval_before"] <= 1.0
 
 
@@ -295,7 +290,7 @@ def test_one_training_step_of_the_shipped_gsm8k_example(smollm2, tmp_path):
          "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "12",
          "--data.eval_size", "1", "--eval.max_new_tokens", "4", "--watch.plot", "false",
          "--train.eval_every", "0", "--train.checkpoint_every", "0", "--control.enabled", "false",
-         "--reward.functions", "[math, 'tests.test_pretrained:brevity']"],
+         "--reward.functions", "[math, 'tests.rewards:brevity']"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "data: 2000 train prompts from 1 files, chat template; 1 held-out prompts" in r.stdout
@@ -306,7 +301,7 @@ def test_one_training_step_of_the_shipped_gsm8k_example(smollm2, tmp_path):
     assert set(summary["evals"][0]) >= {"greedy_accuracy", "by_source"}  # pass@k: tests/test_dataset_runs.py
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert row["grad_norm"] > 0 and row["active_samples"] > 0  # brevity varies within a group: a real update
-    assert set(row["reward_by_name"]) == {"math", "tests.test_pretrained:brevity"}
+    assert set(row["reward_by_name"]) == {"math", "tests.rewards:brevity"}
     assert row["sequence_tokens"] > 8 * 50  # chat-rendered prompts with the system prompt (~61 tokens each)
     policy = Path(summary["policy_dir"])
     assert (policy / "model.safetensors").is_file() and (policy / "chat_template.jinja").is_file()

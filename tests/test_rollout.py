@@ -91,7 +91,7 @@ def test_flat_params_keep_tied_weights_and_reject_other_layouts(tiny_policy):
     from transformers import AutoModelForCausalLM
 
     from actors.models.tiny import build_tiny_llama
-    from actors.weights.flat import Payload
+    from actors.weights.payload import Payload
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy)
     flat = FlatParams(model)
@@ -132,7 +132,7 @@ def test_skipping_zero_advantage_samples_leaves_the_gradient_unchanged(tiny_poli
 def test_an_engine_that_failed_marks_the_worker_broken(tiny_policy):
     """After its engine raised, a worker may hold half-loaded weights or unfinished requests:
     it refuses generate, evaluate and load_weights (its loop fails and the fleet replaces it)."""
-    from actors.weights.flat import Payload
+    from actors.weights.payload import Payload
 
     w = RolloutWorker(tiny_policy, RolloutConfig(group_size=2, max_new_tokens=3))
     w.engine.model = None  # the engine lost its model, as after a crash inside it

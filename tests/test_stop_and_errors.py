@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.test_cli import FLEETRL, run_cli
 
-SMALL = ["--reward.functions", "['tests.test_pipeline:digit_reward']", "--train.prompts_per_step", "4",
+SMALL = ["--reward.functions", "['tests.rewards:digit_reward']", "--train.prompts_per_step", "4",
          "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "5",
          "--task.eval_size", "8", "--learner.num_threads", "1", "--no-progress"]
 
@@ -52,16 +52,10 @@ def test_sigterm_writes_a_checkpoint_and_summary(ray_session, tiny_policy, tmp_p
     # (resuming cuts metrics.jsonl back to the checkpoint: test_faults.py's restart test)
 
 
-def slow_reward(prompts, completions, **_):
-    """1.5 s per call: a graceful stop has to wait for the reward calls in flight."""
-    time.sleep(1.5)
-    return [0.5] * len(completions)
-
-
 def test_a_second_ctrl_c_exits_at_once(ray_session, tiny_policy, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     run_dir, err_path = tmp_path / "run", tmp_path / "stderr"
-    args = [a if a != "['tests.test_pipeline:digit_reward']" else "['tests.test_stop_and_errors:slow_reward']"
+    args = [a if a != "['tests.rewards:digit_reward']" else "['tests.rewards:slow_reward']"
             for a in SMALL]
     with err_path.open("w") as err_file:
         proc = subprocess.Popen([*FLEETRL, "train", "--address", address, "--output-dir", str(run_dir),

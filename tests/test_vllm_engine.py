@@ -19,7 +19,7 @@ import torch
 from actors.rollout.engines.vllm import VLLMConfig, vllm_unavailable
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.runtime import object_store
-from actors.runtime.actors import create_rollout_actor
+from actors.runtime.rollout_actor import create_rollout_actor
 from actors.types import Prompt
 from learner.batch import TrainBatch
 from learner.driver.trainer import Trainer

@@ -1,6 +1,6 @@
 """Rollout worker: generates groups of completions with the current policy.
 
-A plain class (no Ray inside ``generate``): ``actors.runtime.actors`` turns it into a Ray
+A plain class (no Ray inside ``generate``): ``actors.runtime.rollout_actor`` turns it into a Ray
 actor and runs the streaming loop around it; unit tests build it directly.
 """
 
@@ -21,7 +21,8 @@ from actors.rollout.engines.vllm import VLLMConfig, VLLMEngine
 from actors.rollout.policy import load_policy
 from actors.types import Excluded, Exclusion, Group, Prompt, Sample
 from actors.validation import require
-from actors.weights.flat import FlatParams, Payload
+from actors.weights.flat import FlatParams
+from actors.weights.payload import Payload
 from actors.weights.object_store import Fetch, WeightReceiver
 
 log = logging.getLogger(__name__)

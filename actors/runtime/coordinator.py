@@ -43,8 +43,7 @@ from collections import Counter, deque
 from typing import Iterator
 
 from actors.types import Excluded, Exclusion, Group, Prompt
-from actors.weights.flat import Payload
-from actors.weights.object_store import WeightStore
+from actors.weights.payload import Payload, WeightStore
 
 
 class SampleTimeout(RuntimeError):

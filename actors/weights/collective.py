@@ -53,7 +53,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.weights.flat import FlatParams, Payload
+from actors.weights.flat import FlatParams
+from actors.weights.payload import Payload
 from actors.weights.object_store import WeightPublisher, WeightReceiver
 
 STORE_PREFIX = "fleetrl-weights"

@@ -10,8 +10,6 @@ processes. Pure torch.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -60,17 +58,6 @@ class FlatParams:
 
 def _fingerprint(spec) -> str:
     return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Payload:
-    """What travels from the learner to receivers for one version."""
-
-    version: int
-    fingerprint: str
-    refs: dict[str, Any] = field(default_factory=dict)
-    """dtype name -> transport handle (an ObjectRef for the object store); empty when
-    the bytes were broadcast to the collective group (``actors.weights.collective``)."""
 
 
 def weights_digest(flat) -> str:

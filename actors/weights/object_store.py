@@ -13,7 +13,7 @@ Invariant (what every other component may rely on):
    (a step whose gradient is not finite leaves the weights untouched but
    still counts); a payload published under version ``v`` holds exactly the
    weights after ``v`` steps.
-2. The store (``WeightStore``) keeps only the newest payload; the versions it
+2. The store (``actors.weights.payload.WeightStore``) keeps only the newest payload; the versions it
    hands out never decrease.
 3. A receiver's ``policy_version`` is ``v`` iff its parameters are bit-for-bit
    the payload of ``v``: a payload is checked (layout fingerprint, sizes)
@@ -43,7 +43,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from actors.weights.flat import WIRE_VIEW, FlatParams, Payload
+from actors.weights.flat import WIRE_VIEW, FlatParams
+from actors.weights.payload import Payload
 
 
 Put = Callable[[np.ndarray], Any]
@@ -132,19 +133,3 @@ class WeightReceiver:
         del incoming  # release the object-store views promptly
         self.version = payload.version
         return True
-
-
-class WeightStore:
-    """Holds the newest payload (and only it). Lives inside the coordinator."""
-
-    def __init__(self):
-        self.payload: Payload | None = None
-
-    @property
-    def version(self) -> int:
-        return self.payload.version if self.payload else 0
-
-    def put(self, payload: Payload) -> None:
-        if self.payload is not None and payload.version < self.payload.version:
-            raise ValueError(f"weight version went backwards: {payload.version} < {self.payload.version}")
-        self.payload = payload  # the previous refs are dropped here, freeing the old version

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import ray
 
-from actors.runtime.actors import ActorSet, create_rollout_actor
+from actors.runtime.actors import ActorSet
+from actors.runtime.rollout_actor import create_rollout_actor
 from actors.rollout.worker import RolloutConfig
 from actors.validation import require
 

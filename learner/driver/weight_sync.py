@@ -27,7 +27,7 @@ from typing import Any
 import ray
 
 from actors.weights.collective import CollectiveConfigError, CollectiveSyncError, GroupSpec, choose_backend
-from actors.weights.flat import Payload
+from actors.weights.payload import Payload
 
 
 class WeightSync:

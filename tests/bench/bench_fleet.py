@@ -34,7 +34,7 @@ def report(name, **values):
 def bench_rollout_scaling(policy: str):
     import ray
 
-    from actors.runtime.actors import RolloutActor
+    from actors.runtime.rollout_actor import RolloutActor
     from actors.runtime.placement import actor_env
     from actors.rollout.worker import RolloutConfig
     from actors.tasks.registry import make_task

@@ -50,7 +50,7 @@ def warm_policy() -> str:
 def bench_rollout(policy: str):
     import ray
 
-    from actors.runtime.actors import RolloutActor
+    from actors.runtime.rollout_actor import RolloutActor
     from actors.runtime.placement import actor_env
     from actors.rollout.worker import RolloutConfig, RolloutWorker
     from actors.tasks.registry import make_task

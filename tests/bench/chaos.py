@@ -44,7 +44,7 @@ from protos import control_pb2, control_pb2_grpc  # noqa: E402
 
 def start_reward_server() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "learner.cli", "reward", "serve", "--function",
-                             "tests.test_pipeline:digit_reward", "--port", "0"], stdout=subprocess.PIPE,
+                             "tests.rewards:digit_reward", "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     for line in proc.stdout:
         if "listening on" in line:

@@ -22,7 +22,7 @@ import torch
 
 from actors.weights.collective import CollectiveConfigError
 from learner.driver.weight_sync import CollectiveSync
-from actors.runtime.actors import create_rollout_actor
+from actors.runtime.rollout_actor import create_rollout_actor
 from actors.weights.flat import weights_digest
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Prompt
