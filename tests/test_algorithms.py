@@ -43,8 +43,16 @@ PURE_ADVANTAGES = {  # learner.advantage -> the pure function of learner.core_al
 }
 
 
-@pytest.mark.parametrize("extra", list(OPTIONS.values()), ids=list(OPTIONS))
-def test_algorithm_runs_end_to_end(ray_session, tiny_policy, tmp_path, extra):
+END_TO_END = ["grpo+kl+entropy", "kl-in-reward", "decoupled", "vanilla+tis"]
+"""Options run through the real Ray pipeline: those that change what the learner actor loads (the
+reference model) or how it treats stale samples. The advantage estimators are pure functions of the
+batch, each checked on a recorded batch below; ppo epochs + mini-batches + dual clip run end to end
+in ``test_second_ppo_epoch_sees_the_updated_policy``."""
+
+
+@pytest.mark.parametrize("name", END_TO_END)
+def test_algorithm_runs_end_to_end(ray_session, tiny_policy, tmp_path, name):
+    extra = OPTIONS[name]
     _, summary = run_trainer(small_config(tiny_policy, "--train.steps", "3", *extra), tmp_path)
     rows = read_metrics(tmp_path)
     assert summary["steps"] == 3 and summary["produced"] == summary["trained"] + summary["dropped"]
@@ -127,20 +135,16 @@ def test_kl_term_pulls_towards_the_reference(tiny_policy):
     assert kls[-1] < 0.5 * kls[0], kls
 
 
-def test_periodic_evaluation_is_logged(ray_session, tiny_policy, tmp_path):
-    _, summary = run_trainer(small_config(tiny_policy, "--train.steps", "6", "--train.eval_every", "2"), tmp_path)
-    rows = read_metrics(tmp_path)
-    evals = {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}
-    assert sorted(evals) == [2, 4, 6] and all(0.0 <= a <= 1.0 for a in evals.values())
-    assert evals[6] == pytest.approx(summary["eval_after"])  # same weights, same greedy decoding
-
-
 def test_second_ppo_epoch_sees_the_updated_policy(ray_session, tiny_policy, tmp_path):
-    """On-policy data: the first pass has ratio 1; a second pass over the same batch must not."""
+    """On-policy data: the first pass has ratio 1; a second pass over the same batch must not
+    (2 epochs x 2 mini-batches with dual clip, end to end)."""
     cfg = small_config(tiny_policy, "--train.steps", "4", "--train.max_staleness", "0", "--learner.ppo_epochs", "2",
-                       "--learner.lr", "1e-2")
-    run_trainer(cfg, tmp_path)
-    rows = [r for r in read_metrics(tmp_path) if r["ratio_max"] is not None]
+                       *OPTIONS["ppo-epochs+dual-clip"][2:], "--learner.lr", "1e-2")
+    _, summary = run_trainer(cfg, tmp_path)
+    assert summary["steps"] == 4 and summary["produced"] == summary["trained"] + summary["dropped"]
+    rows = read_metrics(tmp_path)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    rows = [r for r in rows if r["ratio_max"] is not None]
     assert rows and any(abs(r["ratio_max"] - 1.0) > 1e-4 or r["clip_frac"] > 0 for r in rows)
 
 
@@ -201,11 +205,15 @@ class RecordingTrainer(Trainer):
         super().setup()
 
 
-def test_group_filter_runs_end_to_end_with_exact_accounting(ray_session, tiny_policy, tmp_path):
+def test_group_filter_runs_end_to_end_with_exact_accounting_and_periodic_evaluation(ray_session, tiny_policy,
+                                                                                     tmp_path):
     cfg = small_config(tiny_policy, "--train.steps", "4", "--learner.filter_equal_groups", "true",
-                       "--reward.functions", "['tests.rewards:half_constant_reward']")
+                       "--reward.functions", "['tests.rewards:half_constant_reward']", "--train.eval_every", "2")
     t, summary = run_trainer(cfg, tmp_path, trainer_cls=RecordingTrainer)
     rows = read_metrics(tmp_path)
+    evals = {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}
+    assert sorted(evals) == [2, 4] and all(0.0 <= a <= 1.0 for a in evals.values())
+    assert evals[4] == pytest.approx(summary["eval_after"])  # same weights, same greedy decoding
     assert summary["produced"] == summary["trained"] + summary["dropped"]
     assert summary["trained"] == sum(r["samples"] for r in rows)
     equal = [g for g in t.seen if len({s.reward for s in g.trainable_samples()}) == 1]

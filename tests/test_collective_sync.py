@@ -232,7 +232,7 @@ class ScalingCollectiveTrainer(Trainer):
 
 
 def test_training_run_with_collective_sync(ray_session, tiny_policy, tmp_path):
-    cfg = small_config(tiny_policy, "--train.weight_sync", "collective", "--train.weight_sync_timeout_s", "10",
+    cfg = small_config(tiny_policy, "--rollout.num_workers", "2", "--train.weight_sync", "collective", "--train.weight_sync_timeout_s", "10",
                        "--train.sample_timeout_s", "60",
                        "--train.max_staleness", "0", "--learner.lr", "1e-2", "--train.steps", "8",
                        "--rollout.num_cpus", "0.2")

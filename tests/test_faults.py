@@ -53,7 +53,7 @@ class KillRewardWorker(Trainer):
 def test_killed_rollout_and_reward_workers_are_replaced_and_accounting_is_exact(ray_session, tiny_policy, tmp_path):
     """kill -9 rollout-0 at step 2, then reward-0 at step 4: each is replaced once (the rollout
     worker's prompts go back out first), and the reward worker's death costs no rollout worker."""
-    t, summary = run_trainer(small_config(tiny_policy, "--train.steps", "10"), tmp_path, trainer_cls=KillRewardWorker)
+    t, summary = run_trainer(small_config(tiny_policy, "--train.steps", "10", "--rollout.num_workers", "2"), tmp_path, trainer_cls=KillRewardWorker)
     out = t.out.getvalue()
     assert summary["status"] == "finished" and summary["steps"] == 10
     assert summary["rollout_replacements"] == 1 and "rollout-0 failed" in out and "replaced by rollout-2" in out

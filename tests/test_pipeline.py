@@ -16,10 +16,12 @@ from learner.driver.trainer import RunFailed, Trainer
 
 
 def small_config(policy: str, *extra: str):
+    """A few steps of 4 prompts x 4 samples on one rollout worker (each worker costs a test run
+    ~2 s of start-up on 2 cores); tests about several workers pass ``--rollout.num_workers``."""
     return load_config(None, [
         "--model.path", policy, "--reward.functions", "['tests.rewards:digit_reward']", "--train.steps", "6", "--train.prompts_per_step", "4",
         "--rollout.group_size", "4", "--rollout.prompts_per_request", "2", "--rollout.max_new_tokens", "5",
-        "--task.eval_size", "16", "--learner.num_threads", "1", "--train.sample_timeout_s", "30",
+        "--rollout.num_workers", "1", "--task.eval_size", "16", "--learner.num_threads", "1", "--train.sample_timeout_s", "30",
         "--watch.plot", "false", "--watch.report_to", "[jsonl]", *extra])  # watching: tests/test_watch.py
 
 
@@ -48,11 +50,22 @@ def assert_workers_end_on_the_learners_weights(t: Trainer, final: int) -> None:
     assert ray.get([a.weights_digest.remote() for a in actors]) == [learner_digest] * len(actors)
 
 
-def test_weights_reach_rollout_workers(ray_session, tiny_policy, tmp_path):
-    cfg = small_config(tiny_policy, "--train.max_staleness", "0", "--learner.lr", "1e-2")
+def test_weights_reach_rollout_workers_and_on_policy_steps_train_only_the_current_version(ray_session, tiny_policy,
+                                                                                           tmp_path):
+    cfg = small_config(tiny_policy, "--train.max_staleness", "0", "--learner.lr", "1e-2", "--rollout.num_workers", "2")
     t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
     try:
         summary = t.train()
+        rows = read_metrics(tmp_path)
+        assert len(rows) == summary["steps"] == 6
+        for i, row in enumerate(rows):  # step i+1 trains on samples of exactly version i
+            assert row["behaviour_versions"] == [i]
+            assert row["staleness_max"] == 0
+            if row["ratio_max"] is not None:  # None: every group had equal rewards, nothing was backpropagated
+                assert row["ratio_max"] == pytest.approx(1.0, abs=1e-3)  # on-policy: no importance weight
+        assert any(row["ratio_max"] is not None for row in rows), "no step backpropagated: the ratio went unchecked"
+        assert summary["produced"] == summary["trained"] + summary["dropped"]
+        assert summary["trained"] == sum(r["samples"] for r in rows)
         final = summary["final_policy_version"]
         assert final == summary["steps"] == 6
         assert len(t.rollouts.actors) == cfg.rollout.num_workers == 2
@@ -72,37 +85,17 @@ def test_weights_reach_rollout_workers(ray_session, tiny_policy, tmp_path):
         t.shutdown()
 
 
-def test_on_policy_mode_trains_only_current_version(ray_session, tiny_policy, tmp_path):
-    _, summary = run_trainer(small_config(tiny_policy, "--train.max_staleness", "0"), tmp_path)
-    rows = read_metrics(tmp_path)
-    assert len(rows) == summary["steps"] == 6
-    for i, row in enumerate(rows):  # step i+1 trains on samples of exactly version i
-        assert row["behaviour_versions"] == [i]
-        assert row["staleness_max"] == 0
-        if row["ratio_max"] is not None:  # None: every group had equal rewards, nothing was backpropagated
-            assert row["ratio_max"] == pytest.approx(1.0, abs=1e-3)  # on-policy: no importance weight
-    assert any(row["ratio_max"] is not None for row in rows), "no step backpropagated: the ratio went unchecked"
-    assert summary["produced"] == summary["trained"] + summary["dropped"]
-    assert summary["trained"] == sum(r["samples"] for r in rows)
-
-
-def test_async_mode_respects_staleness_bound(ray_session, tiny_policy, tmp_path):
-    _, summary = run_trainer(small_config(tiny_policy, "--train.max_staleness", "1", "--train.steps", "10"),
-                             tmp_path)
+def test_async_mode_respects_staleness_bound_and_nan_rewards_are_excluded(ray_session, tiny_policy, tmp_path):
+    cfg = small_config(tiny_policy, "--train.max_staleness", "1", "--train.steps", "10",
+                       "--reward.functions", "['tests.rewards:digit_reward', 'tests.rewards:flaky_reward']")
+    _, summary = run_trainer(cfg, tmp_path)
     rows = read_metrics(tmp_path)
     assert all(0 <= r["staleness_max"] <= 1 for r in rows)
     assert any(r["staleness_max"] == 1 for r in rows), "async mode never overlapped generation with updates"
     assert summary["produced"] == summary["trained"] + summary["dropped"]
     assert summary["trained"] == sum(r["samples"] for r in rows)
     assert summary["trained"] > 0 and summary["produced"] >= summary["trained"]
-
-
-def test_nan_rewards_are_excluded_and_counted(ray_session, tiny_policy, tmp_path):
-    cfg = small_config(tiny_policy, "--reward.functions", "['tests.rewards:digit_reward', 'tests.rewards:flaky_reward']")
-    _, summary = run_trainer(cfg, tmp_path)
-    rows = read_metrics(tmp_path)
     assert summary["dropped_by_reason"].get("reward_nonfinite", 0) > 0
-    assert summary["produced"] == summary["trained"] + summary["dropped"]
     assert all(r["loss"] == r["loss"] for r in rows), "a NaN reward leaked into the loss"
 
 

@@ -183,7 +183,7 @@ def test_training_on_vllm_learns_survives_a_kill_scales_and_measures_the_mismatc
     """vLLM workers with weights broadcast into the engines (collective), on-policy (every
     sample fresh, so the engine-vs-learner mismatch is measured at every step): a killed
     worker is replaced, the fleet scales up and down, accounting stays exact, the reward climbs."""
-    cfg = small_config(random_policy, "--rollout.engine", "vllm", "--train.weight_sync", "collective",
+    cfg = small_config(random_policy, "--rollout.num_workers", "2", "--rollout.engine", "vllm", "--train.weight_sync", "collective",
                        "--train.steps", "100000", "--train.max_wall_s", "300", "--train.max_staleness", "0",
                        "--learner.lr", "1e-2", "--rollout.max_new_tokens", "8", "--rollout.num_cpus", "0.2",
                        "--train.sample_timeout_s", "120")

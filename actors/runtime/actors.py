@@ -7,7 +7,8 @@ the driver supervises it by. The rollout actor is ``rollout_actor.py`` and the
 learner's is ``learner/actor.py``: they need torch and transformers, these
 actors do not, and Ray imports an actor class's module in the actor's process,
 so keeping them apart spares the coordinator and reward processes ~1.5 s of
-imports each at every start (measured: a test run's setup 9.7 -> s).
+imports each at every start (measured: a 3-step test run's setup
+went from 9.7-11.9 s to 8.5-9.7 s).
 """
 
 from __future__ import annotations

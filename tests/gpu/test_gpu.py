@@ -174,7 +174,7 @@ def test_nccl_broadcast_between_two_gpus(ray_session, tiny_policy, other_policy)
 
 def test_training_run_on_cuda_with_collective_sync(ray_session, tiny_policy, tmp_path):
     """The learner and 2 rollout workers share one GPU (0.5 + 2 x 0.25)."""
-    cfg = small_config(tiny_policy, "--train.weight_sync", "collective", "--train.max_staleness", "0",
+    cfg = small_config(tiny_policy, "--rollout.num_workers", "2", "--train.weight_sync", "collective", "--train.max_staleness", "0",
                        "--learner.lr", "1e-2", "--learner.device", DEVICE, "--learner.num_gpus", str(gpus(0.5)),
                        "--learner.dtype", "bfloat16", "--rollout.device", DEVICE, "--rollout.dtype", "bfloat16",
                        "--rollout.num_gpus", str(gpus(0.25)), "--rollout.num_cpus", "0.2")
