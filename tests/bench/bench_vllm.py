@@ -53,13 +53,17 @@ def timed(fn):
 
 
 def raw_generate(worker, prompts, seed_base: int) -> int:
-    """What the rollout path does, with vLLM's own API only: the same token ids, n, seeds."""
+    """What the rollout path does, with vLLM's own API only: the same token ids, n, seeds and
+    sampling parameters (``VLLMEngine.generate``'s, log-probs and no detokenisation included)."""
     from vllm import SamplingParams, TokensPrompt
+
+    from actors.rollout.engines.vllm import prompt_seed
 
     cfg = worker.cfg
     ids = [worker.tokenizer(p.text)["input_ids"] for p in prompts]
     params = [SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                             max_tokens=worker.max_new_tokens, logprobs=0, seed=seed_base + j * cfg.group_size)
+                             max_tokens=worker.max_new_tokens, logprobs=0, detokenize=False,
+                             seed=prompt_seed(seed_base, j))
               for j in range(len(ids))]
     outs = worker.engine.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
     return sum(len(c.token_ids) for o in outs for c in o.outputs)
