@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from actors.rollout.engines.base import Completion
 
@@ -46,6 +47,7 @@ class HFEngine:
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompt_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=self.device)
         greedy = temperature == 0
+        record = BehaviourLogprobs(1.0 if greedy else temperature)
         # each prompt repeated n times in a row (works for greedy too, unlike num_return_sequences)
         out = self.model.generate(
             input_ids=input_ids.repeat_interleave(n, dim=0),
@@ -55,16 +57,12 @@ class HFEngine:
             top_p=None if greedy else top_p,
             top_k=None,
             max_new_tokens=max_new_tokens,
-            return_dict_in_generate=True,
-            output_logits=True,
+            logits_processor=LogitsProcessorList([record]),
             pad_token_id=pad,
             eos_token_id=tok.eos_token_id,
         )
-        gen = out.sequences[:, width:]  # [P*n, T]
-        logits = torch.stack(out.logits, dim=1).float()  # [P*n, T, V] raw (pre-processing) logits
-        if not greedy and temperature != 1.0:
-            logits = logits / temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+        gen = out[:, width:]  # [P*n, T]
+        logp = record.finish(gen)  # [P*n, T]
         eos = tok.eos_token_id
         gen_l, logp_l = gen.tolist(), logp.tolist()
         result = []
@@ -77,3 +75,35 @@ class HFEngine:
                 row.append(Completion(ids=toks, logprobs=logp_l[k][:length], finished=bool(toks) and toks[-1] == eos))
             result.append(row)
         return result
+
+
+class BehaviourLogprobs(LogitsProcessor):
+    """Records each sampled token's log-prob under ``softmax(logits / temperature)`` while
+    ``generate`` runs, keeping one step's ``[B, V]`` distribution at a time.
+
+    Custom processors run before generate's temperature and top-p warpers, so ``scores``
+    are the model's logits. Step ``t``'s token is only known at step ``t + 1`` (it is the
+    last column of ``input_ids`` then), so each call gathers the previous step's token and
+    ``finish`` gathers the last one. ``output_logits=True`` kept every step's logits
+    instead: ``[B, T, V]`` fp32, 6.4 GB for 128 sequences x 256 tokens of a 49k vocabulary
+    (and as much again to stack them)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None  # [B, V] log-softmax of the last step seen
+        self.steps: list[torch.Tensor] = []  # [B] per generated token but the last
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` log-probs of ``generated`` (the ``T`` new tokens of every row)."""
+        if self.previous is not None and generated.shape[1] > len(self.steps):
+            self.steps.append(self.previous.gather(-1, generated[:, len(self.steps):len(self.steps) + 1]).squeeze(-1))
+        self.previous = None
+        if not self.steps:
+            return torch.zeros(generated.shape, dtype=torch.float32)
+        return torch.stack(self.steps, dim=1)
