@@ -8,7 +8,7 @@ are the same whichever engine generates. Pure Python + torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
@@ -23,7 +23,10 @@ class Completion:
     """Behaviour log-prob of each token in ``ids`` (the sampling distribution after
     temperature; README glossary)."""
     finished: bool
-    """True when the completion ended with EOS, False when cut at ``max_new_tokens``."""
+    """True when the completion ended with EOS."""
+    stopped: bool = False
+    """True when it ended at one of the call's ``stop`` strings (included in ``ids``); a completion
+    neither finished nor stopped was cut at ``max_new_tokens``."""
 
 
 class Engine(Protocol):
@@ -35,9 +38,10 @@ class Engine(Protocol):
     """Most prompt + completion tokens one sequence may hold."""
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int) -> list[list[Completion]]:
+                 max_new_tokens: int, seed: int, stop: Sequence[str] = ()) -> list[list[Completion]]:
         """``n`` completions per prompt (``[len(prompt_ids)][n]``), seeded by ``seed`` alone;
-        ``temperature == 0`` is greedy."""
+        ``temperature == 0`` is greedy. A completion also ends after the first token that
+        completes one of the ``stop`` strings (a tool call's closing tag: multi-turn episodes)."""
         ...
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -8,7 +8,7 @@ glossary) and whether each stopped at EOS.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -37,7 +37,7 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int) -> list[list[Completion]]:
+                 max_new_tokens: int, seed: int, stop: Sequence[str] = ()) -> list[list[Completion]]:
         """``n`` completions per prompt (``[len(prompt_ids)][n]``); sampling is seeded by ``seed``
         alone, so the same prompts, weights and seed draw the same samples on any worker."""
         tok = self.tokenizer
@@ -60,6 +60,7 @@ class HFEngine:
             logits_processor=LogitsProcessorList([record]),
             pad_token_id=pad,
             eos_token_id=tok.eos_token_id,
+            **({"stop_strings": list(stop), "tokenizer": tok} if stop else {}),
         )
         gen = out[:, width:]  # [P*n, T]
         logp = record.finish(gen)  # [P*n, T]
@@ -71,10 +72,24 @@ class HFEngine:
             for k in range(j * n, (j + 1) * n):
                 toks = gen_l[k]
                 length = toks.index(eos) + 1 if eos in toks else len(toks)
-                toks = toks[:length]
-                row.append(Completion(ids=toks, logprobs=logp_l[k][:length], finished=bool(toks) and toks[-1] == eos))
+                at_stop = stop_point(tok, toks[:length], stop) if stop else None
+                toks = toks[:at_stop or length]
+                row.append(Completion(ids=toks, logprobs=logp_l[k][:len(toks)],
+                                      finished=bool(toks) and toks[-1] == eos and at_stop is None,
+                                      stopped=at_stop is not None))
             result.append(row)
         return result
+
+
+def stop_point(tokenizer, ids: list[int], stop: Sequence[str]) -> int | None:
+    """The length of the shortest prefix of ``ids`` whose text contains a stop string, or None.
+    (``generate`` pads a row once its stop string is complete; this finds where that was.)"""
+    if not any(s in tokenizer.decode(ids) for s in stop):
+        return None
+    for end in range(1, len(ids) + 1):
+        if any(s in tokenizer.decode(ids[:end]) for s in stop):
+            return end
+    return None
 
 
 class BehaviourLogprobs(LogitsProcessor):

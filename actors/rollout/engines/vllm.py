@@ -24,7 +24,7 @@ import importlib.util
 import os
 import platform
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -100,7 +100,7 @@ class VLLMEngine:
         self.reloads = 0
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int) -> list[list[Completion]]:
+                 max_new_tokens: int, seed: int, stop: Sequence[str] = ()) -> list[list[Completion]]:
         """``[len(prompt_ids)][n]`` completions; prompt ``j`` is seeded ``prompt_seed(seed, j)`` (vLLM
         seeds the ``i``-th of its ``n`` as that ``+ i``)."""
         from vllm import SamplingParams, TokensPrompt
@@ -110,7 +110,8 @@ class VLLMEngine:
         greedy = temperature == 0  # vLLM refuses n > 1 when greedy: one completion, copied n times
         k = 1 if greedy else n
         params = [SamplingParams(n=k, temperature=temperature, top_p=1.0 if greedy else top_p,
-                                 max_tokens=max_new_tokens, logprobs=0, detokenize=False,
+                                 max_tokens=max_new_tokens, logprobs=0, detokenize=bool(stop),
+                                 stop=list(stop) or None, include_stop_str_in_output=True,
                                  seed=prompt_seed(seed, j)) for j in range(len(prompt_ids))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
         if len(outs) != len(prompt_ids) or any(len(o.outputs) != k for o in outs):
@@ -172,8 +173,9 @@ def _probe(llm) -> None:
 
 def _completion(c) -> Completion:
     ids = list(c.token_ids)
+    at_string = isinstance(c.stop_reason, str)  # None: EOS (or the length limit); an int: a stop token id
     return Completion(ids=ids, logprobs=[lp[t].logprob for t, lp in zip(ids, c.logprobs)],
-                      finished=c.finish_reason == "stop")
+                      finished=c.finish_reason == "stop" and not at_string, stopped=at_string)
 
 
 def _start(model_path: str, cfg: VLLMConfig, device: torch.device, dtype: torch.dtype):
