@@ -42,6 +42,12 @@ class Exclusion(str, Enum):
     """Prompt tokens + max_new_tokens exceed the policy's context."""
     UNSCORED = "unscored"
     """No reward was set (a reward worker bug)."""
+    ENV_ERROR = "env_error"
+    """An episode's environment raised (or returned something that is not a ``StepResult``)."""
+    ENV_TIMEOUT = "env_timeout"
+    """An environment's ``step`` took longer than ``env.step_timeout_s``."""
+    ENV_UNKNOWN = "env_unknown"
+    """The prompt names an environment that cannot be built (``env.key``)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,22 @@ class Sample:
     """Per reward-function scores (name -> score) that make up ``reward``."""
     excluded: Excluded | None = None
     """Why this sample must not be trained on (reward error, NaN, ...); None = ok."""
+    loss_mask: list[int] | None = None
+    """Multi-turn episodes: 1 for each token of ``completion_ids`` the policy generated, 0 for the
+    environment's observation tokens (context only; their ``logprobs`` entries are 0.0). None = every
+    token is the policy's (a single-turn completion)."""
+    turns: int = 1
+    """Assistant turns in this sample (an episode's; 1 for a single-turn completion)."""
+    scored_text: str | None = None
+    """What the reward functions score as the completion: an episode's last assistant turn
+    (None = ``completion_text``)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Per-sample metadata for the reward functions, over the prompt's (an episode's ``finish``:
+    ``tool_calls``, ``tool_errors``, ...)."""
+
+    @property
+    def policy_tokens(self) -> int:
+        return len(self.completion_ids) if self.loss_mask is None else sum(self.loss_mask)
 
     @property
     def trainable(self) -> bool:

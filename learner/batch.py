@@ -20,6 +20,9 @@ class TrainBatch:
     rewards: torch.Tensor  # [B]
     group_index: torch.Tensor  # [B]
     versions: list[int]
+    loss_masks: list[list[int] | None] | None = None
+    """Per row: 1 = a policy token (trained on), 0 = an environment's observation token (context
+    only); None for a row (or the batch) = every completion token is the policy's."""
 
     @classmethod
     def from_groups(cls, groups: list[Group], *, overlong_penalty: float = 0.0,
@@ -27,7 +30,7 @@ class TrainBatch:
         """``overlong_penalty`` is subtracted from the reward of samples cut at
         max_new_tokens (no EOS); ``filter_equal_groups`` leaves out groups whose
         rewards (after the penalty) are all equal: they carry no group-relative signal."""
-        seqs, plens, lps, rewards, gidx, versions = [], [], [], [], [], []
+        seqs, plens, lps, rewards, gidx, versions, masks = [], [], [], [], [], [], []
         gi = 0
         for g in groups:
             samples = g.trainable_samples()
@@ -41,18 +44,33 @@ class TrainBatch:
                 rewards.append(r)
                 gidx.append(gi)
                 versions.append(s.policy_version)
+                masks.append(s.loss_mask)
             gi += 1
         return cls(seqs, plens, lps, torch.tensor(rewards, dtype=torch.float32),
-                   torch.tensor(gidx, dtype=torch.long), versions)
+                   torch.tensor(gidx, dtype=torch.long), versions,
+                   masks if any(m is not None for m in masks) else None)
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def completion_len(self, i: int) -> int:
+        """Tokens after row ``i``'s prompt (an episode's observations included)."""
+        return len(self.sequences[i]) - self.prompt_lens[i]
+
+    def mask(self, i: int) -> list[int] | None:
+        return self.loss_masks[i] if self.loss_masks is not None else None
+
+    def policy_tokens(self, i: int) -> int:
+        """Row ``i``'s tokens that are trained on (the loss normalisers count these)."""
+        m = self.mask(i)
+        return self.completion_len(i) if m is None else sum(m)
 
 
 def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
     """Right-padded tensors for rows ``idx``: input_ids/attention/positions ``[b, L]``,
     completion targets, behaviour log-probs and mask ``[b, T]`` aligned to the
-    logits that predict them."""
+    logits that predict them. The mask is the rows' loss mask: 0 on padding and on
+    an episode's observation tokens."""
     rows = [batch.sequences[i] for i in idx]
     L = max(len(r) for r in rows)
     T = max(len(r) - batch.prompt_lens[i] for r, i in zip(rows, idx))
@@ -68,7 +86,8 @@ def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
         attn[b, : len(r)] = 1
         targets[b, :c] = torch.tensor(r[p:])
         old[b, :c] = torch.tensor(batch.behaviour_logprobs[i])
-        cmask[b, :c] = 1
+        m = batch.mask(i)
+        cmask[b, :c] = 1 if m is None else torch.tensor(m, dtype=torch.float32)
         pred_pos[b, :c] = torch.arange(p - 1, p - 1 + c)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     return (input_ids.to(device), attn.to(device), positions.to(device), targets.to(device), old.to(device),
@@ -88,7 +107,7 @@ def _fraction_all_equal(rewards: torch.Tensor, group_index: torch.Tensor) -> flo
 
 def batch_metrics(groups: list[Group], batch: TrainBatch, adv: torch.Tensor, version: int) -> dict:
     """What one update trained on (``version``: the learner's before the update)."""
-    num_tokens = sum(len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens))
+    num_tokens = sum(batch.policy_tokens(i) for i in range(len(batch)))
     stale = [version - v for v in batch.versions]
     per_name: dict[str, list[float]] = {}
     for g in groups:
@@ -108,7 +127,25 @@ def batch_metrics(groups: list[Group], batch: TrainBatch, adv: torch.Tensor, ver
         "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
         "behaviour_versions": sorted(set(batch.versions)),
         "reward_by_name": {name: sum(v) / len(v) for name, v in per_name.items()},
+        **episode_metrics(groups),
     }
+
+
+EPISODE_COUNTERS = ("tool_calls", "tool_errors", "malformed_calls")
+
+
+def episode_metrics(groups: list[Group]) -> dict:
+    """Multi-turn episodes among the step's samples (trained or not): how many, their turns,
+    tool calls and errors, and observation vs policy tokens. Empty for single-turn samples."""
+    episodes = [s for g in groups for s in g.samples if s.loss_mask is not None]
+    if not episodes:
+        return {}
+    out = {"episodes": len(episodes), "turns_mean": sum(s.turns for s in episodes) / len(episodes),
+           "policy_tokens": sum(s.policy_tokens for s in episodes),
+           "observation_tokens": sum(len(s.completion_ids) - s.policy_tokens for s in episodes)}
+    for key in EPISODE_COUNTERS:
+        out[key] = sum(int(s.metadata.get(key, 0) or 0) for s in episodes)
+    return out
 
 
 def empty_step_metrics(groups: list[Group]) -> dict:
@@ -119,4 +156,5 @@ def empty_step_metrics(groups: list[Group]) -> dict:
             "samples": sum(len(g.trainable_samples()) for g in groups), "active_samples": 0, "tokens": 0,
             "sequence_tokens": 0, "response_len_mean": 0.0, "staleness_mean": 0.0, "staleness_max": 0,
             "behaviour_versions": [], "reward_by_name": {}, "filtered_groups": len(groups),
-            "mismatch_abs_mean": None, "mismatch_abs_max": None, "mismatch_ratio_std": None, "mismatch_tokens": 0}
+            "mismatch_abs_mean": None, "mismatch_abs_max": None, "mismatch_ratio_std": None, "mismatch_tokens": 0,
+            **episode_metrics(groups)}

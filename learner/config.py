@@ -22,6 +22,7 @@ from typing import Literal, Optional
 import yaml
 
 from actors.data.config import DataConfig
+from actors.envs.config import EnvConfig
 from actors.device import device_kind
 from actors.reward.worker import RewardConfig
 from actors.rollout.evaluate import EvalConfig
@@ -65,13 +66,15 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class TaskConfig:
-    name: Literal["reverse", "arithmetic"] = "reverse"
-    """Built-in verifiable task that supplies prompts and held-out examples: reverse (a digit string)
-    or arithmetic (``a op b``, strict answer format; pair it with ``reward.functions: [arithmetic]``)."""
+    name: Literal["reverse", "arithmetic", "multiply"] = "reverse"
+    """Built-in verifiable task that supplies prompts and held-out examples: reverse (a digit string),
+    arithmetic (``a op b``, strict answer format; pair it with ``reward.functions: [arithmetic]``) or
+    multiply (``a * b`` with a calculator tool: multi-turn episodes in the ``calculator`` environment;
+    pair it with ``reward.functions: [multiply]``)."""
     num_digits: int = 4
     """reverse: length of the digit strings."""
     operand_digits: list[int] = field(default_factory=lambda: [2, 2])
-    """arithmetic: digits of the first and the second operand."""
+    """arithmetic, multiply: digits of the first and the second operand."""
     operations: list[str] = field(default_factory=lambda: ["+"])
     """arithmetic: operations to draw from (+, -, *); for - the larger operand comes first."""
     chat_template: Optional[bool] = None
@@ -90,6 +93,7 @@ class TaskConfig:
     def task_kwargs(self, tokenizer_path: str | None = None) -> dict:
         """Keyword arguments of ``actors.tasks.registry.make_task`` for this task (the name excluded)."""
         own = (dict(num_digits=self.num_digits) if self.name == "reverse" else
+               dict(operand_digits=list(self.operand_digits)) if self.name == "multiply" else
                dict(operand_digits=list(self.operand_digits), operations=list(self.operations)))
         return dict(own, seed=self.seed, chat_template=self.chat_template, tokenizer_path=tokenizer_path)
 
@@ -206,6 +210,8 @@ class Config:
     """The Control gRPC service of the running trainer."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation (on the rollout workers)."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn episodes: the environment (tools) the policy acts in, and the episode budgets."""
     watch: WatchConfig = field(default_factory=WatchConfig)
     """Watching a run: TensorBoard/wandb, sample logging, report.png."""
 

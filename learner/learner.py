@@ -291,7 +291,7 @@ class Learner:
             idx = list(range(start, min(start + mb, len(batch))))
             ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
             _, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
-            out += [row[: int(m.sum())] for row, m in zip(logp.cpu().tolist(), cmask.cpu())]
+            out += [row[: batch.completion_len(i)] for row, i in zip(logp.cpu().tolist(), idx)]
         return out
 
     def _completion_logprobs(self, model, ids, attn, pos, pred_pos, targets):
@@ -321,7 +321,7 @@ class Learner:
         samples generated with the current ``policy_version`` (before any update of this step).
         """
         part = list(range(len(batch))) if rows is None else rows
-        num_tokens = float(sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in part))
+        num_tokens = float(sum(batch.policy_tokens(i) for i in part))
         num_seqs = float(len(part))
         if skip_zero_advantage is None:  # KL-loss and entropy terms do not vanish with the advantage
             skip_zero_advantage = (self.cfg.kl_coef == 0 or self.cfg.kl_in_reward) and self.cfg.entropy_coef == 0

@@ -32,3 +32,12 @@ def test_ci_can_run_the_vllm_engine():
     r = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.environ.get("FLEETRL_EXPECT_SANDBOX") != "1",
+                    reason="FLEETRL_EXPECT_SANDBOX=1 (set by .ci/run) asks that the python tool's sandbox can run")
+def test_ci_can_run_the_python_sandbox():
+    """CI installs bubblewrap: the sandbox tests (tests/test_sandbox.py) must run there, not skip."""
+    from actors.envs.sandbox import sandbox_unavailable
+
+    assert sandbox_unavailable() is None, sandbox_unavailable()

@@ -10,7 +10,7 @@ that sample is excluded, never scored 0.0 (``scores.validate_scores`` passes it
 through unchanged).
 
 ``reward.functions`` names built-ins (``BUILTIN_REWARDS``: exact_match,
-arithmetic, math, regex, format, length; the verifiers live in
+arithmetic, multiply, math, regex, format, length; the verifiers live in
 ``actors.reward.verifiers``) or ``module:function``. ``reward.function_args``
 gives a function keyword arguments, keyed by its name as written in
 ``reward.functions`` (``load_reward_fn(spec, args)``): a target that is a class
@@ -30,12 +30,14 @@ from typing import Any, Callable, Mapping
 
 from actors.reward.verifiers.text import exact_match
 from actors.tasks.arithmetic import Arithmetic
+from actors.tasks.multiply import Multiply
 from actors.validation import ConfigError, require
 
 RewardFn = Callable[..., list[float]]
 
 BUILTIN_REWARDS = {"exact_match": "actors.reward.functions:exact_match_reward",
                    "arithmetic": "actors.reward.functions:arithmetic_reward",
+                   "multiply": "actors.reward.functions:multiply_reward",
                    "math": "actors.reward.verifiers.mathverify:MathVerifier",
                    "regex": "actors.reward.verifiers.text:Regex",
                    "format": "actors.reward.verifiers.text:Format",
@@ -135,3 +137,9 @@ def arithmetic_reward(prompts: list[str], completions: list[str], *, answer: lis
     """Verifier reward of the arithmetic task: 1.0 if the reply has the answer format
     (``"85"`` or ``"82 + 3 = 85"``, see ``Arithmetic``) and its number is ``answer``."""
     return [Arithmetic.verify(c, a) for c, a in zip(completions, answer)]
+
+
+def multiply_reward(prompts: list[str], completions: list[str], *, answer: list[str], **_) -> list[float]:
+    """Verifier reward of the multiply task: 1.0 if the episode's last turn ends with
+    ``Answer: N`` (or ``N``), makes no more tool calls, and ``N`` is the product."""
+    return [Multiply.verify(c, a) for c, a in zip(completions, answer)]

@@ -91,9 +91,13 @@ class ScoreBatch:
 
     @classmethod
     def of(cls, flat: list[tuple[Group, Sample]]) -> "ScoreBatch":
-        keys = sorted({k for g, _ in flat for k in g.prompt.metadata})
-        return cls(prompts=[g.prompt.text for g, _ in flat], completions=[s.completion_text for _, s in flat],
-                   metadata={k: [g.prompt.metadata.get(k) for g, _ in flat] for k in keys},
+        """Per sample: the prompt, what the sample asks to be scored (an episode: its last turn)
+        and the prompt's metadata updated by the sample's own (an episode's ``finish``)."""
+        meta = [{**g.prompt.metadata, **s.metadata} for g, s in flat]
+        keys = sorted({k for m in meta for k in m})
+        return cls(prompts=[g.prompt.text for g, _ in flat],
+                   completions=[s.completion_text if s.scored_text is None else s.scored_text for _, s in flat],
+                   metadata={k: [m.get(k) for m in meta] for k in keys},
                    prompt_ids=[list(g.prompt_ids) for g, _ in flat],
                    completion_ids=[list(s.completion_ids) for _, s in flat])
 

@@ -105,21 +105,28 @@ def eval_metrics(results: list[PromptResult], ks: list[int]) -> dict:
     return out
 
 
-def score_prompt(uid: int, source: str, greedy_text: str | None, sampled: list[str], verify, threshold: float,
-                 metadata: dict, prompt: str) -> PromptResult:
-    """Score one prompt's completions with ``verify`` (a reward function) into a ``PromptResult``."""
-    texts = ([greedy_text] if greedy_text is not None else []) + sampled
+def score_prompt(uid: int, source: str, greedy, sampled: list, verify, threshold: float, metadata: dict,
+                 prompt: str) -> PromptResult:
+    """Score one prompt's samples (``actors.types.Sample``: ``greedy`` or None, and ``sampled``)
+    with ``verify`` (a reward function) into a ``PromptResult``. A sample scores its
+    ``scored_text`` (an episode's last turn) with the prompt's metadata updated by its own;
+    an excluded sample (its episode's environment failed) is not correct, and counted."""
+    samples = ([greedy] if greedy is not None else []) + list(sampled)
+    texts = [s.completion_text if s.scored_text is None else s.scored_text for s in samples]
+    meta = [{**metadata, **s.metadata} for s in samples]
+    keys = sorted({k for m in meta for k in m})
     try:
-        scores = list(verify([prompt] * len(texts), texts, **{k: [v] * len(texts) for k, v in metadata.items()}))
+        scores = list(verify([prompt] * len(texts), texts, **{k: [m.get(k) for m in meta] for k in keys}))
     except Exception:  # noqa: BLE001 - a user verifier may raise anything: none of these is correct
         scores = [None] * len(texts)
     if len(scores) != len(texts):
         scores = [None] * len(texts)
+    scores = [None if s.excluded is not None else score for s, score in zip(samples, scores)]
     ok = [isinstance(s, (int, float)) and math.isfinite(s) and s >= threshold for s in scores]
     bad = sum(not isinstance(s, (int, float)) or not math.isfinite(s) for s in scores)
     r = PromptResult(uid=uid, source=source, excluded=bad, samples=len(sampled),
                      response_chars=sum(map(len, texts)) / max(1, len(texts)))
-    if greedy_text is not None:
+    if greedy is not None:
         r.greedy = 1.0 if ok[0] else 0.0
         ok = ok[1:]
     r.correct = sum(ok)
@@ -142,20 +149,20 @@ def evaluate_prompts(worker, prompts: list, cfg: EvalConfig, *, verify, source_k
 
 def _evaluate_chunk(worker, chunk: list, cfg: EvalConfig, *, verify, source_key: str, max_new_tokens: int,
                     seed: int) -> list[PromptResult]:
+    """Greedy and sampled completions (episodes, with environments) of ``chunk`` through the
+    worker's own sampling path (``RolloutWorker.complete``), scored by ``verify``."""
     out = []
     ids = [worker.tokenizer(p.text)["input_ids"] for p in chunk]
-    decode = lambda c: worker.tokenizer.decode(c.ids, skip_special_tokens=True)  # noqa: E731
+    version = worker.policy_version
     greedy = [None] * len(chunk)
-    with worker.engine_call("evaluating"):
-        if cfg.greedy:
-            rows = worker.engine.generate(ids, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                          seed=seed)
-            greedy = [decode(row[0]) for row in rows]
-        sampled = [[] for _ in chunk]
-        if cfg.num_samples:
-            rows = worker.engine.generate(ids, n=cfg.num_samples, temperature=cfg.temperature, top_p=1.0,
-                                          max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + chunk[0].uid)
-            sampled = [[decode(c) for c in row] for row in rows]
+    if cfg.greedy:
+        rows = worker.complete(chunk, ids, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                               seed=seed, version=version)
+        greedy = [row[0] for row in rows]
+    sampled = [[] for _ in chunk]
+    if cfg.num_samples:
+        sampled = worker.complete(chunk, ids, n=cfg.num_samples, temperature=cfg.temperature, top_p=1.0,
+                                  max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + chunk[0].uid, version=version)
     for p, g, s in zip(chunk, greedy, sampled):
         source = str(p.metadata.get(source_key, "")) if source_key else ""
         out.append(score_prompt(p.uid, source, g, s, verify, cfg.correct_threshold, p.metadata, p.text))

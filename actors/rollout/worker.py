@@ -18,9 +18,12 @@ from actors.weights.collective import StagedReceiver
 from actors.device import check_device, torch_device, torch_dtype
 from actors.rollout.engines.hf import HFEngine
 from actors.rollout.engines.vllm import VLLMConfig, VLLMEngine
+from actors.envs.base import Environment
+from actors.envs.config import EnvConfig, make_env
+from actors.rollout.episodes import ObservationIds, run_episodes
 from actors.rollout.policy import load_policy
 from actors.types import Excluded, Exclusion, Group, Prompt, Sample
-from actors.validation import require
+from actors.validation import ConfigError, require
 from actors.weights.flat import FlatParams
 from actors.weights.payload import Payload
 from actors.weights.object_store import Fetch, WeightReceiver
@@ -91,9 +94,11 @@ class RolloutWorker:
     """Generates ``group_size`` samples per prompt and records behaviour log-probs."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int = 16,
-                 name: str = "rollout-0", seed: int = 0, fetch_weights: Fetch | None = None):
+                 name: str = "rollout-0", seed: int = 0, fetch_weights: Fetch | None = None,
+                 env: EnvConfig | None = None):
         """``fetch_weights`` maps a payload's refs to arrays (``actors.runtime.object_store.fetch``;
-        the actor hands it in, so this class needs no Ray)."""
+        the actor hands it in, so this class needs no Ray). ``env``: the ``env`` section; when it
+        names environments, every sample is an episode (``actors.rollout.episodes``)."""
         torch.set_num_threads(cfg.num_threads)
         self.fetch_weights = fetch_weights
         self.cfg = cfg
@@ -118,6 +123,9 @@ class RolloutWorker:
         self.generated_samples = 0
         self.seed = seed
         self.lock = threading.RLock()  # generate, evaluate and load_weights never overlap on the model
+        self.env_cfg = env if env is not None and env.enabled else None
+        self.envs: dict[str, object] = {}  # built once per name, shared by the episodes of this worker
+        self.observation_ids = ObservationIds(self.tokenizer) if self.env_cfg else None
 
     @property
     def policy_version(self) -> int:
@@ -221,14 +229,66 @@ class RolloutWorker:
         # sampling depends only on (run seed, prompts, weights), not on which worker got them
         # or what it generated before: a resumed run draws the same samples
         seed = (self.seed * 1_000_003 + prompts[0].uid) % (2**63)
-        with self.engine_call("generating"):
-            completions = self.engine.generate(prompt_ids, n=cfg.group_size, temperature=cfg.temperature,
-                                               top_p=cfg.top_p, max_new_tokens=self.max_new_tokens, seed=seed)
-        decode = self.tokenizer.decode
-        return [Group(prompt=p, prompt_ids=ids, worker=self.name, samples=[
-                    Sample(completion_ids=c.ids, completion_text=decode(c.ids, skip_special_tokens=True),
-                           logprobs=c.logprobs, policy_version=version, finished=c.finished) for c in row])
-                for p, ids, row in zip(prompts, prompt_ids, completions)]
+        rows = self.complete(prompts, prompt_ids, n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                             max_new_tokens=self.max_new_tokens, seed=seed, version=version)
+        groups = []
+        for p, ids, row in zip(prompts, prompt_ids, rows):
+            unknown = next((s.excluded for s in row if s.excluded and s.excluded.kind == Exclusion.ENV_UNKNOWN), None)
+            groups.append(Group(prompt=p, prompt_ids=ids, worker=self.name, samples=row, excluded=unknown))
+        return groups
+
+    def complete(self, prompts: list[Prompt], prompt_ids: list[list[int]], *, n: int, temperature: float,
+                 top_p: float, max_new_tokens: int, seed: int, version: int) -> list[list[Sample]]:
+        """``n`` samples per prompt with the weights loaded now: single-turn completions, or
+        episodes when the ``env`` section names environments. Training and evaluation both
+        sample through here (the caller holds the lock)."""
+        if self.env_cfg is None:
+            with self.engine_call("generating"):
+                rows = self.engine.generate(prompt_ids, n=n, temperature=temperature, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, seed=seed)
+            decode = self.tokenizer.decode
+            return [[Sample(completion_ids=c.ids, completion_text=decode(c.ids, skip_special_tokens=True),
+                            logprobs=c.logprobs, policy_version=version, finished=c.finished) for c in row]
+                    for row in rows]
+        return self._episodes(prompts, prompt_ids, n=n, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, seed=seed, version=version)
+
+    def _episodes(self, prompts, prompt_ids, *, n, temperature, top_p, max_new_tokens, seed, version):
+        env_cfg, decode = self.env_cfg, self.tokenizer.decode
+        envs, unknown = [], {}
+        for j, p in enumerate(prompts):
+            env = self._env_for(p)
+            if isinstance(env, Excluded):
+                unknown[j], env = env, Environment()
+            envs.append(env)
+        with self.engine_call("generating episodes"):
+            episodes = run_episodes(self.engine, self.tokenizer, self.observation_ids, envs, prompts, prompt_ids,
+                                    n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                    seed=seed, max_turns=env_cfg.max_turns, max_total_tokens=env_cfg.max_total_tokens,
+                                    step_timeout_s=env_cfg.step_timeout_s)
+        return [[Sample(completion_ids=ep.ids, completion_text=decode(ep.ids, skip_special_tokens=True),
+                        logprobs=ep.logprobs, policy_version=version, finished=ep.finished,
+                        excluded=unknown.get(j, ep.excluded), loss_mask=ep.mask, turns=ep.turns,
+                        scored_text=decode(ep.last_turn, skip_special_tokens=True),
+                        metadata={**ep.metadata, "turns": ep.turns, "observation_tokens": ep.observation_tokens,
+                                  **{k: v for k, v in ep.counters.items() if k not in ep.metadata}})
+                 for ep in row] for j, row in enumerate(episodes)]
+
+    def _env_for(self, prompt: Prompt):
+        """The prompt's environment (``env.key`` column, else ``env.name``; none = one turn), built
+        once per name; an ``Excluded`` (``env_unknown``) if that name cannot be built."""
+        key = self.env_cfg.key
+        name = str(prompt.metadata.get(key) or "") if key else ""
+        name = name or self.env_cfg.name
+        if not name:
+            return Environment()  # one turn, then done
+        if name not in self.envs:
+            try:
+                args = self.env_cfg.args if name == self.env_cfg.name else {}
+                self.envs[name] = make_env(name, args, self.env_cfg.sandbox)
+            except ConfigError as e:
+                return Excluded(Exclusion.ENV_UNKNOWN, f"{key or 'env.name'}={name!r}: {e}")
+        return self.envs[name]
 
 
 def make_engine(model_path: str, model, tokenizer, cfg: RolloutConfig, device: torch.device, dtype: torch.dtype):

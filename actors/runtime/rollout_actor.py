@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ray
 
+from actors.envs.config import EnvConfig
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.runtime import object_store
 from actors.runtime.placement import actor_env, where
@@ -20,9 +21,10 @@ from actors.weights.flat import weights_digest
 class RolloutActor:
     """Ray actor around ``RolloutWorker``."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, name: str, seed: int):
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, name: str, seed: int,
+                 env: EnvConfig | None = None):
         self.worker = RolloutWorker(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name,
-                                    seed=seed, fetch_weights=object_store.fetch)
+                                    seed=seed, fetch_weights=object_store.fetch, env=env)
         self.name = name
         self.verifiers: dict = {}
 
@@ -78,10 +80,10 @@ class RolloutActor:
 
 
 def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int,
-                         placement: dict | None = None):
+                         placement: dict | None = None, env: EnvConfig | None = None):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
         # 4 threads: the run loop, collective weight-sync calls, evaluation, and quick queries
         # (where, version) that must not wait behind a broadcast
         runtime_env=actor_env(cfg.num_threads), max_concurrency=4, **(placement or {}))
-    return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed)
+    return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed, env=env)

@@ -40,6 +40,8 @@ class Task:
 
     name = ""
     reward = "exact_match"
+    env = ""
+    """The environment its episodes need (``env.name`` when the run sets none); empty = one turn."""
 
     def __init__(self, seed: int = 0, chat: ChatTemplate | None = None):
         self.seed = seed
@@ -60,7 +62,11 @@ class Task:
         while True:
             key, bare, instruction, answer = self._problem(rng)
             if self._is_heldout(key) == heldout:
-                return Example(prompt=self.chat.render(instruction) if self.chat else bare, answer=answer)
+                return Example(prompt=self._render(instruction) if self.chat else bare, answer=answer)
+
+    def _render(self, instruction: str) -> str:
+        """The chat prompt of one problem (a task may add a system message)."""
+        return self.chat.render(instruction)
 
     # -- the three data sets -------------------------------------------------------
     def labelled_set(self, size: int) -> list[Example]:

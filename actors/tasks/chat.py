@@ -27,9 +27,9 @@ class ChatTemplate:
             raise ConfigError(f"task.chat_template: the tokenizer of {tokenizer_path!r} does not tokenize its own "
                              f"rendered chat prompt to the template's ids (it adds special tokens?)")
 
-    def render(self, user_message: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
-                                                  add_generation_prompt=True, tokenize=False)
+    def render(self, user_message: str, system: str | None = None) -> str:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def load_tokenizer(path: str):

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from actors.tasks.arithmetic import Arithmetic
 from actors.tasks.base import Task
 from actors.tasks.chat import ChatTemplate, load_tokenizer
+from actors.tasks.multiply import Multiply
 from actors.tasks.reverse import ReverseDigits
 from actors.validation import ConfigError
 
-TASKS = {ReverseDigits.name: ReverseDigits, Arithmetic.name: Arithmetic}
+TASKS = {ReverseDigits.name: ReverseDigits, Arithmetic.name: Arithmetic, Multiply.name: Multiply}
 
 
 def make_task(name: str, *, chat_template: bool | None = False, tokenizer_path: str | None = None,

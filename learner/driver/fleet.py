@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import ray
 
 from actors.runtime.actors import ActorSet
+from actors.envs.config import EnvConfig
 from actors.runtime.rollout_actor import create_rollout_actor
 from actors.rollout.worker import RolloutConfig
 from actors.validation import require
@@ -53,8 +54,8 @@ class _Worker:
 
 class RolloutFleet:
     def __init__(self, model_path: str, cfg: RolloutConfig, *, coordinator,
-                 default_max_new_tokens: int, seed: int, say=print):
-        self.model_path, self.cfg = model_path, cfg
+                 default_max_new_tokens: int, seed: int, say=print, env: EnvConfig | None = None):
+        self.model_path, self.cfg, self.env = model_path, cfg, env
         self.coordinator = coordinator
         self.default_max_new_tokens, self.seed, self.say = default_max_new_tokens, seed, say
         self.workers: dict[str, _Worker] = {}
@@ -74,7 +75,8 @@ class RolloutFleet:
             name = f"rollout-{self.next_id}"
             placement = self.bundles[self.next_id] if self.next_id < len(self.bundles) else None
             actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed,
-                                         default_max_new_tokens=self.default_max_new_tokens, placement=placement)
+                                         default_max_new_tokens=self.default_max_new_tokens, placement=placement,
+                                         env=self.env)
             self.workers[name] = _Worker(actor)
             self.next_id += 1
             names.append(name)

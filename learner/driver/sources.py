@@ -34,6 +34,8 @@ class Prompts:
     notes: list[str] = field(default_factory=list)
     """Lines to print at setup."""
     info: dict = field(default_factory=dict)
+    env: str = ""
+    """The environment a built-in task's episodes need (``Task.env``), used when ``env`` names none."""
 
 
 def _verifier(cfg: Config, default: str) -> tuple[str, dict]:
@@ -54,7 +56,7 @@ def task_prompts(cfg: Config, policy_path: str) -> Prompts:
     held = [Prompt(uid=i, text=e.prompt, metadata={"answer": e.answer})
             for i, e in enumerate(task.eval_set(cfg.task.eval_size))]
     return Prompts(TaskPrompts(cfg.task.name, kwargs), held, _verifier(cfg, task.reward),
-                   cfg.rollout.max_new_tokens or task.max_new_tokens, cfg.train.steps, notes)
+                   cfg.rollout.max_new_tokens or task.max_new_tokens, cfg.train.steps, notes, env=task.env)
 
 
 def dataset_prompts(cfg: Config, policy_path: str, say=print) -> Prompts:

@@ -20,6 +20,7 @@ are ``run.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
@@ -31,6 +32,7 @@ import ray
 import yaml
 
 from actors.device import device_kind, dtype_name
+from actors.envs.config import EnvConfig
 from actors.reward.functions import load_reward_fn
 from actors.runtime.actors import create_coordinator, create_reward_group
 from actors.runtime.coordinator import PromptsExhausted, SampleTimeout
@@ -182,6 +184,14 @@ class Trainer:
             self.say("warning: the dataset changed since the checkpoint (files or data.* settings); the resumed "
                      "run continues at the same epoch and position of the new rows")
 
+    def env_config(self) -> EnvConfig | None:
+        """The ``env`` section, or the environment the built-in task needs when it names none;
+        None for single-turn runs."""
+        env = self.cfg.env
+        if not env.enabled and self.prompts.env:
+            env = dataclasses.replace(env, name=self.prompts.env)
+        return env if env.enabled else None
+
     def create_actors(self, bundles: list[dict]) -> None:
         """The learner (bundle 0), the weight sync, the reward workers and the rollout fleet."""
         cfg = self.cfg
@@ -199,7 +209,8 @@ class Trainer:
         self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
         ray.get(self.coordinator.set_reward_actors.remote(self.rewards.actors))
         self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
-                                     default_max_new_tokens=self.max_new_tokens, seed=cfg.train.seed, say=self.say)
+                                     default_max_new_tokens=self.max_new_tokens, seed=cfg.train.seed, say=self.say,
+                                     env=self.env_config())
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
         self.rollouts.on_start = self.weights.for_newcomers
         self.rollouts.create(n_roll)

@@ -1,0 +1,186 @@
+"""The ``python`` tool: run untrusted code in a bubblewrap sandbox with hard limits.
+
+``bwrap`` (Debian/Ubuntu package ``bubblewrap``, the sandbox Flatpak uses) builds
+the jail from kernel namespaces; fleetrl only chooses what goes in it:
+
+* **filesystem**: the system's ``/usr`` (and ``/bin``, ``/lib*`` links) read-only,
+  a fresh ``/proc`` and minimal ``/dev``, a read-only root, and an empty tmpfs
+  ``/tmp`` of ``file_mb`` as the only writable place (and the working directory). Nothing of
+  the host's ``/home``, ``/root``, ``/etc``, ``/tmp`` or the run directory is visible;
+* **namespaces**: every one bwrap can unshare (network: only a down loopback; pid:
+  the code sees itself alone; ipc, uts, user, cgroup), ``--die-with-parent`` and
+  ``--new-session`` (no terminal injection);
+* **limits** (``setrlimit`` before exec): CPU seconds, address space (memory), file
+  size, open files, and processes. As root the code runs under a uid of its own
+  (``100000 + pid % 800000``): the process limit counts that uid's processes only,
+  and root would ignore it. Wall time and output size are enforced here: past either
+  the whole process group is killed.
+
+Every way a call ends is a ``SandboxResult``; an escape attempt, a fork bomb, an
+infinite loop, a memory bomb or a flood of output is an error result within its
+limit, and the worker keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from actors.validation import require
+
+
+@dataclass(kw_only=True)
+class SandboxLimits:
+    cpu_s: int = 5
+    """CPU seconds (RLIMIT_CPU; the kernel sends SIGXCPU, then SIGKILL)."""
+    wall_s: float = 10.0
+    """Wall-clock seconds before the sandbox's process group is killed."""
+    memory_mb: int = 512
+    """Address space of each process (RLIMIT_AS): a memory bomb gets MemoryError."""
+    output_bytes: int = 16384
+    """stdout + stderr kept; more kills the code (a flood ends the call, not the worker)."""
+    processes: int = 16
+    """Processes and threads (RLIMIT_NPROC, for the sandbox's own uid when started as root)."""
+    file_mb: int = 16
+    """Size of the writable /tmp and of any one file written (RLIMIT_FSIZE)."""
+    python: str = ""
+    """Interpreter inside the sandbox (must live under /usr): empty = ``/usr/bin/python3``."""
+
+    def __post_init__(self):
+        for key in ("cpu_s", "wall_s", "memory_mb", "output_bytes", "processes", "file_mb"):
+            require(getattr(self, key) > 0, f"env.sandbox.{key}", "must be > 0")
+        require(not self.python or self.python.startswith("/usr/"), "env.sandbox.python",
+                "must be an interpreter under /usr (only /usr is mounted in the sandbox)")
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    output: str
+    """stdout and stderr as the code wrote them (at most ``output_bytes``)."""
+    ok: bool
+    """Exit status 0 within every limit."""
+    reason: str = ""
+    """Why not ok: ``exit N``, ``signal NAME``, ``cpu_time``, ``wall_time``, ``output_limit``, ``memory``."""
+    seconds: float = 0.0
+
+
+def sandbox_unavailable(limits: SandboxLimits | None = None) -> str | None:
+    """Why the python tool cannot run here, or None (one real sandboxed ``print``)."""
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed (apt-get install bubblewrap)"
+    limits = limits or SandboxLimits()
+    if not os.access(limits.python or "/usr/bin/python3", os.X_OK):
+        return f"no interpreter at {limits.python or '/usr/bin/python3'} (env.sandbox.python)"
+    probe = run_python("print(6 * 7)", limits)
+    if probe.output.strip() != "42":
+        return f"bubblewrap cannot run the sandbox here: {probe.reason}: {probe.output.strip()[:200]}"
+    return None
+
+
+def run_python(code: str, limits: SandboxLimits) -> SandboxResult:
+    """Run ``code`` (read from stdin by ``python -I -``) in a fresh sandbox."""
+    python = limits.python or "/usr/bin/python3"
+    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
+    for link in ("/bin", "/sbin", "/lib", "/lib64", "/lib32"):
+        if os.path.islink(link):
+            argv += ["--symlink", os.readlink(link), link]
+        elif os.path.isdir(link):
+            argv += ["--ro-bind", link, link]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.file_mb << 20), "--tmpfs", "/tmp",
+             "--remount-ro", "/", "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+             "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--", python, "-I", "-"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_limit(limits, _processes_of_this_user()), start_new_session=True)
+    try:
+        proc.stdin.write(code.encode(errors="replace"))
+        proc.stdin.close()
+    except BrokenPipeError:  # the sandbox died before reading its code
+        pass
+    out, reason = _collect(proc, limits, t0)
+    if reason:
+        _kill(proc)
+    status = proc.wait()
+    seconds = time.monotonic() - t0
+    if not reason and status != 0:
+        reason = _status_reason(status, out, seconds, limits)
+    return SandboxResult(output=out.decode(errors="replace"), ok=not reason, reason=reason, seconds=seconds)
+
+
+def _collect(proc: subprocess.Popen, limits: SandboxLimits, t0: float) -> tuple[bytes, str]:
+    """Read the code's output until it exits, the wall time passes or the output limit is hit."""
+    out = bytearray()
+    fd = proc.stdout.fileno()
+    while True:
+        left = limits.wall_s - (time.monotonic() - t0)
+        if left <= 0:
+            return bytes(out), "wall_time"
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return bytes(out), ""
+        out += chunk
+        if len(out) > limits.output_bytes:
+            return bytes(out[:limits.output_bytes]), "output_limit"
+
+
+def _status_reason(status: int, out: bytes, seconds: float, limits: SandboxLimits) -> str:
+    # bwrap exits 128 + N when the code inside died of signal N
+    signum = -status if status < 0 else status - 128 if status > 128 else 0
+    if signum in signal.Signals._value2member_map_:
+        name = signal.Signals(signum).name
+        return "cpu_time" if name in ("SIGXCPU", "SIGKILL") and seconds >= limits.cpu_s * 0.9 else f"signal {name}"
+    if b"MemoryError" in out:
+        return "memory"
+    return f"exit {status}"
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # bwrap and, with it, the sandbox's pid namespace
+    except ProcessLookupError:
+        pass
+
+
+def _processes_of_this_user() -> int:
+    """How many processes this (non-root) user runs: RLIMIT_NPROC counts them all."""
+    if os.geteuid() == 0:
+        return 0  # the sandbox gets a uid of its own
+    uid = os.getuid()
+    count = 0
+    for pid in os.listdir("/proc"):
+        try:
+            count += pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid
+        except OSError:
+            pass
+    return count
+
+
+def _limit(limits: SandboxLimits, already: int):
+    """``preexec_fn``: the rlimits, and as root a uid of the sandbox's own (``already``: the
+    processes the current non-root user runs, which the process limit also counts)."""
+    def apply() -> None:
+        mem = limits.memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb << 20, limits.file_mb << 20))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if os.geteuid() == 0:
+            uid = 100_000 + os.getpid() % 800_000
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        # bwrap itself, then the interpreter inside, then whatever the code starts
+        nproc = already + limits.processes + 2
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+    return apply
