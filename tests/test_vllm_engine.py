@@ -16,7 +16,9 @@ import pytest
 import ray
 import torch
 
+from actors.envs.config import EnvConfig
 from actors.rollout.engines.vllm import VLLMConfig, vllm_unavailable
+from actors.rollout.episodes import ObservationIds
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.runtime import object_store
 from actors.runtime.rollout_actor import create_rollout_actor
@@ -110,6 +112,32 @@ def test_greedy_vllm_equals_greedy_hf_for_the_same_weights(engine, warm_policy):
     assert len({len(s.completion_ids) for g in h for s in g.samples}) > 1  # EOS and the length cap both seen
     for gv, gh in zip(v, h):
         assert gv.samples[0].logprobs == pytest.approx(gh.samples[0].logprobs, abs=1e-4)
+
+
+def use_env(worker, env: EnvConfig | None) -> None:
+    """Give a running worker the ``env`` section (what ``RolloutWorker(env=...)`` sets up)."""
+    worker.env_cfg, worker.envs = env, {}
+    worker.observation_ids = ObservationIds(worker.tokenizer) if env else None
+
+
+def test_episodes_on_vllm_equal_episodes_on_hf(engine, warm_policy):
+    """Greedy 3-turn episodes (tests.envs:Echo): on vLLM the later turns are prefilled from the
+    episode's history (prompt + turns + observations, their blocks in the prefix cache); the
+    token ids, loss masks and log-probs are the HF engine's."""
+    env = EnvConfig(name="tests.envs:Echo", args={"turns": 3}, max_turns=3)
+    set_temperature(engine, 0.0)
+    on_actor(engine, lambda w: use_env(w, env))
+    try:
+        v = ray.get(engine.generate.remote(PROMPTS[:3]), timeout=120)
+    finally:
+        on_actor(engine, lambda w: use_env(w, None))
+    h = RolloutWorker(warm_policy, RolloutConfig(group_size=6, temperature=0.0, max_new_tokens=8), seed=1,
+                      env=env).generate(PROMPTS[:3])
+    for gv, gh in zip(v, h):
+        for sv, sh in zip(gv.samples, gh.samples):
+            assert (sv.completion_ids, sv.loss_mask, sv.turns) == (sh.completion_ids, sh.loss_mask, sh.turns)
+            assert sv.logprobs == pytest.approx(sh.logprobs, abs=1e-4)
+    assert any(s.turns == 3 and 0 in s.loss_mask for g in v for s in g.samples), "no episode got an observation"
 
 
 def test_a_payload_changes_output_and_version_and_never_lands_inside_a_generate_call(engine, warm_policy):
