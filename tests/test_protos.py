@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ["reward", "control"]
+PROTOS = ["reward", "control", "env"]
 
 
 STAMPS = [  # what the generator writes about its own version, not about the .proto files

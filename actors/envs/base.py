@@ -31,6 +31,10 @@ class EnvError(RuntimeError):
     """An environment could not go on with an episode: the sample is excluded (``env_error``)."""
 
 
+class EnvTimeout(EnvError):
+    """An environment did not answer in time: the sample is excluded (``env_timeout``)."""
+
+
 @dataclass
 class StepResult:
     observation: list[dict[str, str]] | None = None

@@ -11,6 +11,9 @@ from actors.envs.sandbox import SandboxLimits
 from actors.envs.tools import ToolEnvironment
 from actors.validation import ConfigError, require
 
+REMOTE = "grpc://"
+"""``env.name`` prefix of an environment served over gRPC (``fleetrl env serve``)."""
+
 BUILTIN_ENVS = {
     "tools": lambda sandbox, **args: ToolEnvironment(sandbox=sandbox, **args),
     "calculator": lambda sandbox, **args: ToolEnvironment(tools=["calculator"], sandbox=sandbox, **args),
@@ -24,7 +27,9 @@ BUILTIN_ENVS = {
 class EnvConfig:
     name: str = ""
     """The environment of every prompt: empty = single-turn (one completion per sample), a built-in
-    (``calculator``, ``python``, ``tools``) or ``module:Class``. A built-in task that needs one sets it
+    (``calculator``, ``python``, ``tools``), ``module:Class``, or ``grpc://HOST:PORT`` (a server of
+    ``fleetrl env serve``; ``env.args`` then sets ``timeout_s``, ``max_attempts``, ``failure_threshold``,
+    ``cooldown_s``, ``token_file``). A built-in task that needs one sets it
     (``task.name: multiply`` uses ``calculator``)."""
     args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of that environment's constructor (``tools``: ``{tools: [calculator, python],
@@ -47,7 +52,7 @@ class EnvConfig:
         require(self.max_total_tokens >= 0, "env.max_total_tokens", "must be >= 0 (0 = the policy's context)")
         require(self.step_timeout_s > 0, "env.step_timeout_s", "must be > 0")
         require(not self.args or bool(self.name), "env.args", "needs env.name")
-        if self.name:
+        if self.name and not self.name.startswith(REMOTE):
             make_env(self.name, self.args, self.sandbox)  # a bad name or argument fails at config time
 
     @property
@@ -56,9 +61,18 @@ class EnvConfig:
 
 
 def make_env(name: str, args: dict[str, Any] | None = None, sandbox: SandboxLimits | None = None) -> Environment:
-    """Environment ``name`` (built-in or ``module:Class``) built with ``args``; ConfigError naming
-    ``env.name`` if it cannot be."""
+    """Environment ``name`` (built-in, ``module:Class``, or ``grpc://HOST:PORT`` for a server of
+    ``fleetrl env serve``, ``args`` then being ``RemoteEnvSpec`` fields) built with ``args``;
+    ConfigError naming ``env.name`` if it cannot be (``EnvError`` if a server does not answer)."""
     args = dict(args or {})
+    if name.startswith(REMOTE):
+        from actors.envs.remote import RemoteEnvironment, RemoteEnvSpec
+
+        try:
+            spec = RemoteEnvSpec(endpoint=name[len(REMOTE):], **args)
+        except TypeError as e:
+            raise ConfigError(f"env.args: {name}: {e}") from None
+        return RemoteEnvironment(spec)
     if name in BUILTIN_ENVS:
         try:
             return BUILTIN_ENVS[name](sandbox or SandboxLimits(), **args)

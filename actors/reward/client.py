@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from actors.reward.scores import Result, ScoreBatch, excluded, first_failure, validate_scores
-from actors.serving import channel, client_metadata
+from actors.serving import CircuitBreaker, channel, client_metadata  # noqa: F401 - CircuitBreaker: this module's API too
 from actors.types import Exclusion
 
 if TYPE_CHECKING:
@@ -80,41 +80,6 @@ class RewardStats:
         with self.lock:
             return {"scored": self.scored, "failed": self.failed,
                     "reward_mean": self.total / self.scored if self.scored else 0.0, "last_error": self.last_error}
-
-
-class CircuitBreaker:
-    """closed -> (threshold consecutive failures) -> open -> (cooldown) -> half-open trial."""
-
-    def __init__(self, threshold: int, cooldown_s: float, clock=time.monotonic):
-        self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
-        self.failures = 0
-        self.opened_at: float | None = None
-        self.trial = False  # one caller is testing the server while the circuit is open
-        self.lock = threading.Lock()
-
-    @property
-    def healthy(self) -> bool:
-        return self.opened_at is None
-
-    def allow(self) -> bool:
-        """Closed: yes. Open: no, except one trial call per cooldown."""
-        with self.lock:
-            if self.opened_at is None:
-                return True
-            if not self.trial and self.clock() - self.opened_at >= self.cooldown_s:
-                self.trial = True
-                return True
-            return False
-
-    def record(self, success: bool) -> None:
-        with self.lock:
-            self.trial = False
-            if success:
-                self.failures, self.opened_at = 0, None
-                return
-            self.failures += 1
-            if self.failures >= self.threshold:  # open, or re-open (new cooldown) after a failed trial
-                self.opened_at = self.clock()
 
 
 class ProbeError(Exception):

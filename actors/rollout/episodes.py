@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.envs.base import StepResult
+from actors.envs.base import EnvTimeout, StepResult
 from actors.types import Excluded, Exclusion
 
 STEP_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env-step")
@@ -210,6 +210,8 @@ def _call(ep: Episode, kind: Exclusion, fn, timeout_s: float | None = None):
         return future.result(timeout=timeout_s)
     except concurrent.futures.TimeoutError:
         ep.excluded = Excluded(Exclusion.ENV_TIMEOUT, f"{type(ep.env).__name__}.step took longer than {timeout_s}s")
+    except EnvTimeout as e:  # a remote environment's deadline
+        ep.excluded = Excluded(Exclusion.ENV_TIMEOUT, f"{type(ep.env).__name__}: {str(e)[:200]}")
     except Exception as e:  # noqa: BLE001 - environment code may raise anything
         ep.excluded = Excluded(kind, f"{type(ep.env).__name__}: {type(e).__name__}: {str(e)[:200]}")
     return None

@@ -18,7 +18,7 @@ from actors.weights.collective import StagedReceiver
 from actors.device import check_device, torch_device, torch_dtype
 from actors.rollout.engines.hf import HFEngine
 from actors.rollout.engines.vllm import VLLMConfig, VLLMEngine
-from actors.envs.base import Environment
+from actors.envs.base import EnvError, Environment
 from actors.envs.config import EnvConfig, make_env
 from actors.rollout.episodes import ObservationIds, run_episodes
 from actors.rollout.policy import load_policy
@@ -288,6 +288,8 @@ class RolloutWorker:
                 self.envs[name] = make_env(name, args, self.env_cfg.sandbox)
             except ConfigError as e:
                 return Excluded(Exclusion.ENV_UNKNOWN, f"{key or 'env.name'}={name!r}: {e}")
+            except EnvError as e:  # a server that does not answer yet: tried again for the next prompts
+                return Excluded(Exclusion.ENV_ERROR, f"{name}: {e}")
         return self.envs[name]
 
 

@@ -1,0 +1,186 @@
+"""Environments over gRPC: ``fleetrl env serve`` and ``RemoteEnvironment``.
+
+Real servers on 127.0.0.1 with a free port (a ``fleetrl env serve`` subprocess where
+the test kills or signals it, in-process otherwise), real rollout workers, stock
+``grpcurl``. Every way a remote environment can fail ends its episode as an
+excluded sample with a reason, within the client's deadline, and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from actors.envs.base import EnvError, EnvTimeout
+from actors.envs.config import EnvConfig, make_env
+from actors.envs.remote import RemoteEnvironment, RemoteEnvSpec
+from actors.envs.server import SERVICE_NAME, start_env_server
+from actors.rollout.worker import RolloutConfig, RolloutWorker
+from actors.serving import ServerConfig
+from actors.types import Exclusion, Prompt
+from protos import env_pb2, env_pb2_grpc
+from tests.envs import Crashes, Echo, Garbage, Hangs
+from tests.test_envs import build_chat_char_policy, chat_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def served(env, **kw):
+    server = start_env_server(env, ServerConfig(port=0), name=type(env).__name__, **kw)
+    try:
+        yield server
+    finally:
+        server.stop(0, lame_duck_s=0)
+
+
+def remote(address: str, **kw) -> RemoteEnvironment:
+    return make_env(f"grpc://{address}", kw)
+
+
+@pytest.fixture(scope="module")
+def chat_policy(tmp_path_factory) -> str:
+    return build_chat_char_policy(tmp_path_factory.mktemp("chat-char-policy"))
+
+
+def test_a_remote_episode_is_the_in_process_one():
+    local = Echo(turns=3)
+    with served(Echo(turns=3)) as server:
+        env = remote(server.address)
+        state, mine = env.reset("p", {"answer": 12}), local.reset("p", {"answer": 12})
+        for text in ("one", "two two", "three"):
+            a, b = env.step(state, text), local.step(mine, text)
+            assert (a.observation, a.done, a.info) == (b.observation, b.done, {k: float(v) for k, v in b.info.items()})
+        assert env.finish(state) == local.finish(mine) == {"echo_turns": 3, "echo_chars": 15}
+        with pytest.raises(EnvError, match="NOT_FOUND"):  # closed: the id is gone
+            env.step(state, "more")
+
+
+def test_fleetrl_env_serve_with_stock_grpcurl():
+    proc = subprocess.Popen([sys.executable, "-m", "learner.cli", "env", "serve", "calculator", "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        address = line.split()[-1]
+        exe = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+        grpcurl = lambda *a: subprocess.run([exe, "-plaintext", *a], capture_output=True, text=True, timeout=30)  # noqa: E731
+        listed = grpcurl(address, "list")
+        assert listed.returncode == 0 and {SERVICE_NAME, "grpc.health.v1.Health"} <= set(listed.stdout.split())
+        health = grpcurl(address, "grpc.health.v1.Health/Check")
+        assert json.loads(health.stdout)["status"] == "SERVING"
+        opened = json.loads(grpcurl("-d", '{"prompt": "What is 6 * 7?"}', address, f"{SERVICE_NAME}/Reset").stdout)
+        stepped = json.loads(grpcurl("-d", json.dumps({"episode_id": opened["episode_id"],
+                                                        "completion": "<calculator>6 * 7</calculator>"}),
+                                     address, f"{SERVICE_NAME}/Step").stdout)
+        assert stepped["observation"] == [{"role": "tool", "content": "<result>42</result>"}]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    bad = subprocess.run([sys.executable, "-m", "learner.cli", "env", "serve", "tests.envs:Nope"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("fleetrl env serve: error: env.name: cannot load")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_rollout_worker_runs_remote_episodes_like_local_ones(chat_policy):
+    """Greedy episodes through a served Echo give the ids, masks and metadata of the in-process Echo."""
+    cfg = RolloutConfig(group_size=2, max_new_tokens=6, temperature=0.0)
+    local = RolloutWorker(chat_policy, cfg, env=EnvConfig(name="tests.envs:Echo", args={"turns": 3}, max_turns=3))
+    prompt = chat_prompt(local.tokenizer, "Hi")
+    (want,) = local.generate([prompt])
+    with served(Echo(turns=3)) as server:
+        w = RolloutWorker(chat_policy, cfg, env=EnvConfig(name=f"grpc://{server.address}", max_turns=3))
+        (got,) = w.generate([prompt])
+    for a, b in zip(got.samples, want.samples):
+        assert (a.completion_ids, a.loss_mask, a.turns) == (b.completion_ids, b.loss_mask, b.turns)
+        assert a.metadata["echo_turns"] == b.metadata["echo_turns"] == 3
+        assert a.excluded is None
+
+
+@pytest.mark.parametrize("env, kind, detail", [
+    (Crashes(), Exclusion.ENV_ERROR, "INTERNAL: RuntimeError: the environment crashed"),
+    (Garbage(), Exclusion.ENV_ERROR, "INTERNAL: step returned str, not a StepResult"),
+    (Hangs(), Exclusion.ENV_TIMEOUT, "DEADLINE_EXCEEDED"),
+], ids=["crashes", "garbage", "hangs"])
+def test_a_failing_server_excludes_the_episode_within_its_deadline(chat_policy, env, kind, detail):
+    cfg = RolloutConfig(group_size=2, max_new_tokens=4)
+    prompts = [Prompt(uid=0, text="x", metadata={"answer": "24"}), Prompt(uid=1, text="y", metadata={"answer": "12"})]
+    with served(env) as server:
+        w = RolloutWorker(chat_policy, cfg, env=EnvConfig(name=f"grpc://{server.address}", args={"timeout_s": 1.5},
+                                                          max_turns=3))
+        t0 = time.monotonic()
+        ok, failed = w.generate(prompts)  # Crashes and Hangs fail the odd answer "12" only
+        took = time.monotonic() - t0
+    reasons = {s.excluded.kind for s in ok.samples + failed.samples if s.excluded}
+    assert reasons == {kind}, reasons
+    assert all(s.excluded and detail in s.excluded.detail for s in failed.samples), \
+        [s.excluded for s in failed.samples]
+    if not isinstance(env, Garbage):
+        assert all(s.excluded is None for s in ok.samples)
+    assert took < 15, took
+
+
+def test_a_killed_server_opens_the_circuit_and_calls_fail_fast(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "learner.cli", "env", "serve", "tests.envs:Echo", "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        address = proc.stdout.readline().split()[-1]
+        env = remote(address, timeout_s=2.0, failure_threshold=2, cooldown_s=60.0)
+        state = env.reset("p", {})
+        assert env.step(state, "a").observation
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    for _ in range(2):  # UNAVAILABLE after the retries: each call fails, and two open the circuit
+        with pytest.raises(EnvError, match="UNAVAILABLE"):
+            env.step(state, "b")
+    t0 = time.monotonic()
+    with pytest.raises(EnvError, match="unhealthy"):
+        env.reset("p", {})
+    assert time.monotonic() - t0 < 0.1  # failed fast: no call was made
+
+
+def test_auth_unknown_episodes_and_the_episode_cap(monkeypatch):
+    monkeypatch.setenv("FLEETRL_TOKEN", "env-secret")
+    with served(Echo(), max_episodes=2) as server:
+        monkeypatch.delenv("FLEETRL_TOKEN")
+        assert server.authenticated
+        with pytest.raises(EnvError, match="UNAUTHENTICATED"):
+            RemoteEnvironment(RemoteEnvSpec(endpoint=server.address))
+        monkeypatch.setenv("FLEETRL_ENV_TOKEN", "env-secret")
+        env = remote(server.address)
+        env.reset("a", {}), env.reset("b", {})
+        with pytest.raises(EnvError, match="RESOURCE_EXHAUSTED"):
+            env.reset("c", {})
+        stub = env_pb2_grpc.EnvironmentStub(grpc.insecure_channel(server.address))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Step(env_pb2.StepRequest(episode_id="nope"), metadata=env.metadata, timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_unreachable_server_excludes_samples_and_the_worker_goes_on(chat_policy):
+    cfg = RolloutConfig(group_size=2, max_new_tokens=4)
+    w = RolloutWorker(chat_policy, cfg, env=EnvConfig(name="grpc://127.0.0.1:9", args={"timeout_s": 1.0,
+                                                                                      "max_attempts": 1}))
+    (group,) = w.generate([Prompt(uid=0, text="x", metadata={})])
+    assert all(s.excluded and s.excluded.kind == Exclusion.ENV_ERROR and "UNAVAILABLE" in s.excluded.detail
+               for s in group.samples)
+    assert w.broken is None
+    with served(Echo(turns=2)) as server:  # the same worker, a reachable server: episodes again
+        w.env_cfg = EnvConfig(name=f"grpc://{server.address}", max_turns=2)
+        (group,) = w.generate([Prompt(uid=1, text="x", metadata={})])
+    assert all(s.excluded is None and s.turns == 2 for s in group.samples)
