@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from actors.envs.base import EnvError, EnvTimeout
+from actors.envs.base import EnvError
 from actors.envs.config import EnvConfig, make_env
 from actors.envs.remote import RemoteEnvironment, RemoteEnvSpec
 from actors.envs.server import SERVICE_NAME, start_env_server

@@ -19,17 +19,15 @@ import time
 import pytest
 import torch
 
-from actors.envs.base import StepResult
 from actors.envs.calculator import ToolError, calculate
 from actors.envs.config import EnvConfig, make_env
 from actors.envs.tools import ToolEnvironment
-from actors.rollout.episodes import ObservationIds, run_episodes
+from actors.rollout.episodes import ObservationIds
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Exclusion, Group, Prompt, Sample
 from learner.batch import TrainBatch
 from learner.config import ConfigError, load_config
 from learner.learner import Learner, LearnerConfig
-from tests.envs import Echo
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
