@@ -10,13 +10,17 @@
     fleetrl reward remove NAME
     fleetrl reward list
     fleetrl env serve ENV [--args JSON] [--port P] ...        # serve an environment (module:Class) over gRPC
+    fleetrl env add NAME --endpoint HOST:PORT [--timeout S] [--max-attempts N] [--failure-threshold N]
+                    [--cooldown S] [--env-token-file FILE] [--env-tls-ca FILE]
+    fleetrl env remove NAME
+    fleetrl env list
     fleetrl status
     fleetrl scale --rollout N                                # at most rollout.max_workers / what fits
     fleetrl model prepare NAME DIR                           # convert a wheel-shipped model (smollm2) to an HF folder
     fleetrl model list
     fleetrl report RUN_DIR [--out FILE]                      # (re)draw RUN_DIR/report.png, also mid-run
 
-The live commands (reward add/remove/list, status) talk to a running trainer's
+The live commands (reward and env add/remove/list, status, scale: learner/cli_control.py) talk to a running trainer's
 Control service: --control HOST:PORT, or $FLEETRL_CONTROL, or --run-dir DIR
 (reads DIR/control.json); the bearer token comes from --token-file or
 $FLEETRL_TOKEN.
@@ -30,11 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+from learner.cli_control import UsageError, cmd_env, cmd_reward, cmd_scale, cmd_status
+
 USAGE = __doc__
-
-
-class UsageError(ValueError):
-    pass
 
 
 def split_args(argv: list[str], flags: set[str], switches: set[str] = frozenset()) -> tuple[str | None, dict, list[str]]:
@@ -170,156 +172,6 @@ def cmd_config(argv: list[str]) -> int:
         print(reference_markdown())
         return 0
     print(yaml.safe_dump(asdict(load_config(path, overrides)), sort_keys=False), end="")
-    return 0
-
-
-def _control_parser(prog: str):
-    import argparse
-
-    p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("--control", help="HOST:PORT of the trainer's Control service ($FLEETRL_CONTROL)")
-    p.add_argument("--run-dir", help="run directory of the trainer (reads control.json)")
-    p.add_argument("--token-file", help="bearer token file (default: $FLEETRL_TOKEN)")
-    p.add_argument("--tls-ca", help="PEM CA certificate when the Control service uses TLS")
-    p.add_argument("--timeout", type=float, default=300.0, dest="rpc_timeout", help="RPC deadline in seconds")
-    return p
-
-
-def _control_stub(args):
-    from actors.serving import channel, client_metadata, load_token
-    from protos import control_pb2_grpc
-
-    address = args.control or os.environ.get("FLEETRL_CONTROL")
-    if not address and args.run_dir:
-        path = Path(args.run_dir) / "control.json"
-        if not path.is_file():
-            raise UsageError(f"{path} not found: is the run serving Control (control.enabled)?")
-        address = json.loads(path.read_text())["address"]
-    if not address:
-        raise UsageError("no Control address: pass --control HOST:PORT, --run-dir DIR or set FLEETRL_CONTROL")
-    tls_ca = _read_file(args.tls_ca, "--tls-ca") if args.tls_ca else None
-    return control_pb2_grpc.ControlStub(channel(address, tls_ca=tls_ca)), client_metadata(load_token(args.token_file))
-
-
-def _read_file(path: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
-
-
-def _rpc(prog: str, fn):
-    import grpc
-
-    try:
-        return fn()
-    except grpc.RpcError as e:
-        print(f"{prog}: error: {e.code().name}: {e.details()}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def cmd_reward(argv: list[str]) -> int:
-    from google.protobuf.json_format import MessageToDict
-
-    from protos import control_pb2
-
-    if not argv or argv[0] not in ("serve", "add", "remove", "list"):
-        raise UsageError("usage: fleetrl reward {serve,add,remove,list} ...")
-    sub, rest = argv[0], argv[1:]
-    if sub == "serve":
-        from actors.reward.server import main_serve
-
-        return main_serve(rest)
-    prog = f"fleetrl reward {sub}"
-    p = _control_parser(prog)
-    if sub in ("add", "remove"):
-        p.add_argument("name")
-    if sub == "add":
-        target = p.add_mutually_exclusive_group(required=True)
-        target.add_argument("--endpoint", help="HOST:PORT of a fleetrl.reward.v1.RewardModel server")
-        target.add_argument("--checkpoint", help="local HF sequence-classification folder (safetensors)")
-        p.add_argument("--weight", type=float, default=1.0, help="weight in the combined reward")
-        p.add_argument("--score-timeout", type=float, default=10.0, help="deadline of one Score call (s)")
-        p.add_argument("--batch-size", type=int, default=64, help="samples per Score call")
-        _add_client_flags(p)
-    args = p.parse_args(rest)
-    stub, md = _control_stub(args)
-    if sub == "add":
-        spec = control_pb2.RewardModelSpec(
-            name=args.name, weight=args.weight, timeout_s=args.score_timeout, batch_size=args.batch_size,
-            max_attempts=args.max_attempts, failure_threshold=args.failure_threshold, cooldown_s=args.cooldown,
-            tls_ca_pem=_read_file(args.reward_tls_ca, "--reward-tls-ca") if args.reward_tls_ca else b"")
-        if args.reward_token_file:
-            token = _read_file(args.reward_token_file, "--reward-token-file").decode(errors="replace").strip()
-            if not token:
-                raise UsageError(f"--reward-token-file {args.reward_token_file} is empty")
-            spec.token = token
-        if args.endpoint:
-            spec.endpoint = args.endpoint
-        else:
-            spec.checkpoint_dir = str(Path(args.checkpoint).resolve())
-        reply = _rpc(prog, lambda: stub.RegisterRewardModel(control_pb2.RegisterRewardModelRequest(spec=spec),
-                                                            metadata=md, timeout=args.rpc_timeout))
-        print(json.dumps(MessageToDict(reply.model, preserving_proto_field_name=True), indent=2))
-    elif sub == "remove":
-        _rpc(prog, lambda: stub.RemoveRewardModel(control_pb2.RemoveRewardModelRequest(name=args.name),
-                                                  metadata=md, timeout=args.rpc_timeout))
-        print(f"removed {args.name}")
-    else:
-        reply = _rpc(prog, lambda: stub.ListRewardModels(control_pb2.ListRewardModelsRequest(), metadata=md,
-                                                         timeout=args.rpc_timeout))
-        print(json.dumps([MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-                          for m in reply.models], indent=2))
-    return 0
-
-
-def _add_client_flags(p) -> None:
-    """``reward add``: how the trainer calls the reward server (``--tls-ca`` is taken by the
-    Control channel, hence ``--reward-tls-ca``)."""
-    p.add_argument("--reward-tls-ca", metavar="FILE",
-                   help="PEM CA certificate of the reward server's TLS (read here, sent to the trainer)")
-    p.add_argument("--reward-token-file", metavar="FILE",
-                   help="this reward server's bearer token (read here, sent to the trainer, never echoed); "
-                        "without it the trainer's $FLEETRL_REWARD_TOKEN is used, only for endpoints in "
-                        "control.allowed_reward_endpoints")
-    p.add_argument("--max-attempts", type=int, default=3, help="tries per Score call (retries on UNAVAILABLE)")
-    p.add_argument("--failure-threshold", type=int, default=3,
-                   help="consecutive failed calls that mark the model unhealthy")
-    p.add_argument("--cooldown", type=float, default=2.0, help="seconds an unhealthy model fails fast")
-
-
-def cmd_env(argv: list[str]) -> int:
-    if argv[:1] != ["serve"]:
-        raise UsageError("usage: fleetrl env serve ENV [--args JSON] [--port P] ... (fleetrl env serve --help)")
-    from actors.envs.server import main_serve
-
-    return main_serve(argv[1:])
-
-
-def cmd_status(argv: list[str]) -> int:
-    from google.protobuf.json_format import MessageToDict
-
-    from protos import control_pb2
-
-    args = _control_parser("fleetrl status").parse_args(argv)
-    stub, md = _control_stub(args)
-    reply = _rpc("fleetrl status", lambda: stub.GetStatus(control_pb2.GetStatusRequest(), metadata=md,
-                                                          timeout=args.rpc_timeout))
-    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True,
-                                   always_print_fields_with_no_presence=True), indent=2))
-    return 0
-
-
-def cmd_scale(argv: list[str]) -> int:
-    from protos import control_pb2
-
-    p = _control_parser("fleetrl scale")
-    p.add_argument("--rollout", type=int, required=True, help="number of rollout workers to run")
-    args = p.parse_args(argv)
-    stub, md = _control_stub(args)
-    reply = _rpc("fleetrl scale", lambda: stub.ScaleRollout(control_pb2.ScaleRolloutRequest(num_workers=args.rollout),
-                                                            metadata=md, timeout=args.rpc_timeout))
-    print(f"rollout workers: {reply.previous} -> {reply.target}")
     return 0
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/control.proto\x12\x12\x66leetrl.control.v1\"\x86\x02\n\x0fRewardModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x08\x65ndpoint\x18\x02 \x01(\tH\x00\x12\x18\n\x0e\x63heckpoint_dir\x18\x03 \x01(\tH\x00\x12\x13\n\x06weight\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x12\n\ntls_ca_pem\x18\x07 \x01(\x0c\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\x05\x12\x19\n\x11\x66\x61ilure_threshold\x18\t \x01(\x05\x12\x12\n\ncooldown_s\x18\n \x01(\x01\x12\r\n\x05token\x18\x0b \x01(\tB\x08\n\x06targetB\t\n\x07_weight\"\xc9\x01\n\x0fRewardModelInfo\x12\x31\n\x04spec\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.RewardModelSpec\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06scored\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\x12\x13\n\x0breward_mean\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x10\n\x08\x64isabled\x18\x07 \x01(\x08\x12\x17\n\x0f\x64isabled_reason\x18\x08 \x01(\t\"O\n\x1aRegisterRewardModelRequest\x12\x31\n\x04spec\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.RewardModelSpec\"Q\n\x1bRegisterRewardModelResponse\x12\x32\n\x05model\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.RewardModelInfo\"(\n\x18RemoveRewardModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19RemoveRewardModelResponse\"\x19\n\x17ListRewardModelsRequest\"O\n\x18ListRewardModelsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.fleetrl.control.v1.RewardModelInfo\"\x12\n\x10GetStatusRequest\"*\n\x13ScaleRolloutRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\x05\"8\n\x14ScaleRolloutResponse\x12\x10\n\x08previous\x18\x01 \x01(\x05\x12\x0e\n\x06target\x18\x02 \x01(\x05\"\xca\x04\n\x11GetStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x15\n\rsamples_per_s\x18\x03 \x01(\x01\x12\x17\n\x0frollout_workers\x18\x04 \x01(\x05\x12\x16\n\x0ereward_workers\x18\x05 \x01(\x05\x12L\n\x0creward_means\x18\x06 \x03(\x0b\x32\x36.fleetrl.control.v1.GetStatusResponse.RewardMeansEntry\x12\x10\n\x08produced\x18\x07 \x01(\x03\x12\x0f\n\x07trained\x18\x08 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\t \x01(\x03\x12U\n\x11\x64ropped_by_reason\x18\n \x03(\x0b\x32:.fleetrl.control.v1.GetStatusResponse.DroppedByReasonEntry\x12\x0e\n\x06paused\x18\x0b \x01(\t\x12\x0e\n\x06\x65vents\x18\x0c \x03(\t\x12.\n\x04\x64\x61ta\x18\r \x01(\x0b\x32 .fleetrl.control.v1.DataProgress\x12\x32\n\tlast_eval\x18\x0e \x01(\x0b\x32\x1f.fleetrl.control.v1.EvalSummary\x1a\x32\n\x10RewardMeansEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x44roppedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"M\n\x0c\x44\x61taProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\x03\"\xa2\x01\n\x0b\x45valSummary\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12=\n\x07metrics\x18\x03 \x03(\x0b\x32,.fleetrl.control.v1.EvalSummary.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x9f\x04\n\x07\x43ontrol\x12v\n\x13RegisterRewardModel\x12..fleetrl.control.v1.RegisterRewardModelRequest\x1a/.fleetrl.control.v1.RegisterRewardModelResponse\x12p\n\x11RemoveRewardModel\x12,.fleetrl.control.v1.RemoveRewardModelRequest\x1a-.fleetrl.control.v1.RemoveRewardModelResponse\x12m\n\x10ListRewardModels\x12+.fleetrl.control.v1.ListRewardModelsRequest\x1a,.fleetrl.control.v1.ListRewardModelsResponse\x12X\n\tGetStatus\x12$.fleetrl.control.v1.GetStatusRequest\x1a%.fleetrl.control.v1.GetStatusResponse\x12\x61\n\x0cScaleRollout\x12\'.fleetrl.control.v1.ScaleRolloutRequest\x1a(.fleetrl.control.v1.ScaleRolloutResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/control.proto\x12\x12\x66leetrl.control.v1\"\x86\x02\n\x0fRewardModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x08\x65ndpoint\x18\x02 \x01(\tH\x00\x12\x18\n\x0e\x63heckpoint_dir\x18\x03 \x01(\tH\x00\x12\x13\n\x06weight\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x12\n\ntls_ca_pem\x18\x07 \x01(\x0c\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\x05\x12\x19\n\x11\x66\x61ilure_threshold\x18\t \x01(\x05\x12\x12\n\ncooldown_s\x18\n \x01(\x01\x12\r\n\x05token\x18\x0b \x01(\tB\x08\n\x06targetB\t\n\x07_weight\"\xc9\x01\n\x0fRewardModelInfo\x12\x31\n\x04spec\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.RewardModelSpec\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06scored\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\x12\x13\n\x0breward_mean\x18\x05 \x01(\x01\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x10\n\x08\x64isabled\x18\x07 \x01(\x08\x12\x17\n\x0f\x64isabled_reason\x18\x08 \x01(\t\"\xac\x01\n\x0f\x45nvironmentSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x19\n\x11\x66\x61ilure_threshold\x18\x05 \x01(\x05\x12\x12\n\ncooldown_s\x18\x06 \x01(\x01\x12\x12\n\ntls_ca_pem\x18\x07 \x01(\x0c\x12\r\n\x05token\x18\x08 \x01(\t\"R\n\x0f\x45nvironmentInfo\x12\x31\n\x04spec\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.EnvironmentSpec\x12\x0c\n\x04stop\x18\x02 \x03(\t\"O\n\x1aRegisterEnvironmentRequest\x12\x31\n\x04spec\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.EnvironmentSpec\"O\n\x1bRegisterEnvironmentResponse\x12\x30\n\x03\x65nv\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.EnvironmentInfo\"(\n\x18RemoveEnvironmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19RemoveEnvironmentResponse\"\x19\n\x17ListEnvironmentsRequest\"M\n\x18ListEnvironmentsResponse\x12\x31\n\x04\x65nvs\x18\x01 \x03(\x0b\x32#.fleetrl.control.v1.EnvironmentInfo\"O\n\x1aRegisterRewardModelRequest\x12\x31\n\x04spec\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.RewardModelSpec\"Q\n\x1bRegisterRewardModelResponse\x12\x32\n\x05model\x18\x01 \x01(\x0b\x32#.fleetrl.control.v1.RewardModelInfo\"(\n\x18RemoveRewardModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19RemoveRewardModelResponse\"\x19\n\x17ListRewardModelsRequest\"O\n\x18ListRewardModelsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.fleetrl.control.v1.RewardModelInfo\"\x12\n\x10GetStatusRequest\"*\n\x13ScaleRolloutRequest\x12\x13\n\x0bnum_workers\x18\x01 \x01(\x05\"8\n\x14ScaleRolloutResponse\x12\x10\n\x08previous\x18\x01 \x01(\x05\x12\x0e\n\x06target\x18\x02 \x01(\x05\"\xca\x04\n\x11GetStatusResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x15\n\rsamples_per_s\x18\x03 \x01(\x01\x12\x17\n\x0frollout_workers\x18\x04 \x01(\x05\x12\x16\n\x0ereward_workers\x18\x05 \x01(\x05\x12L\n\x0creward_means\x18\x06 \x03(\x0b\x32\x36.fleetrl.control.v1.GetStatusResponse.RewardMeansEntry\x12\x10\n\x08produced\x18\x07 \x01(\x03\x12\x0f\n\x07trained\x18\x08 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\t \x01(\x03\x12U\n\x11\x64ropped_by_reason\x18\n \x03(\x0b\x32:.fleetrl.control.v1.GetStatusResponse.DroppedByReasonEntry\x12\x0e\n\x06paused\x18\x0b \x01(\t\x12\x0e\n\x06\x65vents\x18\x0c \x03(\t\x12.\n\x04\x64\x61ta\x18\r \x01(\x0b\x32 .fleetrl.control.v1.DataProgress\x12\x32\n\tlast_eval\x18\x0e \x01(\x0b\x32\x1f.fleetrl.control.v1.EvalSummary\x1a\x32\n\x10RewardMeansEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x44roppedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"M\n\x0c\x44\x61taProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\x03\"\xa2\x01\n\x0b\x45valSummary\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12=\n\x07metrics\x18\x03 \x03(\x0b\x32,.fleetrl.control.v1.EvalSummary.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xf8\x06\n\x07\x43ontrol\x12v\n\x13RegisterRewardModel\x12..fleetrl.control.v1.RegisterRewardModelRequest\x1a/.fleetrl.control.v1.RegisterRewardModelResponse\x12p\n\x11RemoveRewardModel\x12,.fleetrl.control.v1.RemoveRewardModelRequest\x1a-.fleetrl.control.v1.RemoveRewardModelResponse\x12m\n\x10ListRewardModels\x12+.fleetrl.control.v1.ListRewardModelsRequest\x1a,.fleetrl.control.v1.ListRewardModelsResponse\x12X\n\tGetStatus\x12$.fleetrl.control.v1.GetStatusRequest\x1a%.fleetrl.control.v1.GetStatusResponse\x12\x61\n\x0cScaleRollout\x12\'.fleetrl.control.v1.ScaleRolloutRequest\x1a(.fleetrl.control.v1.ScaleRolloutResponse\x12v\n\x13RegisterEnvironment\x12..fleetrl.control.v1.RegisterEnvironmentRequest\x1a/.fleetrl.control.v1.RegisterEnvironmentResponse\x12p\n\x11RemoveEnvironment\x12,.fleetrl.control.v1.RemoveEnvironmentRequest\x1a-.fleetrl.control.v1.RemoveEnvironmentResponse\x12m\n\x10ListEnvironments\x12+.fleetrl.control.v1.ListEnvironmentsRequest\x1a,.fleetrl.control.v1.ListEnvironmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,36 +41,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REWARDMODELSPEC']._serialized_end=307
   _globals['_REWARDMODELINFO']._serialized_start=310
   _globals['_REWARDMODELINFO']._serialized_end=511
-  _globals['_REGISTERREWARDMODELREQUEST']._serialized_start=513
-  _globals['_REGISTERREWARDMODELREQUEST']._serialized_end=592
-  _globals['_REGISTERREWARDMODELRESPONSE']._serialized_start=594
-  _globals['_REGISTERREWARDMODELRESPONSE']._serialized_end=675
-  _globals['_REMOVEREWARDMODELREQUEST']._serialized_start=677
-  _globals['_REMOVEREWARDMODELREQUEST']._serialized_end=717
-  _globals['_REMOVEREWARDMODELRESPONSE']._serialized_start=719
-  _globals['_REMOVEREWARDMODELRESPONSE']._serialized_end=746
-  _globals['_LISTREWARDMODELSREQUEST']._serialized_start=748
-  _globals['_LISTREWARDMODELSREQUEST']._serialized_end=773
-  _globals['_LISTREWARDMODELSRESPONSE']._serialized_start=775
-  _globals['_LISTREWARDMODELSRESPONSE']._serialized_end=854
-  _globals['_GETSTATUSREQUEST']._serialized_start=856
-  _globals['_GETSTATUSREQUEST']._serialized_end=874
-  _globals['_SCALEROLLOUTREQUEST']._serialized_start=876
-  _globals['_SCALEROLLOUTREQUEST']._serialized_end=918
-  _globals['_SCALEROLLOUTRESPONSE']._serialized_start=920
-  _globals['_SCALEROLLOUTRESPONSE']._serialized_end=976
-  _globals['_GETSTATUSRESPONSE']._serialized_start=979
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1565
-  _globals['_GETSTATUSRESPONSE_REWARDMEANSENTRY']._serialized_start=1459
-  _globals['_GETSTATUSRESPONSE_REWARDMEANSENTRY']._serialized_end=1509
-  _globals['_GETSTATUSRESPONSE_DROPPEDBYREASONENTRY']._serialized_start=1511
-  _globals['_GETSTATUSRESPONSE_DROPPEDBYREASONENTRY']._serialized_end=1565
-  _globals['_DATAPROGRESS']._serialized_start=1567
-  _globals['_DATAPROGRESS']._serialized_end=1644
-  _globals['_EVALSUMMARY']._serialized_start=1647
-  _globals['_EVALSUMMARY']._serialized_end=1809
-  _globals['_EVALSUMMARY_METRICSENTRY']._serialized_start=1763
-  _globals['_EVALSUMMARY_METRICSENTRY']._serialized_end=1809
-  _globals['_CONTROL']._serialized_start=1812
-  _globals['_CONTROL']._serialized_end=2355
+  _globals['_ENVIRONMENTSPEC']._serialized_start=514
+  _globals['_ENVIRONMENTSPEC']._serialized_end=686
+  _globals['_ENVIRONMENTINFO']._serialized_start=688
+  _globals['_ENVIRONMENTINFO']._serialized_end=770
+  _globals['_REGISTERENVIRONMENTREQUEST']._serialized_start=772
+  _globals['_REGISTERENVIRONMENTREQUEST']._serialized_end=851
+  _globals['_REGISTERENVIRONMENTRESPONSE']._serialized_start=853
+  _globals['_REGISTERENVIRONMENTRESPONSE']._serialized_end=932
+  _globals['_REMOVEENVIRONMENTREQUEST']._serialized_start=934
+  _globals['_REMOVEENVIRONMENTREQUEST']._serialized_end=974
+  _globals['_REMOVEENVIRONMENTRESPONSE']._serialized_start=976
+  _globals['_REMOVEENVIRONMENTRESPONSE']._serialized_end=1003
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=1005
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=1030
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=1032
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=1109
+  _globals['_REGISTERREWARDMODELREQUEST']._serialized_start=1111
+  _globals['_REGISTERREWARDMODELREQUEST']._serialized_end=1190
+  _globals['_REGISTERREWARDMODELRESPONSE']._serialized_start=1192
+  _globals['_REGISTERREWARDMODELRESPONSE']._serialized_end=1273
+  _globals['_REMOVEREWARDMODELREQUEST']._serialized_start=1275
+  _globals['_REMOVEREWARDMODELREQUEST']._serialized_end=1315
+  _globals['_REMOVEREWARDMODELRESPONSE']._serialized_start=1317
+  _globals['_REMOVEREWARDMODELRESPONSE']._serialized_end=1344
+  _globals['_LISTREWARDMODELSREQUEST']._serialized_start=1346
+  _globals['_LISTREWARDMODELSREQUEST']._serialized_end=1371
+  _globals['_LISTREWARDMODELSRESPONSE']._serialized_start=1373
+  _globals['_LISTREWARDMODELSRESPONSE']._serialized_end=1452
+  _globals['_GETSTATUSREQUEST']._serialized_start=1454
+  _globals['_GETSTATUSREQUEST']._serialized_end=1472
+  _globals['_SCALEROLLOUTREQUEST']._serialized_start=1474
+  _globals['_SCALEROLLOUTREQUEST']._serialized_end=1516
+  _globals['_SCALEROLLOUTRESPONSE']._serialized_start=1518
+  _globals['_SCALEROLLOUTRESPONSE']._serialized_end=1574
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1577
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2163
+  _globals['_GETSTATUSRESPONSE_REWARDMEANSENTRY']._serialized_start=2057
+  _globals['_GETSTATUSRESPONSE_REWARDMEANSENTRY']._serialized_end=2107
+  _globals['_GETSTATUSRESPONSE_DROPPEDBYREASONENTRY']._serialized_start=2109
+  _globals['_GETSTATUSRESPONSE_DROPPEDBYREASONENTRY']._serialized_end=2163
+  _globals['_DATAPROGRESS']._serialized_start=2165
+  _globals['_DATAPROGRESS']._serialized_end=2242
+  _globals['_EVALSUMMARY']._serialized_start=2245
+  _globals['_EVALSUMMARY']._serialized_end=2407
+  _globals['_EVALSUMMARY_METRICSENTRY']._serialized_start=2361
+  _globals['_EVALSUMMARY_METRICSENTRY']._serialized_end=2407
+  _globals['_CONTROL']._serialized_start=2410
+  _globals['_CONTROL']._serialized_end=3298
 # @@protoc_insertion_point(module_scope)

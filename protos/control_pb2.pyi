@@ -52,6 +52,66 @@ class RewardModelInfo(_message.Message):
     disabled_reason: str
     def __init__(self, spec: _Optional[_Union[RewardModelSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., scored: _Optional[int] = ..., failed: _Optional[int] = ..., reward_mean: _Optional[float] = ..., last_error: _Optional[str] = ..., disabled: _Optional[bool] = ..., disabled_reason: _Optional[str] = ...) -> None: ...
 
+class EnvironmentSpec(_message.Message):
+    __slots__ = ("name", "endpoint", "timeout_s", "max_attempts", "failure_threshold", "cooldown_s", "tls_ca_pem", "token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    TLS_CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    endpoint: str
+    timeout_s: float
+    max_attempts: int
+    failure_threshold: int
+    cooldown_s: float
+    tls_ca_pem: bytes
+    token: str
+    def __init__(self, name: _Optional[str] = ..., endpoint: _Optional[str] = ..., timeout_s: _Optional[float] = ..., max_attempts: _Optional[int] = ..., failure_threshold: _Optional[int] = ..., cooldown_s: _Optional[float] = ..., tls_ca_pem: _Optional[bytes] = ..., token: _Optional[str] = ...) -> None: ...
+
+class EnvironmentInfo(_message.Message):
+    __slots__ = ("spec", "stop")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    spec: EnvironmentSpec
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spec: _Optional[_Union[EnvironmentSpec, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RegisterEnvironmentRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: EnvironmentSpec
+    def __init__(self, spec: _Optional[_Union[EnvironmentSpec, _Mapping]] = ...) -> None: ...
+
+class RegisterEnvironmentResponse(_message.Message):
+    __slots__ = ("env",)
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    env: EnvironmentInfo
+    def __init__(self, env: _Optional[_Union[EnvironmentInfo, _Mapping]] = ...) -> None: ...
+
+class RemoveEnvironmentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveEnvironmentResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListEnvironmentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListEnvironmentsResponse(_message.Message):
+    __slots__ = ("envs",)
+    ENVS_FIELD_NUMBER: _ClassVar[int]
+    envs: _containers.RepeatedCompositeFieldContainer[EnvironmentInfo]
+    def __init__(self, envs: _Optional[_Iterable[_Union[EnvironmentInfo, _Mapping]]] = ...) -> None: ...
+
 class RegisterRewardModelRequest(_message.Message):
     __slots__ = ("spec",)
     SPEC_FIELD_NUMBER: _ClassVar[int]

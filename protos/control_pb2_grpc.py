@@ -59,6 +59,21 @@ class ControlStub:
                 request_serializer=protos_dot_control__pb2.ScaleRolloutRequest.SerializeToString,
                 response_deserializer=protos_dot_control__pb2.ScaleRolloutResponse.FromString,
                 _registered_method=True)
+        self.RegisterEnvironment = channel.unary_unary(
+                '/fleetrl.control.v1.Control/RegisterEnvironment',
+                request_serializer=protos_dot_control__pb2.RegisterEnvironmentRequest.SerializeToString,
+                response_deserializer=protos_dot_control__pb2.RegisterEnvironmentResponse.FromString,
+                _registered_method=True)
+        self.RemoveEnvironment = channel.unary_unary(
+                '/fleetrl.control.v1.Control/RemoveEnvironment',
+                request_serializer=protos_dot_control__pb2.RemoveEnvironmentRequest.SerializeToString,
+                response_deserializer=protos_dot_control__pb2.RemoveEnvironmentResponse.FromString,
+                _registered_method=True)
+        self.ListEnvironments = channel.unary_unary(
+                '/fleetrl.control.v1.Control/ListEnvironments',
+                request_serializer=protos_dot_control__pb2.ListEnvironmentsRequest.SerializeToString,
+                response_deserializer=protos_dot_control__pb2.ListEnvironmentsResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -96,6 +111,25 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterEnvironment(self, request, context):
+        """Environments served over gRPC, added and removed while training runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveEnvironment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnvironments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +157,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ScaleRollout,
                     request_deserializer=protos_dot_control__pb2.ScaleRolloutRequest.FromString,
                     response_serializer=protos_dot_control__pb2.ScaleRolloutResponse.SerializeToString,
+            ),
+            'RegisterEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterEnvironment,
+                    request_deserializer=protos_dot_control__pb2.RegisterEnvironmentRequest.FromString,
+                    response_serializer=protos_dot_control__pb2.RegisterEnvironmentResponse.SerializeToString,
+            ),
+            'RemoveEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveEnvironment,
+                    request_deserializer=protos_dot_control__pb2.RemoveEnvironmentRequest.FromString,
+                    response_serializer=protos_dot_control__pb2.RemoveEnvironmentResponse.SerializeToString,
+            ),
+            'ListEnvironments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnvironments,
+                    request_deserializer=protos_dot_control__pb2.ListEnvironmentsRequest.FromString,
+                    response_serializer=protos_dot_control__pb2.ListEnvironmentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +309,87 @@ class Control:
             '/fleetrl.control.v1.Control/ScaleRollout',
             protos_dot_control__pb2.ScaleRolloutRequest.SerializeToString,
             protos_dot_control__pb2.ScaleRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetrl.control.v1.Control/RegisterEnvironment',
+            protos_dot_control__pb2.RegisterEnvironmentRequest.SerializeToString,
+            protos_dot_control__pb2.RegisterEnvironmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetrl.control.v1.Control/RemoveEnvironment',
+            protos_dot_control__pb2.RemoveEnvironmentRequest.SerializeToString,
+            protos_dot_control__pb2.RemoveEnvironmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnvironments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetrl.control.v1.Control/ListEnvironments',
+            protos_dot_control__pb2.ListEnvironmentsRequest.SerializeToString,
+            protos_dot_control__pb2.ListEnvironmentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

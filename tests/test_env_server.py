@@ -8,6 +8,7 @@ excluded sample with a reason, within the client's deadline, and the worker goes
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from actors.serving import ServerConfig
 from actors.types import Exclusion, Prompt
 from protos import env_pb2, env_pb2_grpc
 from tests.envs import Crashes, Echo, Garbage, Hangs
+from tests.conftest import wait_for
 from tests.test_envs import build_chat_char_policy, chat_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,3 +185,62 @@ def test_an_unreachable_server_excludes_samples_and_the_worker_goes_on(chat_poli
         w.env_cfg = EnvConfig(name=f"grpc://{server.address}", max_turns=2)
         (group,) = w.generate([Prompt(uid=1, text="x", metadata={})])
     assert all(s.excluded is None and s.turns == 2 for s in group.samples)
+
+
+def _cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "learner.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_environments_registered_and_removed_while_training_runs(ray_session, chat_policy, tmp_path):
+    """Rows name their environment (env.key): "calc" is registered over Control mid-run
+    (`fleetrl env add`), served by a `fleetrl env serve` subprocess, then removed; "missing" never
+    is. Rows naming an environment that is not registered are excluded (env_unknown); once
+    "calc" is registered its rows become 2-turn episodes; accounting stays exact."""
+    from learner.config import load_config
+    from learner.driver.trainer import Trainer
+
+    rows = [{"prompt": f"q{i}", "answer": str(10 + i), "env": "calc" if i % 2 else "missing"} for i in range(64)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [
+        "--model.path", chat_policy, "--data.train_files", f"[{data}]", "--data.answer_key", "answer",
+        "--data.eval_fraction", "0", "--env.key", "env", "--env.max_turns", "2",
+        "--reward.functions", "['tests.rewards:brevity']", "--train.steps", "100000", "--train.max_wall_s", "300",
+        "--train.prompts_per_step", "4", "--rollout.group_size", "2", "--rollout.prompts_per_request", "2",
+        "--rollout.max_new_tokens", "6", "--rollout.num_workers", "1", "--learner.num_threads", "1",
+        "--watch.plot", "false", "--watch.report_to", "[jsonl]", "--train.eval_every", "0"])
+    trainer = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(summary=trainer.train()), daemon=True)
+    thread.start()
+    server = subprocess.Popen([sys.executable, "-m", "learner.cli", "env", "serve", "tests.envs:Echo", "--args",
+                               '{"turns": 2}', "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        address = server.stdout.readline().split()[-1]
+        wait_for(lambda: trainer.step >= 2 and trainer.control is not None, 120, what="two steps")
+        control = trainer.control.address
+        assert trainer.counters["dropped_by_reason"].get("env_unknown", 0) > 0
+        bad = _cli("env", "add", "calc", "--endpoint", "unix:/tmp/x", "--control", control)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+        gone = _cli("env", "add", "calc", "--endpoint", "127.0.0.1:9", "--timeout", "1", "--control", control)
+        assert gone.returncode == 1 and "FAILED_PRECONDITION" in gone.stderr
+        added = _cli("env", "add", "calc", "--endpoint", address, "--control", control)
+        assert added.returncode == 0, added.stderr
+        assert json.loads(_cli("env", "list", "--control", control).stdout)[0]["spec"]["name"] == "calc"
+        step = trainer.step
+        wait_for(lambda: any(r.get("tool_calls", 0) > 0 for r in trainer.history if r["step"] > step), 120,
+                 what="episodes on the registered environment")
+        assert _cli("env", "remove", "calc", "--control", control).returncode == 0
+        assert json.loads(_cli("env", "list", "--control", control).stdout) == []
+    finally:
+        trainer.stop_requested.set()
+        thread.join(120)
+        trainer.shutdown()
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    s = result["summary"]
+    assert s["produced"] == s["trained"] + s["dropped"] and s["trained"] > 0
+    episodes = [r for r in trainer.history if r.get("turns_mean", 0) > 1]
+    assert episodes and all(r["observation_tokens"] > 0 for r in episodes)

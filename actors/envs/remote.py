@@ -49,6 +49,8 @@ class RemoteEnvSpec:
     """How long an open circuit fails fast before one trial call."""
     token_file: str | None = None
     """Bearer token file for the server (default: $FLEETRL_ENV_TOKEN, none when unset)."""
+    token: str | None = None
+    """The bearer token itself (an environment registered over Control brings its own)."""
     tls_ca: bytes | None = None
     """PEM CA certificate of the server's TLS (plaintext when empty)."""
 
@@ -66,7 +68,7 @@ class RemoteEnvironment(Environment):
     def __init__(self, spec: RemoteEnvSpec):
         self.spec = spec
         self.stub = env_pb2_grpc.EnvironmentStub(channel(spec.endpoint, tls_ca=spec.tls_ca))
-        self.metadata = client_metadata(load_token(spec.token_file, env="FLEETRL_ENV_TOKEN"))
+        self.metadata = client_metadata(spec.token or load_token(spec.token_file, env="FLEETRL_ENV_TOKEN"))
         self.circuit = CircuitBreaker(spec.failure_threshold, spec.cooldown_s)
         self.stop = tuple(self._call("GetMetadata", env_pb2.GetMetadataRequest()).stop)
 

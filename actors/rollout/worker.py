@@ -20,6 +20,7 @@ from actors.rollout.engines.hf import HFEngine
 from actors.rollout.engines.vllm import VLLMConfig, VLLMEngine
 from actors.envs.base import EnvError, Environment
 from actors.envs.config import EnvConfig, make_env
+from actors.envs.remote import RemoteEnvironment, RemoteEnvSpec
 from actors.rollout.episodes import ObservationIds, run_episodes
 from actors.rollout.policy import load_policy
 from actors.types import Excluded, Exclusion, Group, Prompt, Sample
@@ -125,6 +126,7 @@ class RolloutWorker:
         self.lock = threading.RLock()  # generate, evaluate and load_weights never overlap on the model
         self.env_cfg = env if env is not None and env.enabled else None
         self.envs: dict[str, object] = {}  # built once per name, shared by the episodes of this worker
+        self.remote_envs: dict[str, RemoteEnvSpec] = {}  # registered over Control (set_remote_envs)
         self.observation_ids = ObservationIds(self.tokenizer) if self.env_cfg else None
 
     @property
@@ -254,25 +256,40 @@ class RolloutWorker:
                               max_new_tokens=max_new_tokens, seed=seed, version=version)
 
     def _episodes(self, prompts, prompt_ids, *, n, temperature, top_p, max_new_tokens, seed, version):
-        env_cfg, decode = self.env_cfg, self.tokenizer.decode
-        envs, unknown = [], {}
-        for j, p in enumerate(prompts):
-            env = self._env_for(p)
-            if isinstance(env, Excluded):
-                unknown[j], env = env, Environment()
-            envs.append(env)
-        with self.engine_call("generating episodes"):
-            episodes = run_episodes(self.engine, self.tokenizer, self.observation_ids, envs, prompts, prompt_ids,
-                                    n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                    seed=seed, max_turns=env_cfg.max_turns, max_total_tokens=env_cfg.max_total_tokens,
-                                    step_timeout_s=env_cfg.step_timeout_s)
-        return [[Sample(completion_ids=ep.ids, completion_text=decode(ep.ids, skip_special_tokens=True),
-                        logprobs=ep.logprobs, policy_version=version, finished=ep.finished,
-                        excluded=unknown.get(j, ep.excluded), loss_mask=ep.mask, turns=ep.turns,
-                        scored_text=decode(ep.last_turn, skip_special_tokens=True),
-                        metadata={**ep.metadata, "turns": ep.turns, "observation_tokens": ep.observation_tokens,
-                                  **{k: v for k, v in ep.counters.items() if k not in ep.metadata}})
-                 for ep in row] for j, row in enumerate(episodes)]
+        """Episodes of the prompts whose environment could be built; the others' samples are
+        excluded with the reason (``env_unknown``, or ``env_error`` for a server that did not answer)
+        and nothing is generated for them."""
+        env_cfg = self.env_cfg
+        envs = [self._env_for(p) for p in prompts]
+        known = [j for j, env in enumerate(envs) if not isinstance(env, Excluded)]
+        episodes = iter([])
+        if known:
+            with self.engine_call("generating episodes"):
+                episodes = iter(run_episodes(
+                    self.engine, self.tokenizer, self.observation_ids, [envs[j] for j in known],
+                    [prompts[j] for j in known], [prompt_ids[j] for j in known], n=n, temperature=temperature,
+                    top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_turns=env_cfg.max_turns,
+                    max_total_tokens=env_cfg.max_total_tokens, step_timeout_s=env_cfg.step_timeout_s))
+        return [[self._episode_sample(ep, version) for ep in next(episodes)] if not isinstance(env, Excluded) else
+                [Sample(completion_ids=[], completion_text="", logprobs=[], policy_version=version, finished=False,
+                        excluded=env) for _ in range(n)] for env in envs]
+
+    def _episode_sample(self, ep, version: int) -> Sample:
+        decode = self.tokenizer.decode
+        return Sample(completion_ids=ep.ids, completion_text=decode(ep.ids, skip_special_tokens=True),
+                      logprobs=ep.logprobs, policy_version=version, finished=ep.finished, excluded=ep.excluded,
+                      loss_mask=ep.mask, turns=ep.turns, scored_text=decode(ep.last_turn, skip_special_tokens=True),
+                      metadata={**ep.metadata, "turns": ep.turns, "observation_tokens": ep.observation_tokens,
+                                **{k: v for k, v in ep.counters.items() if k not in ep.metadata}})
+
+    def set_remote_envs(self, specs: dict[str, RemoteEnvSpec]) -> None:
+        """The environments registered over Control now (``learner.control.envs``); takes effect
+        between generate calls. A name no longer registered is unknown to the next episodes."""
+        with self.lock:
+            for name in set(self.remote_envs) | set(specs):
+                if self.remote_envs.get(name) != specs.get(name):
+                    self.envs.pop(name, None)
+            self.remote_envs = dict(specs)
 
     def _env_for(self, prompt: Prompt):
         """The prompt's environment (``env.key`` column, else ``env.name``; none = one turn), built
@@ -284,8 +301,11 @@ class RolloutWorker:
             return Environment()  # one turn, then done
         if name not in self.envs:
             try:
-                args = self.env_cfg.args if name == self.env_cfg.name else {}
-                self.envs[name] = make_env(name, args, self.env_cfg.sandbox)
+                if name in self.remote_envs:
+                    self.envs[name] = RemoteEnvironment(self.remote_envs[name])
+                else:
+                    args = self.env_cfg.args if name == self.env_cfg.name else {}
+                    self.envs[name] = make_env(name, args, self.env_cfg.sandbox)
             except ConfigError as e:
                 return Excluded(Exclusion.ENV_UNKNOWN, f"{key or 'env.name'}={name!r}: {e}")
             except EnvError as e:  # a server that does not answer yet: tried again for the next prompts

@@ -22,9 +22,10 @@ class RolloutActor:
     """Ray actor around ``RolloutWorker``."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, name: str, seed: int,
-                 env: EnvConfig | None = None):
+                 env: EnvConfig | None = None, remote_envs: dict | None = None):
         self.worker = RolloutWorker(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name,
                                     seed=seed, fetch_weights=object_store.fetch, env=env)
+        self.worker.set_remote_envs(remote_envs or {})
         self.name = name
         self.verifiers: dict = {}
 
@@ -74,16 +75,22 @@ class RolloutActor:
     def sync_receive(self, epoch: int) -> int:
         return self.worker.staged.receive(epoch)
 
+    def set_remote_envs(self, specs) -> None:
+        """The environments registered over Control (``learner.control.envs``)."""
+        self.worker.set_remote_envs(specs)
+
     def run(self, coordinator) -> dict:
         """Stream until the coordinator says stop; returns this worker's counters."""
         return run_rollout_loop(self.worker, coordinator)
 
 
 def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int,
-                         placement: dict | None = None, env: EnvConfig | None = None):
+                         placement: dict | None = None, env: EnvConfig | None = None,
+                         remote_envs: dict | None = None):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
         # 4 threads: the run loop, collective weight-sync calls, evaluation, and quick queries
         # (where, version) that must not wait behind a broadcast
         runtime_env=actor_env(cfg.num_threads), max_concurrency=4, **(placement or {}))
-    return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed, env=env)
+    return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed, env=env,
+                      remote_envs=remote_envs)

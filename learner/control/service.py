@@ -16,6 +16,7 @@ import grpc
 from actors.reward.models import RewardModelSpec
 from actors.serving import serve
 from actors.validation import ConfigError
+from learner.control.envs import EnvRegistry, spec_of
 from learner.control.registry import ControlError, RewardRegistry
 from protos import control_pb2, control_pb2_grpc
 
@@ -54,13 +55,29 @@ def info_to_proto(info: dict) -> control_pb2.RewardModelInfo:
                                        disabled_reason=info.get("disabled_reason", ""))
 
 
+def env_info_to_proto(info: dict) -> control_pb2.EnvironmentInfo:
+    s = info["spec"]
+    return control_pb2.EnvironmentInfo(stop=list(info["stop"]), spec=control_pb2.EnvironmentSpec(
+        name=info["name"], endpoint=s.endpoint, timeout_s=s.timeout_s, max_attempts=s.max_attempts,
+        failure_threshold=s.failure_threshold, cooldown_s=s.cooldown_s, tls_ca_pem=s.tls_ca or b""))
+
+
+def env_spec_from_proto(p: control_pb2.EnvironmentSpec):
+    """Proto -> (name, ``RemoteEnvSpec``), defaults for unset (0) fields."""
+    fields = dict(timeout_s=p.timeout_s, max_attempts=p.max_attempts, failure_threshold=p.failure_threshold,
+                  cooldown_s=p.cooldown_s)
+    return p.name, spec_of(p.endpoint, **{k: v for k, v in fields.items() if v}, token=p.token or None,
+                           tls_ca=p.tls_ca_pem or None)
+
+
 class ControlServicer(control_pb2_grpc.ControlServicer):
     """Thin: protobuf in, registry/status call, protobuf out, ControlError -> status code."""
 
-    def __init__(self, registry: RewardRegistry, status_fn, scale_fn=None):
+    def __init__(self, registry: RewardRegistry, status_fn, scale_fn=None, envs: EnvRegistry | None = None):
         self.registry = registry
         self.status_fn = status_fn
         self.scale_fn = scale_fn
+        self.envs = envs
 
     def _call(self, context, fn, *args):
         try:
@@ -79,6 +96,23 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def ListRewardModels(self, request, context):
         return control_pb2.ListRewardModelsResponse(models=[info_to_proto(i) for i in self.registry.list()])
 
+    def _envs(self, context) -> EnvRegistry:
+        if self.envs is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server registers no environments")
+        return self.envs
+
+    def RegisterEnvironment(self, request, context):
+        envs = self._envs(context)
+        info = self._call(context, lambda: envs.register(*env_spec_from_proto(request.spec)))
+        return control_pb2.RegisterEnvironmentResponse(env=env_info_to_proto(info))
+
+    def RemoveEnvironment(self, request, context):
+        self._call(context, self._envs(context).remove, request.name)
+        return control_pb2.RemoveEnvironmentResponse()
+
+    def ListEnvironments(self, request, context):
+        return control_pb2.ListEnvironmentsResponse(envs=[env_info_to_proto(i) for i in self._envs(context).list()])
+
     def GetStatus(self, request, context):
         return control_pb2.GetStatusResponse(**self.status_fn())
 
@@ -94,10 +128,10 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         return control_pb2.ScaleRolloutResponse(previous=previous, target=target)
 
 
-def start_control_server(registry: RewardRegistry, status_fn, cfg, scale_fn=None):
+def start_control_server(registry: RewardRegistry, status_fn, cfg, scale_fn=None, envs: EnvRegistry | None = None):
     """Serve Control with the common server setup (auth, health, reflection, limits). The
     server gets enough threads that registrations probing at once (at most
     control.max_reward_models) leave SPARE_THREADS for status, listing and the rest."""
     cfg = replace(cfg, max_workers=max(cfg.max_workers, registry.control.max_reward_models + SPARE_THREADS))
-    servicer = ControlServicer(registry, status_fn, scale_fn=scale_fn)
+    servicer = ControlServicer(registry, status_fn, scale_fn=scale_fn, envs=envs)
     return serve(cfg, lambda server: control_pb2_grpc.add_ControlServicer_to_server(servicer, server), [SERVICE_NAME])

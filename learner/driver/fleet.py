@@ -56,6 +56,7 @@ class RolloutFleet:
     def __init__(self, model_path: str, cfg: RolloutConfig, *, coordinator,
                  default_max_new_tokens: int, seed: int, say=print, env: EnvConfig | None = None):
         self.model_path, self.cfg, self.env = model_path, cfg, env
+        self.remote_envs: dict = {}  # environments registered over Control, for every worker
         self.coordinator = coordinator
         self.default_max_new_tokens, self.seed, self.say = default_max_new_tokens, seed, say
         self.workers: dict[str, _Worker] = {}
@@ -76,7 +77,7 @@ class RolloutFleet:
             placement = self.bundles[self.next_id] if self.next_id < len(self.bundles) else None
             actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed,
                                          default_max_new_tokens=self.default_max_new_tokens, placement=placement,
-                                         env=self.env)
+                                         env=self.env, remote_envs=self.remote_envs)
             self.workers[name] = _Worker(actor)
             self.next_id += 1
             names.append(name)
@@ -106,6 +107,14 @@ class RolloutFleet:
 
     def loop_refs(self) -> list:
         return [w.loop for w in self.workers.values() if w.loop is not None]
+
+    def set_remote_envs(self, specs: dict, timeout_s: float = 30.0) -> None:
+        """Environments registered over Control, to every worker now and to those started later
+        (a Control thread calls it). A worker that is dead or busy past ``timeout_s`` gets them
+        when it is replaced (a replacement starts with ``remote_envs``)."""
+        self.remote_envs = dict(specs)
+        refs = [a.set_remote_envs.remote(self.remote_envs) for a in self.actors]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
     # -- scaling ---------------------------------------------------------------------------------
     def request_scale(self, n: int) -> int:

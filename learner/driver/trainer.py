@@ -41,6 +41,7 @@ from actors.weights.collective import CollectiveConfigError
 from learner import checkpoint
 from learner.actor import create_learner
 from learner.config import Config, ConfigError
+from learner.control.envs import EnvRegistry
 from learner.control.registry import RewardRegistry
 from learner.control.service import start_control_server
 from learner.driver import ending
@@ -226,7 +227,7 @@ class Trainer:
         try:
             self.control = start_control_server(self.registry, self.status, ServerConfig(
                 host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key),
-                scale_fn=self.rollouts.request_scale)
+                scale_fn=self.rollouts.request_scale, envs=EnvRegistry(self.rollouts.set_remote_envs))
         except (OSError, ValueError) as e:
             raise RunFailed(f"control server (control.host {c.host}, control.port {c.port}): {e}") from None
         (self.run_dir / "control.json").write_text(json.dumps({"address": self.control.address}))
