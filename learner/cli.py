@@ -10,7 +10,7 @@
     fleetrl reward remove NAME
     fleetrl reward list
     fleetrl env serve ENV [--args JSON] [--port P] ...        # serve an environment (module:Class) over gRPC
-    fleetrl env add NAME --endpoint HOST:PORT [--timeout S] [--max-attempts N] [--failure-threshold N]
+    fleetrl env add NAME --endpoint HOST:PORT [--call-timeout S] [--max-attempts N] [--failure-threshold N]
                     [--cooldown S] [--env-token-file FILE] [--env-tls-ca FILE]
     fleetrl env remove NAME
     fleetrl env list

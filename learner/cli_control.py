@@ -153,7 +153,7 @@ def cmd_env(argv: list[str]) -> int:
         p.add_argument("name")
     if sub == "add":
         p.add_argument("--endpoint", required=True, help="HOST:PORT of a `fleetrl env serve` server")
-        p.add_argument("--timeout", type=float, default=10.0, help="deadline of one call (s)")
+        p.add_argument("--call-timeout", type=float, default=10.0, help="deadline of one Reset/Step/Close call (s)")
         p.add_argument("--max-attempts", type=int, default=3, help="tries per call (retries on UNAVAILABLE)")
         p.add_argument("--failure-threshold", type=int, default=3, help="unanswered calls that open the circuit")
         p.add_argument("--cooldown", type=float, default=5.0, help="seconds an open circuit fails fast")
@@ -163,7 +163,7 @@ def cmd_env(argv: list[str]) -> int:
     stub, md = _control_stub(args)
     if sub == "add":
         spec = control_pb2.EnvironmentSpec(
-            name=args.name, endpoint=args.endpoint, timeout_s=args.timeout, max_attempts=args.max_attempts,
+            name=args.name, endpoint=args.endpoint, timeout_s=args.call_timeout, max_attempts=args.max_attempts,
             failure_threshold=args.failure_threshold, cooldown_s=args.cooldown,
             tls_ca_pem=_read_file(args.env_tls_ca, "--env-tls-ca") if args.env_tls_ca else b"")
         if args.env_token_file:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,12 +196,13 @@ def _cli(*args, timeout=60):
 def test_environments_registered_and_removed_while_training_runs(ray_session, chat_policy, tmp_path):
     """Rows name their environment (env.key): "calc" is registered over Control mid-run
     (`fleetrl env add`), served by a `fleetrl env serve` subprocess, then removed; "missing" never
-    is. Rows naming an environment that is not registered are excluded (env_unknown); once
-    "calc" is registered its rows become 2-turn episodes; accounting stays exact."""
+    is; rows with none are single turns (and keep the run stepping). Rows naming an environment
+    that is not registered are excluded (env_unknown); once "calc" is registered its rows become
+    2-turn episodes; accounting stays exact."""
     from learner.config import load_config
     from learner.driver.trainer import Trainer
 
-    rows = [{"prompt": f"q{i}", "answer": str(10 + i), "env": "calc" if i % 2 else "missing"} for i in range(64)]
+    rows = [{"prompt": f"q{i}", "answer": str(10 + i), "env": ["", "calc", "missing"][i % 3]} for i in range(96)]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(None, [
@@ -212,19 +214,26 @@ def test_environments_registered_and_removed_while_training_runs(ray_session, ch
         "--watch.plot", "false", "--watch.report_to", "[jsonl]", "--train.eval_every", "0"])
     trainer = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
     result = {}
-    thread = threading.Thread(target=lambda: result.update(summary=trainer.train()), daemon=True)
+    def target():
+        try:
+            result["summary"] = trainer.train()
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     server = subprocess.Popen([sys.executable, "-m", "learner.cli", "env", "serve", "tests.envs:Echo", "--args",
                                '{"turns": 2}', "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         address = server.stdout.readline().split()[-1]
-        wait_for(lambda: trainer.step >= 2 and trainer.control is not None, 120, what="two steps")
+        wait_for(lambda: trainer.step >= 2 and trainer.control is not None or "error" in result, 120, what="two steps")
+        assert "error" not in result, result["error"]
         control = trainer.control.address
         assert trainer.counters["dropped_by_reason"].get("env_unknown", 0) > 0
         bad = _cli("env", "add", "calc", "--endpoint", "unix:/tmp/x", "--control", control)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
-        gone = _cli("env", "add", "calc", "--endpoint", "127.0.0.1:9", "--timeout", "1", "--control", control)
+        gone = _cli("env", "add", "calc", "--endpoint", "127.0.0.1:9", "--call-timeout", "1", "--control", control)
         assert gone.returncode == 1 and "FAILED_PRECONDITION" in gone.stderr
         added = _cli("env", "add", "calc", "--endpoint", address, "--control", control)
         assert added.returncode == 0, added.stderr
