@@ -143,8 +143,9 @@ def episode_metrics(groups: list[Group]) -> dict:
     out = {"episodes": len(episodes), "turns_mean": sum(s.turns for s in episodes) / len(episodes),
            "policy_tokens": sum(s.policy_tokens for s in episodes),
            "observation_tokens": sum(len(s.completion_ids) - s.policy_tokens for s in episodes)}
-    for key in EPISODE_COUNTERS:
-        out[key] = sum(int(s.metadata.get(key, 0) or 0) for s in episodes)
+    for key in EPISODE_COUNTERS:  # an environment's finish() may say anything: only numbers count
+        out[key] = sum(v for s in episodes if isinstance(v := s.metadata.get(key, 0), (int, float))
+                       and not isinstance(v, bool))
     return out
 
 

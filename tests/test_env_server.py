@@ -253,3 +253,44 @@ def test_environments_registered_and_removed_while_training_runs(ray_session, ch
     assert s["produced"] == s["trained"] + s["dropped"] and s["trained"] > 0
     episodes = [r for r in trainer.history if r.get("turns_mean", 0) > 1]
     assert episodes and all(r["observation_tokens"] > 0 for r in episodes)
+
+
+def test_a_registered_environment_gets_its_own_token_never_the_runs(monkeypatch):
+    """The run's $FLEETRL_ENV_TOKEN goes to env.name's server only: a server a Control client
+    registers gets the token the client brings, or none; the run's own names cannot be taken."""
+    from learner.control.envs import EnvRegistry, spec_of
+    from learner.control.rules import ControlError
+
+    pushed = []
+    registry = EnvRegistry(pushed.append, reserved=("tests.envs:Echo",))
+    monkeypatch.setenv("FLEETRL_TOKEN", "server-secret")
+    with served(Echo()) as server:
+        monkeypatch.delenv("FLEETRL_TOKEN")
+        monkeypatch.setenv("FLEETRL_ENV_TOKEN", "server-secret")  # the run's: it would open the server
+        with pytest.raises(ControlError) as e:
+            registry.register("echo", spec_of(server.address))
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "UNAUTHENTICATED" in str(e.value)
+        info = registry.register("echo", spec_of(server.address, token="server-secret"))
+        assert info["spec"].token is None and "server-secret" not in repr(registry.current()["echo"])
+        assert list(pushed[-1]) == ["echo"] and pushed[-1]["echo"].token == "server-secret"
+        for name in ("calculator", "python", "tests.envs:Echo"):
+            with pytest.raises(ControlError) as e:
+                registry.register(name, spec_of(server.address, token="server-secret"))
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        registry.remove("echo")
+        assert pushed[-1] == {}
+
+
+def test_retried_calls_are_answered_once():
+    """The client retries UNAVAILABLE with the same request_id: the store answers a repeated Reset
+    with the same episode and a repeated Step with the same result, advancing the episode once."""
+    from actors.envs.server import EpisodeStore
+
+    store = EpisodeStore(Echo(turns=3))
+    eid = store.reset("p", {}, "r1")
+    assert store.reset("p", {}, "r1") == eid and len(store.open) == 1
+    first = store.step(eid, "abc", "s1")
+    assert store.step(eid, "abc", "s1") is first
+    assert store.open[eid].state["turn"] == 1
+    store.step(eid, "abcd", "s2")
+    assert store.open[eid].state["turn"] == 2

@@ -2,10 +2,9 @@
 the learner's loss mask, and a training run whose samples are episodes.
 
 The policies are tiny random Llamas built here with a character-level ChatML tokenizer
-(one token per character: any decoded text tokenises back to the same ids, which is
-what lets a test compare an episode with the chat template's rendering of the whole
-conversation). Their saved generation config suppresses the special tokens other than
-EOS, as a real model's may, so turns are plain text.
+(one token per character, special tokens included: any decoded text tokenises back to
+the same ids, which is what lets a test compare an episode with the chat template's
+rendering of the whole conversation).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import io
 import itertools
 import json
 import string
+import threading
 import time
 
 import pytest
@@ -25,7 +25,8 @@ from actors.envs.tools import ToolEnvironment
 from actors.rollout.episodes import ObservationIds
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Exclusion, Group, Prompt, Sample
-from learner.batch import TrainBatch
+from learner.batch import TrainBatch, pad_micro_batch
+from learner.core_algos import entropy_from_logits, kl_estimate
 from learner.config import ConfigError, load_config
 from learner.learner import Learner, LearnerConfig
 
@@ -36,7 +37,7 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 def build_chat_char_policy(path, *, seed: int = 0, max_positions: int = 256) -> str:
     """A character-level tokenizer with ChatML special tokens and a tiny random Llama on it."""
     from tokenizers import Tokenizer, decoders, models
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|pad|>", "<|im_end|>", "<|im_start|>", "<unk>"]
     chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
@@ -52,7 +53,6 @@ def build_chat_char_policy(path, *, seed: int = 0, max_positions: int = 256) -> 
                                          bos_token_id=None, tie_word_embeddings=True))
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)  # sharper: turns end at EOS often enough
-    model.generation_config = GenerationConfig(pad_token_id=0, eos_token_id=1, suppress_tokens=[0, 2, 3])
     model.save_pretrained(path)
     return str(path)
 
@@ -146,9 +146,11 @@ def test_episode_ids_are_the_whole_conversation_rendered_by_the_template(chat_po
         assert len(policy_turns) == 3 and len(runs) == 5
         messages = [{"role": "user", "content": "Hi"}]
         for k, ids in enumerate(policy_turns):
-            messages.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})
-            if k < 2:
-                messages.append({"role": "tool", "content": f"seen {len(messages[-1]['content'])} chars"})
+            text = ids[:-1] if ids[-1] == tok.eos_token_id else ids  # the template writes the EOS itself
+            # special tokens the policy sampled mid-turn stay in the text (they tokenise back to themselves)
+            messages.append({"role": "assistant", "content": tok.decode(text)})
+            if k < 2:  # what Echo answered: it saw the turn without special tokens
+                messages.append({"role": "tool", "content": f"seen {len(tok.decode(ids, skip_special_tokens=True))} chars"})
         rendered = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         mine = group.prompt_ids + s.completion_ids
         closing = tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
@@ -160,17 +162,27 @@ def test_episode_ids_are_the_whole_conversation_rendered_by_the_template(chat_po
 
 
 def test_weights_never_change_inside_an_episode(chat_policy, ray_session):
-    """A payload sent while a worker runs episodes lands between generate calls only: every
-    episode's samples carry the version they started with, and the next call the new one."""
-    import threading
-
+    """A payload sent while a worker runs episodes lands between generate calls of the worker,
+    never between the turns of an episode: the weights every turn's engine call saw (their digest,
+    recorded at each call) are one version for all turns of the episodes, and the payload's for
+    the call after. The payload is sent once the first turn is under way."""
     from actors.runtime import object_store
-    from actors.weights.flat import FlatParams
+    from actors.weights.flat import FlatParams, weights_digest
     from actors.weights.object_store import WeightPublisher
     from transformers import AutoModelForCausalLM
 
     w = RolloutWorker(chat_policy, RolloutConfig(group_size=4, max_new_tokens=10), fetch_weights=object_store.fetch,
                       env=EnvConfig(name="tests.envs:Echo", args={"turns": 4}, max_turns=4))
+    seen, first_turn = [], threading.Event()
+    generate = w.engine.generate
+
+    def recording(*args, **kwargs):  # the real engine; what it holds is recorded at each call
+        seen.append(weights_digest(w.flat))
+        first_turn.set()
+        time.sleep(0.2)  # the loader below is waiting for the lock meanwhile
+        return generate(*args, **kwargs)
+
+    w.engine.generate = recording
     prompt = chat_prompt(w.tokenizer, "Hello there")
     model = AutoModelForCausalLM.from_pretrained(chat_policy)
     publisher = WeightPublisher(FlatParams(model))
@@ -179,19 +191,22 @@ def test_weights_never_change_inside_an_episode(chat_policy, ray_session):
             p.add_(0.5)
     publisher.bump()
     payload = publisher.publish(object_store.put)
+    old = weights_digest(w.flat)
     result = {}
     t = threading.Thread(target=lambda: result.update(groups=w.generate([prompt] * 3)))
-    with w.lock:  # hold the worker: the episodes start once the loader is queued behind them
-        t.start()
-        loader = threading.Thread(target=lambda: w.load_weights(payload))
-        loader.start()
+    t.start()
+    assert first_turn.wait(60)
+    loader = threading.Thread(target=lambda: result.update(applied=w.load_weights(payload)))
+    loader.start()
     t.join(120)
     loader.join(120)
-    versions = {s.policy_version for g in result["groups"] for s in g.samples}
-    assert len(versions) == 1, versions
-    assert w.policy_version == 1
+    assert result["applied"] and w.policy_version == 1
+    turns = max(s.turns for g in result["groups"] for s in g.samples)
+    assert turns == 4 and len(seen) >= turns and set(seen) == {old}, "weights changed between turns of an episode"
+    assert {s.policy_version for g in result["groups"] for s in g.samples} == {0}
+    seen.clear()
     (after,) = w.generate([prompt])
-    assert {s.policy_version for s in after.samples} == {1}
+    assert {s.policy_version for s in after.samples} == {1} and set(seen) == {weights_digest(w.flat)} != {old}
 
 
 def test_environment_failures_exclude_episodes_with_their_reason(chat_policy):
@@ -273,6 +288,21 @@ def test_loss_kl_and_entropy_see_only_policy_tokens(chat_policy):
     learner.optimizer.zero_grad(set_to_none=True)
     learner.accumulate_gradients(batch, adv)
     assert not torch.equal(g0, torch.cat([p.grad.reshape(-1) for p in learner.model.parameters() if p.grad is not None]))
+    # after an update the policy is off its reference: the KL term and the entropy bonus are the
+    # token means over policy tokens only (the pure functions of core_algos, masked here by hand)
+    learner.train_step(groups)
+    _, _, metrics = learner.accumulate_gradients(batch, learner.advantages(batch))
+    ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, list(range(4)), learner.pad_id, learner.device)
+    with torch.no_grad():
+        pred, logp = learner._completion_logprobs(learner.model, ids, attn, pos, pred_pos, targets)
+        _, ref = learner._completion_logprobs(learner.ref_model, ids, attn, pos, pred_pos, targets)
+    kl, ent = kl_estimate(logp, ref, learner.cfg.kl_estimator), entropy_from_logits(pred / learner.temperature)
+    policy, every = cmask, (targets != learner.pad_id).float()  # every completion position, observations included
+    assert float((kl * policy).sum() / policy.sum()) > 1e-6
+    assert metrics["kl"] == pytest.approx(float((kl * policy).sum() / policy.sum()), rel=1e-4)
+    assert metrics["kl"] != pytest.approx(float((kl * every).sum() / every.sum()), rel=1e-3)
+    assert metrics["entropy"] == pytest.approx(float((ent * policy).sum() / policy.sum()), rel=1e-4)
+    assert metrics["entropy"] != pytest.approx(float((ent * every).sum() / every.sum()), rel=1e-3)
 
 
 # -- a training run of episodes -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -49,8 +49,11 @@ class RemoteEnvSpec:
     """How long an open circuit fails fast before one trial call."""
     token_file: str | None = None
     """Bearer token file for the server (default: $FLEETRL_ENV_TOKEN, none when unset)."""
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     """The bearer token itself (an environment registered over Control brings its own)."""
+    run_token: bool = True
+    """Whether the run's own ``$FLEETRL_ENV_TOKEN`` may go to this server: yes for ``env.name``
+    (the run's config), never for an environment a Control client registered."""
     tls_ca: bytes | None = None
     """PEM CA certificate of the server's TLS (plaintext when empty)."""
 
@@ -67,10 +70,20 @@ class RemoteEnvironment(Environment):
 
     def __init__(self, spec: RemoteEnvSpec):
         self.spec = spec
-        self.stub = env_pb2_grpc.EnvironmentStub(channel(spec.endpoint, tls_ca=spec.tls_ca))
-        self.metadata = client_metadata(spec.token or load_token(spec.token_file, env="FLEETRL_ENV_TOKEN"))
+        self.channel = channel(spec.endpoint, tls_ca=spec.tls_ca)
+        self.stub = env_pb2_grpc.EnvironmentStub(self.channel)
+        token = spec.token or (load_token(spec.token_file, env="FLEETRL_ENV_TOKEN") if spec.run_token else None)
+        self.metadata = client_metadata(token)
         self.circuit = CircuitBreaker(spec.failure_threshold, spec.cooldown_s)
-        self.stop = tuple(self._call("GetMetadata", env_pb2.GetMetadataRequest()).stop)
+        try:
+            self.stop = tuple(self._call("GetMetadata", env_pb2.GetMetadataRequest()).stop)
+        except EnvError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the channel (an environment dropped by the worker or a failed probe)."""
+        self.channel.close()
 
     def reset(self, prompt, metadata):
         request = env_pb2.ResetRequest(prompt=prompt, request_id=uuid.uuid4().hex,
@@ -105,10 +118,10 @@ class RemoteEnvironment(Environment):
                     time.sleep(backoff)
                     backoff *= 2
                     continue
-                # the server answered for this episode alone (its environment raised, the episode is
-                # gone): the episode fails, the server is not unhealthy
+                # the server answered, for this episode alone (its environment raised, the episode is
+                # gone, no room for another): the episode fails, the server is not unhealthy
                 self.circuit.record(code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.NOT_FOUND,
-                                             grpc.StatusCode.INVALID_ARGUMENT))
+                                             grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED))
                 what = f"{self.spec.endpoint} {method}: {code.name}: {(e.details() or '')[:200]}"
                 raise (EnvTimeout if code == grpc.StatusCode.DEADLINE_EXCEEDED else EnvError)(what) from None
         raise EnvError(f"{self.spec.endpoint} {method}: no attempt left")  # unreachable: the loop returns or raises

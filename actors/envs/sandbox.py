@@ -8,13 +8,23 @@ the jail from kernel namespaces; fleetrl only chooses what goes in it:
   ``/tmp`` of ``file_mb`` as the only writable place (and the working directory). Nothing of
   the host's ``/home``, ``/root``, ``/etc``, ``/tmp`` or the run directory is visible;
 * **namespaces**: every one bwrap can unshare (network: only a down loopback; pid:
-  the code sees itself alone; ipc, uts, user, cgroup), ``--die-with-parent`` and
-  ``--new-session`` (no terminal injection);
-* **limits** (``setrlimit`` before exec): CPU seconds, address space (memory), file
-  size, open files, and processes. As root the code runs under a uid of its own
-  (``100000 + pid % 800000``): the process limit counts that uid's processes only,
-  and root would ignore it. Wall time and output size are enforced here: past either
-  the whole process group is killed.
+  the code sees itself alone, and runs as the namespace's pid 1, so everything it
+  starts dies with it; ipc, uts, user, cgroup), ``--die-with-parent`` and
+  ``--new-session`` (no terminal injection). (bwrap's own init process would outlive
+  it as a zombie where the machine's pid 1 reaps none, as in containers, and zombies
+  count against the process limit.)
+* **limits** (rlimits set by util-linux's ``prlimit`` before it execs bwrap): CPU
+  seconds, address space (memory), file size, open files, and processes. As root the
+  code runs under a uid of its own (``100000 + pid % 800000``): the process limit
+  counts that uid's tasks only, and root would ignore it; as another user it counts
+  all of that user's tasks, so the limit is set above what the user already runs.
+  Wall time and output size are enforced here: past either the whole process group
+  is killed.
+
+If the sandbox itself cannot start (bwrap or prlimit missing, no namespaces), the
+result's reason starts with ``sandbox_failed``: that is the environment failing,
+not the code, and the python tool raises ``EnvError`` for it (the episode is
+excluded, never shown a made-up tool error).
 
 Every way a call ends is a ``SandboxResult``; an escape attempt, a fork bomb, an
 infinite loop, a memory bomb or a flood of output is an error result within its
@@ -24,7 +34,6 @@ limit, and the worker keeps running.
 from __future__ import annotations
 
 import os
-import resource
 import select
 import shutil
 import signal
@@ -86,7 +95,7 @@ def sandbox_unavailable(limits: SandboxLimits | None = None) -> str | None:
 def run_python(code: str, limits: SandboxLimits) -> SandboxResult:
     """Run ``code`` (read from stdin by ``python -I -``) in a fresh sandbox."""
     python = limits.python or "/usr/bin/python3"
-    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
+    argv = ["bwrap", "--unshare-all", "--as-pid-1", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
     for link in ("/bin", "/sbin", "/lib", "/lib64", "/lib32"):
         if os.path.islink(link):
             argv += ["--symlink", os.readlink(link), link]
@@ -96,8 +105,18 @@ def run_python(code: str, limits: SandboxLimits) -> SandboxResult:
              "--remount-ro", "/", "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
              "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--", python, "-I", "-"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            preexec_fn=_limit(limits, _processes_of_this_user()), start_new_session=True)
+    # the rlimits through util-linux's prlimit (no preexec_fn: this process has threads), as root
+    # under a uid of the sandbox's own
+    mem, fsize = limits.memory_mb << 20, limits.file_mb << 20
+    nproc = _tasks_of_this_user() + limits.processes + 2  # prlimit and bwrap themselves, then the code
+    argv = ["prlimit", f"--cpu={limits.cpu_s}:{limits.cpu_s + 1}", f"--as={mem}", f"--fsize={fsize}",
+            "--nofile=64", "--core=0", f"--nproc={nproc}", "--", *argv]
+    uid = 100_000 + os.getpid() % 800_000 if os.geteuid() == 0 else None
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, **(dict(user=uid, group=uid, extra_groups=[]) if uid else {}))
+    except OSError as e:  # bwrap or prlimit missing
+        return SandboxResult(output="", ok=False, reason=f"sandbox_failed: {e}", seconds=time.monotonic() - t0)
     try:
         proc.stdin.write(code.encode(errors="replace"))
         proc.stdin.close()
@@ -110,6 +129,8 @@ def run_python(code: str, limits: SandboxLimits) -> SandboxResult:
     seconds = time.monotonic() - t0
     if not reason and status != 0:
         reason = _status_reason(status, out, seconds, limits)
+        if out.startswith((b"bwrap:", b"prlimit:")):  # the sandbox itself failed, not the code in it
+            reason = f"sandbox_failed: {out.decode(errors='replace').strip()[:200]}"
     return SandboxResult(output=out.decode(errors="replace"), ok=not reason, reason=reason, seconds=seconds)
 
 
@@ -150,37 +171,16 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def _processes_of_this_user() -> int:
-    """How many processes this (non-root) user runs: RLIMIT_NPROC counts them all."""
+def _tasks_of_this_user() -> int:
+    """How many tasks (threads) this non-root user runs: RLIMIT_NPROC counts them all.
+    As root: 0 (the sandbox runs under a uid of its own)."""
     if os.geteuid() == 0:
-        return 0  # the sandbox gets a uid of its own
-    uid = os.getuid()
-    count = 0
+        return 0
+    uid, count = os.getuid(), 0
     for pid in os.listdir("/proc"):
         try:
-            count += pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{pid}/task"))
         except OSError:
             pass
     return count
-
-
-def _limit(limits: SandboxLimits, already: int):
-    """``preexec_fn``: the rlimits, and as root a uid of the sandbox's own (``already``: the
-    processes the current non-root user runs, which the process limit also counts)."""
-    def apply() -> None:
-        mem = limits.memory_mb << 20
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb << 20, limits.file_mb << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if os.geteuid() == 0:
-            uid = 100_000 + os.getpid() % 800_000
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        # bwrap itself, then the interpreter inside, then whatever the code starts
-        nproc = already + limits.processes + 2
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-
-    return apply

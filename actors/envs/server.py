@@ -5,7 +5,9 @@ hosted behind the same server contract as the reward server (``actors.serving``:
 token auth, TLS, health, reflection, message limits, malformed-request handling,
 graceful shutdown). Episodes live in an ``EpisodeStore``: ``Reset`` opens one under
 a fresh id, ``Step`` advances it, ``Close`` finishes and forgets it; an episode idle
-for ``idle_s`` is dropped, and at most ``max_episodes`` are open at once.
+for ``idle_s`` is dropped, and at most ``max_episodes`` are open at once. Retries are
+idempotent: a ``Reset`` or ``Step`` repeated with the same ``request_id`` gets the
+first call's answer (the client retries UNAVAILABLE with the same id).
 
 The request handling is plain functions over the store; the servicer maps their
 exceptions to status codes:
@@ -60,6 +62,8 @@ class _Open:
     state: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     touched: float = field(default_factory=time.monotonic)
+    last: tuple[str, StepResult] | None = None
+    """The last Step's request_id and result: a retry of it gets the same answer, not a second step."""
 
 
 class EpisodeStore:
@@ -69,38 +73,49 @@ class EpisodeStore:
     def __init__(self, env, *, max_episodes: int = 4096, idle_s: float = 600.0):
         self.env, self.max_episodes, self.idle_s = env, max_episodes, idle_s
         self.open: dict[str, _Open] = {}
+        self.opened_by: dict[str, str] = {}  # Reset request_id -> episode id: a retried Reset opens nothing new
         self.lock = threading.Lock()
 
     def _expire(self) -> None:
         now = time.monotonic()
         for eid in [e for e, o in self.open.items() if now - o.touched > self.idle_s]:
             del self.open[eid]
+        live = set(self.open)
+        self.opened_by = {r: e for r, e in self.opened_by.items() if e in live}
 
-    def reset(self, prompt: str, metadata: dict[str, str]) -> str:
+    def reset(self, prompt: str, metadata: dict[str, str], request_id: str = "") -> str:
         with self.lock:
             self._expire()
+            if request_id and request_id in self.opened_by:
+                return self.opened_by[request_id]
             if len(self.open) >= self.max_episodes:
                 raise TooManyEpisodes(f"{len(self.open)} episodes are open (--max-episodes {self.max_episodes})")
         state = _run(lambda: self.env.reset(prompt, metadata))
         eid = uuid.uuid4().hex
         with self.lock:
             self.open[eid] = _Open(state)
+            if request_id:
+                self.opened_by[request_id] = eid
         return eid
 
     def _get(self, eid: str) -> _Open:
         with self.lock:
+            self._expire()
             ep = self.open.get(eid)
         if ep is None:
             raise UnknownEpisode(f"no open episode {eid!r} (closed, or idle for more than {self.idle_s:g} s)")
         return ep
 
-    def step(self, eid: str, completion: str) -> StepResult:
+    def step(self, eid: str, completion: str, request_id: str = "") -> StepResult:
         ep = self._get(eid)
         with ep.lock:
             ep.touched = time.monotonic()
+            if request_id and ep.last is not None and ep.last[0] == request_id:
+                return ep.last[1]  # a retry: the answer already given, the episode not advanced twice
             result = _run(lambda: self.env.step(ep.state, completion))
-        if not isinstance(result, StepResult):
-            raise EnvFailed(f"step returned {type(result).__name__}, not a StepResult")
+            if not isinstance(result, StepResult):
+                raise EnvFailed(f"step returned {type(result).__name__}, not a StepResult")
+            ep.last = (request_id, result)
         return result
 
     def close(self, eid: str) -> dict[str, Any]:
@@ -120,13 +135,13 @@ def _run(fn):
 
 # -- requests as plain functions ------------------------------------------------------------------
 def reset_request(store: EpisodeStore, request: env_pb2.ResetRequest) -> env_pb2.ResetResponse:
-    return env_pb2.ResetResponse(episode_id=store.reset(request.prompt, dict(request.metadata)))
+    return env_pb2.ResetResponse(episode_id=store.reset(request.prompt, dict(request.metadata), request.request_id))
 
 
 def step_request(store: EpisodeStore, request: env_pb2.StepRequest) -> env_pb2.StepResponse:
     if not request.episode_id:
         raise ValueError("episode_id is empty")
-    r = store.step(request.episode_id, request.completion)
+    r = store.step(request.episode_id, request.completion, request.request_id)
     observation = [env_pb2.Message(role=str(m["role"]), content=str(m["content"])) for m in (r.observation or [])]
     info = {k: float(v) for k, v in r.info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return env_pb2.StepResponse(observation=observation, done=r.done, info=info)

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from actors.envs.base import Environment, StepResult
+from actors.envs.base import EnvError, Environment, StepResult
 from actors.envs.calculator import ToolError, calculate
 from actors.envs.sandbox import SandboxLimits, run_python
 from actors.validation import require
@@ -28,6 +28,8 @@ MAX_OBSERVATION_CHARS = 2000
 def _python_tool(limits: SandboxLimits) -> Callable[[str], str]:
     def run(code: str) -> str:
         result = run_python(code, limits)
+        if result.reason.startswith("sandbox_failed"):
+            raise EnvError(f"the python tool's sandbox: {result.reason}")
         if not result.ok:
             raise ToolError(f"{result.reason}: {result.output[-500:]}".strip().rstrip(":"))
         return result.output

@@ -259,8 +259,8 @@ class RolloutWorker:
         """Episodes of the prompts whose environment could be built; the others' samples are
         excluded with the reason (``env_unknown``, or ``env_error`` for a server that did not answer)
         and nothing is generated for them."""
-        env_cfg = self.env_cfg
-        envs = [self._env_for(p) for p in prompts]
+        env_cfg, resolved = self.env_cfg, {}  # each name built (or found unbuildable) once per call
+        envs = [self._env_for(p, resolved) for p in prompts]
         known = [j for j, env in enumerate(envs) if not isinstance(env, Excluded)]
         episodes = iter([])
         if known:
@@ -288,10 +288,12 @@ class RolloutWorker:
         with self.lock:
             for name in set(self.remote_envs) | set(specs):
                 if self.remote_envs.get(name) != specs.get(name):
-                    self.envs.pop(name, None)
+                    dropped = self.envs.pop(name, None)
+                    if hasattr(dropped, "close"):
+                        dropped.close()
             self.remote_envs = dict(specs)
 
-    def _env_for(self, prompt: Prompt):
+    def _env_for(self, prompt: Prompt, resolved: dict):
         """The prompt's environment (``env.key`` column, else ``env.name``; none = one turn), built
         once per name; an ``Excluded`` (``env_unknown``) if that name cannot be built."""
         key = self.env_cfg.key
@@ -299,6 +301,12 @@ class RolloutWorker:
         name = name or self.env_cfg.name
         if not name:
             return Environment()  # one turn, then done
+        if name in resolved:
+            return resolved[name]
+        resolved[name] = self._build_env(name, key)
+        return resolved[name]
+
+    def _build_env(self, name: str, key: str):
         if name not in self.envs:
             try:
                 if name in self.remote_envs:

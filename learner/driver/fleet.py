@@ -75,10 +75,11 @@ class RolloutFleet:
         for _ in range(n):
             name = f"rollout-{self.next_id}"
             placement = self.bundles[self.next_id] if self.next_id < len(self.bundles) else None
-            actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed,
-                                         default_max_new_tokens=self.default_max_new_tokens, placement=placement,
-                                         env=self.env, remote_envs=self.remote_envs)
-            self.workers[name] = _Worker(actor)
+            with self._lock:  # a registration pushed meanwhile reaches it either way (set_remote_envs)
+                actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed,
+                                             default_max_new_tokens=self.default_max_new_tokens, placement=placement,
+                                             env=self.env, remote_envs=self.remote_envs)
+                self.workers[name] = _Worker(actor)
             self.next_id += 1
             names.append(name)
         return names
@@ -112,8 +113,10 @@ class RolloutFleet:
         """Environments registered over Control, to every worker now and to those started later
         (a Control thread calls it). A worker that is dead or busy past ``timeout_s`` gets them
         when it is replaced (a replacement starts with ``remote_envs``)."""
-        self.remote_envs = dict(specs)
-        refs = [a.set_remote_envs.remote(self.remote_envs) for a in self.actors]
+        with self._lock:
+            self.remote_envs = dict(specs)
+            actors = self.actors
+        refs = [a.set_remote_envs.remote(specs) for a in actors]
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
     # -- scaling ---------------------------------------------------------------------------------

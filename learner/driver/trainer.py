@@ -227,7 +227,8 @@ class Trainer:
         try:
             self.control = start_control_server(self.registry, self.status, ServerConfig(
                 host=c.host, port=c.port, token_file=c.token_file, tls_cert=c.tls_cert, tls_key=c.tls_key),
-                scale_fn=self.rollouts.request_scale, envs=EnvRegistry(self.rollouts.set_remote_envs))
+                scale_fn=self.rollouts.request_scale,
+                envs=EnvRegistry(self.rollouts.set_remote_envs, reserved=(self.cfg.env.name,)))
         except (OSError, ValueError) as e:
             raise RunFailed(f"control server (control.host {c.host}, control.port {c.port}): {e}") from None
         (self.run_dir / "control.json").write_text(json.dumps({"address": self.control.address}))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from actors.rollout.engines.base import Completion
 
@@ -27,6 +27,11 @@ class HFEngine:
     def __init__(self, model, tokenizer, *, device: torch.device):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        # sampling as fleetrl asks, not the folder's generation_config.json (a repetition penalty or
+        # suppressed tokens there would change the distribution sampled from, but not the learner's
+        # recompute of its log-probs); the vLLM engine does the same (generation_config="vllm")
+        model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id,
+                                                   eos_token_id=tokenizer.eos_token_id)
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: the parameters are the flat buffers the payload was copied into."""
