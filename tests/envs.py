@@ -12,15 +12,19 @@ from actors.envs.base import Environment, StepResult
 
 class Echo(Environment):
     """Answers each of the first ``turns - 1`` assistant turns with ``"seen N chars"`` (a
-    message of ``role``); the episode ends after ``turns`` turns. Counts a ``tool_calls`` per reply."""
+    message of ``role``); the episode ends after ``turns`` turns. Counts a ``tool_calls`` per reply.
+    ``work_ms``: CPU time each step spends first (a non-trivial step, for benchmarks)."""
 
-    def __init__(self, turns: int = 3, role: str = "tool"):
-        self.turns, self.role = turns, role
+    def __init__(self, turns: int = 3, role: str = "tool", work_ms: float = 0.0):
+        self.turns, self.role, self.work_ms = turns, role, work_ms
 
     def reset(self, prompt, metadata):
         return {"turn": 0, "chars": []}
 
     def step(self, state, completion):
+        t0 = time.perf_counter()
+        while (time.perf_counter() - t0) * 1e3 < self.work_ms:  # a step that costs CPU (benchmarks)
+            pass
         state["turn"] += 1
         state["chars"].append(len(completion))
         if state["turn"] >= self.turns:
