@@ -35,7 +35,7 @@ def test_every_yaml_parses():
 
 
 def test_fleetrl_configs_load():
-    for name in ("default.yaml", "cluster.yaml", "smollm2.yaml", "smollm2-vllm.yaml"):
+    for name in ("default.yaml", "cluster.yaml", "smollm2.yaml", "smollm2-vllm.yaml", "smollm2-multiply.yaml"):
         load_config(DEPLOY / name)
 
 
