@@ -336,3 +336,29 @@ def test_training_on_episodes_counts_turns_tools_and_failures(ray_session, chat_
     assert all(r["tokens"] <= r["policy_tokens"] for r in trained_rows)  # trained ones, of all episodes
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all("seen" in s["completion"] for s in samples)  # the episodes, observations included
+
+
+# -- the multiply task ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reply, score", [
+    ("Answer: 56088", 1.0), ("56088", 1.0), ("Answer: 56,088.", 1.0), ("The answer is 56088", 1.0),
+    ("<calculator>123 * 456</calculator>", 0.0), ("Answer: 56089", 0.0), ("56088 and then 7", 0.0), ("", 0.0)])
+def test_multiply_verifier(reply, score):
+    from actors.reward.functions import multiply_reward
+
+    assert multiply_reward(["q"], [reply], answer=["56088"]) == [score]
+
+
+def test_multiply_prompts_show_the_tool_and_the_task_brings_its_environment(chat_policy):
+    from actors.tasks.multiply import SHOTS, SYSTEM
+    from actors.tasks.registry import make_task
+    from learner.driver.sources import build_prompts
+
+    task = make_task("multiply", operand_digits=[3, 3], chat_template=True, tokenizer_path=chat_policy)
+    (ex,) = task.eval_set(1)
+    a, b = (int(x) for x in ex.prompt.rsplit("What is ", 1)[1].split("?")[0].split(" * "))
+    assert 100 <= a <= 999 and 100 <= b <= 999 and ex.answer == str(a * b)
+    assert ex.prompt.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+    assert all(m["content"] in ex.prompt for m in SHOTS) and ex.prompt.endswith("<|im_start|>assistant\n")
+    cfg = load_config(None, ["--model.path", chat_policy, "--task.name", "multiply", "--task.operand_digits", "[3, 3]",
+                             "--reward.functions", "[multiply]"])
+    assert build_prompts(cfg, chat_policy).env == "calculator"  # the run's episodes use the calculator

@@ -27,8 +27,11 @@ class ChatTemplate:
             raise ConfigError(f"task.chat_template: the tokenizer of {tokenizer_path!r} does not tokenize its own "
                              f"rendered chat prompt to the template's ids (it adds special tokens?)")
 
-    def render(self, user_message: str, system: str | None = None) -> str:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+    def render(self, user_message: str, system: str | None = None, shots: list[dict] = ()) -> str:
+        """The prompt of ``user_message`` after an optional system message and example turns
+        (``shots``: messages of a solved example, e.g. a tool call and its result)."""
+        messages = ([{"role": "system", "content": system}] if system else []) + list(shots) + \
+            [{"role": "user", "content": user_message}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

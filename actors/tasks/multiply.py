@@ -23,6 +23,12 @@ SYSTEM = ("You can use a calculator. To use it, write <calculator>EXPRESSION</ca
           "'Answer: ' followed by the number.")
 """The instruction every prompt carries (the system message with a chat template)."""
 
+SHOTS = [{"role": "user", "content": "What is 12 * 34?"},
+         {"role": "assistant", "content": "<calculator>12 * 34</calculator>"},
+         {"role": "tool", "content": "<result>408</result>"},
+         {"role": "assistant", "content": "Answer: 408"}]
+"""One solved example before the question (chat prompts): the call, the result, the answer."""
+
 
 class Multiply(Task):
     name = "multiply"
@@ -44,11 +50,12 @@ class Multiply(Task):
     def _problem(self, rng: random.Random) -> tuple[str, str, str, str]:
         a, b = (rng.randint(10 ** (d - 1) if d > 1 else 1, 10**d - 1) for d in self.operand_digits)
         question = f"What is {a} * {b}?"
-        bare = f"{SYSTEM}\nQuestion: {question}\n"
+        bare = f"{SYSTEM}\nQuestion: What is 12 * 34?\n<calculator>12 * 34</calculator>\n<result>408</result>\n" \
+               f"Answer: 408\nQuestion: {question}\n"
         return f"{a}*{b}", bare, question, str(a * b)
 
     def _render(self, instruction: str) -> str:
-        return self.chat.render(instruction, system=SYSTEM)
+        return self.chat.render(instruction, system=SYSTEM, shots=SHOTS)
 
     # -- verifier ------------------------------------------------------------------
     _ANSWER = re.compile(r"(?:answer\s*[:=]?\s*)?(-?[\d,]+)\s*\.?\s*$", re.I)
