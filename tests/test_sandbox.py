@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from actors.envs.sandbox import SandboxLimits, run_python, sandbox_unavailable
+from actors.envs.sandbox import SandboxLimits, SandboxPool, run_python, sandbox_unavailable
+from tests.conftest import wait_for
 
 WHY = sandbox_unavailable()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"the sandbox cannot run here: {WHY}")
@@ -130,3 +131,23 @@ def _state(pid: str) -> str:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return ""
+
+
+def test_a_pool_starts_sandboxes_ahead_and_never_reuses_one():
+    """Pooled sandboxes are started before their calls; each serves one call (what a call left
+    in /tmp is gone for the next), and the limits hold for pooled ones too."""
+    pool = SandboxPool(LIMITS, size=2)
+    try:
+        first = pool.run("open('/tmp/left', 'w').write('x')\nprint('wrote')")
+        assert first.ok and first.output.strip() == "wrote"
+        wait_for(lambda: len(pool.ready) == 2, 30, what="the pool to hold two started sandboxes")
+        second = pool.run("import os\nprint(os.path.exists('/tmp/left'))")
+        assert second.ok and second.output.strip() == "False"
+        wait_for(lambda: len(pool.ready) == 2, 30, what="the pool to refill")
+        bomb = pool.run("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)")
+        assert not bomb.ok and bomb.reason == "output_limit"
+        slow = pool.run("while True:\n    pass")
+        assert not slow.ok and slow.reason in ("cpu_time", "wall_time")
+    finally:
+        pool.close()
+    assert pool.ready == []

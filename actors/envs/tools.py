@@ -19,15 +19,17 @@ from typing import Any, Callable
 
 from actors.envs.base import EnvError, Environment, StepResult
 from actors.envs.calculator import ToolError, calculate
-from actors.envs.sandbox import SandboxLimits, run_python
+from actors.envs.sandbox import SandboxLimits, SandboxPool
 from actors.validation import require
 
 MAX_OBSERVATION_CHARS = 2000
 
 
 def _python_tool(limits: SandboxLimits) -> Callable[[str], str]:
+    pool = SandboxPool(limits)  # sandboxes started ahead of the calls (from the first call on)
+
     def run(code: str) -> str:
-        result = run_python(code, limits)
+        result = pool.run(code)
         if result.reason.startswith("sandbox_failed"):
             raise EnvError(f"the python tool's sandbox: {result.reason}")
         if not result.ok:
