@@ -130,6 +130,12 @@ def train(argv: list[str]) -> None:
         "mismatch_abs_max": round(max(r["mismatch_abs_max"] for r in measured), 6) if measured else None,
         "run_dir": str(run_dir),
     }
+    if rows and rows[0].get("episodes"):  # multi-turn tasks: how often the policy used its tool
+        rate = lambda part: round(sum(r["tool_calls"] for r in part) / sum(r["episodes"] for r in part), 3)  # noqa: E731
+        bench |= {"tool_calls_per_episode_first_quarter": rate(rows[:k]),
+                  "tool_calls_per_episode_last_quarter": rate(rows[-k:]),
+                  "malformed_calls": sum(r["malformed_calls"] for r in rows),
+                  "tool_errors": sum(r["tool_errors"] for r in rows)}
     (run_dir / "bench.json").write_text(json.dumps(bench, indent=2))
     print(json.dumps(bench, indent=2))
 
@@ -140,4 +146,9 @@ if __name__ == "__main__":
     mode, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if mode not in ("probe", "train"):
         sys.exit(__doc__)
-    {"probe": probe, "train": train}[mode](rest)
+    from learner.cli_control import UsageError
+
+    try:
+        {"probe": probe, "train": train}[mode](rest)
+    except UsageError as exc:
+        sys.exit(f"smollm2_run: {exc}\n{__doc__}")
