@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step-NNNNNN`` holding
 
-* ``policy/``            the policy (``save_pretrained``: safetensors, config, tokenizer);
+* ``policy/``            the policy (``save_pretrained``: safetensors, config, tokenizer; with
+  ``model.lora``, the adapter in PEFT's format: ``adapter_model.safetensors``, ``adapter_config.json``);
 * ``learner_state.pt``   optimizer, scheduler, RNG states, ``policy_version``, estimator state:
   tensors and plain containers only, loaded with ``torch.load(weights_only=True)``
   so a crafted file cannot run code (it is refused with a CheckpointError);
@@ -24,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from actors.rollout.policy import ADAPTER_WEIGHTS
 from actors.validation import ConfigError
 
 MARKER = "COMPLETE"
@@ -73,21 +75,16 @@ def load_learner_state(learner, path: str) -> int:
     """Load what ``save_learner_state`` wrote; returns the restored ``policy_version``.
     CheckpointError if ``learner_state.pt`` is not plain tensor data (checked before
     anything is changed) or the weights do not match the policy."""
-    from safetensors.torch import load_file
-
     state = read_learner_state(path)
-    weights = {}
-    for f in sorted(os.listdir(os.path.join(path, "policy"))):
-        if f.endswith(".safetensors"):
-            weights.update(load_file(os.path.join(path, "policy", f)))
-    try:
-        missing, unexpected = learner.model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # a tensor of another shape: another architecture
-        first = str(e).strip().splitlines()[1:2] or [str(e)]  # the first "size mismatch for ..." line
-        raise CheckpointError(f"checkpoint {path} does not match the policy: {first[0].strip()[:300]}") from None
-    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise CheckpointError(f"checkpoint {path} does not match the policy: missing {missing}, "
-                              f"unexpected {unexpected}")
+    adapter = os.path.join(path, "policy", ADAPTER_WEIGHTS)
+    if (learner.lora is not None) != os.path.isfile(adapter):
+        raise CheckpointError(f"checkpoint {path} holds {'LoRA adapters' if os.path.isfile(adapter) else 'full weights'}"
+                              f" but model.lora.rank is {learner.lora.rank if learner.lora else 0}: resume with the "
+                              f"model.lora settings it was trained with")
+    if learner.lora is not None:
+        _load_adapter(learner.model, adapter, path)
+    else:
+        _load_full(learner.model, path)
     learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.estimator.baseline = state["baseline"]
@@ -95,6 +92,39 @@ def load_learner_state(learner, path: str) -> int:
     random.setstate(state["rng"]["python"])
     learner.publisher.version = state["policy_version"]
     return learner.publisher.version
+
+
+def _load_full(model, path: str) -> None:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in sorted(os.listdir(os.path.join(path, "policy"))):
+        if f.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(path, "policy", f)))
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: another architecture
+        first = str(e).strip().splitlines()[1:2] or [str(e)]  # the first "size mismatch for ..." line
+        raise CheckpointError(f"checkpoint {path} does not match the policy: {first[0].strip()[:300]}") from None
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise CheckpointError(f"checkpoint {path} does not match the policy: missing {missing}, "
+                              f"unexpected {unexpected}")
+
+
+def _load_adapter(model, file: str, path: str) -> None:
+    """PEFT's adapter file into the learner's PEFT model: every adapter tensor or an error."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        result = set_peft_model_state_dict(model, load_file(file))
+    except RuntimeError as e:  # another rank or target layers: shapes differ
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise CheckpointError(f"checkpoint {path}: its adapters do not match model.lora: {first[0].strip()[:300]}") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {path}: its adapters do not match model.lora: missing {missing[:3]}, "
+                              f"unexpected {list(result.unexpected_keys)[:3]}")
 
 
 def write_checkpoint(run_dir: Path, step: int, save_learner: Callable[[str], None], trainer_state: dict) -> Path:

@@ -29,6 +29,7 @@ from actors.rollout.evaluate import EvalConfig
 from actors.rollout.worker import RolloutConfig
 from actors.tasks.arithmetic import Arithmetic
 from actors.tasks.reverse import ReverseDigits
+from actors.weights.lora import LoraSpec
 from actors.validation import ConfigError, check_resources, require  # noqa: F401 - ConfigError is part of this module's API
 from learner.learner import LearnerConfig
 from learner.watch.config import WatchConfig
@@ -54,6 +55,10 @@ class ModelConfig:
     allow_pickle: bool = False
     """Load a policy whose weights are pickle files (``pytorch_model.bin``, ``*.pt``...): unpickling runs
     code from the file, so by default only safetensors weights load."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """Train LoRA adapters (PEFT) instead of every weight: the learner's optimizer holds the
+    adapters only, the KL reference is the base (adapters off), and weight syncs carry only the
+    adapters (rollout workers merge them into their own copy of the base)."""
 
     def __post_init__(self):
         require(self.warm_start_examples >= 1, "model.warm_start_examples", "must be >= 1")

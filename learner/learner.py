@@ -9,6 +9,7 @@ name in ``learner.estimators``; the math is ``learner.core_algos``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -23,6 +24,7 @@ from actors.types import Group
 from actors.validation import require
 from actors.weights.collective import BroadcastSource
 from actors.weights.flat import FlatParams, weights_digest
+from actors.weights.lora import LoraSpec, adapter_params, base_fingerprint, wrap_for_training
 from actors.weights.payload import Payload
 from actors.weights.object_store import Put, WeightPublisher
 from learner import checkpoint
@@ -163,10 +165,11 @@ class Learner:
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, total_steps: int, temperature: float = 1.0,
                  seed: int = 0, max_new_tokens: int = 0, publish_dtype: str | None = None,
-                 put_weights: Put | None = None):
+                 put_weights: Put | None = None, lora: LoraSpec | None = None):
         """``max_new_tokens``: the completion-length limit (the default Dr.GRPO loss constant);
         ``publish_dtype``: the rollout workers' weight dtype (default: the master's, float32);
-        ``put_weights``: stores a wire array for ``publish_weights`` (``actors.runtime.object_store.put``)."""
+        ``put_weights``: stores a wire array for ``publish_weights`` (``actors.runtime.object_store.put``);
+        ``lora``: train (and publish) LoRA adapters only (``model.lora``)."""
         self.put_weights = put_weights
         torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(seed)
@@ -175,12 +178,19 @@ class Learner:
         # fp32 master weights; forward passes compute in the configured dtype (autocast)
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
         mixed_precision(self.model, torch_dtype(cfg.dtype, self.device))
+        self.lora = lora if lora is not None and lora.enabled else None
+        salt = ""
+        if self.lora is not None:  # only the adapters are trained, published and checkpointed
+            salt = base_fingerprint(self.model)
+            self.model = wrap_for_training(self.model, self.lora)
         # eval mode: no dropout, so the recomputed log-probs match the rollout's
         # (gradients flow all the same)
         self.model.eval()
-        self.flat = FlatParams(self.model)  # before the optimizer: params keep identity
+        # before the optimizer: params keep identity
+        self.flat = FlatParams(adapter_params(self.model), salt=salt) if self.lora else FlatParams(self.model)
         self.publisher = WeightPublisher(self.flat, wire_dtype=getattr(torch, publish_dtype) if publish_dtype else None)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas),
                                            eps=cfg.eps, weight_decay=cfg.weight_decay,
                                            fused=True if self.device.type == "cuda" else None)
         self.broadcast = BroadcastSource(self.publisher, self.device)
@@ -191,8 +201,8 @@ class Learner:
                 "set it (> 0) or pass the max completion length")
         self.pad_id = self.tokenizer.pad_token_id
         self.estimator = EstimatorState()
-        self.ref_model = None
-        if cfg.kl_coef > 0:  # frozen copy of the initial policy
+        self.ref_model = None  # with LoRA the reference is the base: the same model, adapters off
+        if cfg.kl_coef > 0 and self.lora is None:  # frozen copy of the initial policy
             self.ref_model, _ = load_policy(model_path, device=self.device, dtype="float32")
             mixed_precision(self.ref_model, torch_dtype(cfg.dtype, self.device))
             self.ref_model.eval().requires_grad_(False)
@@ -218,7 +228,7 @@ class Learner:
         if len(batch) == 0:  # every group filtered: a step without an update
             out = empty_step_metrics(groups)
         else:
-            if self.ref_model is not None and self.cfg.kl_in_reward:
+            if self.cfg.kl_coef > 0 and self.cfg.kl_in_reward:
                 batch.rewards = batch.rewards - self.cfg.kl_coef * self.sequence_kl(batch)
             adv = self.advantages(batch)
             out = self._optimize(batch, adv)
@@ -277,9 +287,9 @@ class Learner:
         for start in range(0, len(batch), mb):
             idx = list(range(start, min(start + mb, len(batch))))
             ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
-            lp = [self._completion_logprobs(m, ids, attn, pos, pred_pos, targets)[1]
-                  for m in (self.model, self.ref_model)]
-            out.append((kl_estimate(lp[0], lp[1], self.cfg.kl_estimator) * cmask).sum(-1).cpu())
+            _, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
+            ref = self._reference_logprobs(ids, attn, pos, pred_pos, targets)
+            out.append((kl_estimate(logp, ref, self.cfg.kl_estimator) * cmask).sum(-1).cpu())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -300,6 +310,27 @@ class Learner:
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
         pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return pred, token_logprobs(pred, targets, temperature=self.temperature)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, ids, attn, pos, pred_pos, targets) -> torch.Tensor:
+        """``[b, T]`` log-probs of the completion tokens under the KL reference: the frozen initial
+        policy, or with LoRA the base model (the same weights with the adapters disabled)."""
+        if self.lora is None:
+            return self._completion_logprobs(self.ref_model, ids, attn, pos, pred_pos, targets)[1]
+        with self.model.disable_adapter():
+            return self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)[1]
+
+    @contextlib.contextmanager
+    def _adapter_dropout(self):
+        """``model.lora.dropout`` in the gradient passes only (the policy stays in eval mode)."""
+        drops = [m for n, m in self.model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+        for m in drops:
+            m.train()
+        try:
+            yield
+        finally:
+            for m in drops:
+                m.eval()
 
     def accumulate_gradients(self, batch: TrainBatch, adv: torch.Tensor, *, skip_zero_advantage: bool | None = None,
                              rows: list[int] | None = None, proximal: list[list[float]] | None = None,
@@ -332,7 +363,8 @@ class Learner:
         for start in range(0, len(rows), mb):
             idx = rows[start : start + mb]
             ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
-            pred, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
+            with self._adapter_dropout():
+                pred, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
             if mismatch is not None:
                 fresh = torch.tensor([batch.versions[i] == self.policy_version for i in idx], device=cmask.device)
                 keep = cmask.bool() & fresh.unsqueeze(-1)
@@ -342,9 +374,9 @@ class Learner:
             prox = _pad_rows([proximal[i] for i in idx], like=old) if proximal is not None else None
             loss, m = POLICY_LOSSES[self.cfg.policy_loss](logp, old, adv[idx].to(self.device), cmask, self.cfg,
                                                           dict(loss_agg=self.cfg.loss_agg, **norms), prox)
-            if self.ref_model is not None and not self.cfg.kl_in_reward:
+            if self.cfg.kl_coef > 0 and not self.cfg.kl_in_reward:
                 with torch.no_grad():
-                    _, ref_logp = self._completion_logprobs(self.ref_model, ids, attn, pos, pred_pos, targets)
+                    ref_logp = self._reference_logprobs(ids, attn, pos, pred_pos, targets)
                 kl = aggregate(kl_estimate(logp, ref_logp, self.cfg.kl_estimator), **agg)
                 loss = loss + self.cfg.kl_coef * kl
                 m["kl"] = float(kl.detach())
@@ -373,8 +405,21 @@ class Learner:
 
     # -- output ----------------------------------------------------------------------------------
     def save_policy(self, path: str) -> str:
+        """The policy as a Hugging Face folder; with LoRA, the adapter in PEFT's format (its
+        ``adapter_config.json`` names the base; ``load_policy`` loads it merged)."""
         os.makedirs(path, exist_ok=True)
         self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def save_merged_policy(self, path: str) -> str:
+        """LoRA only: the base with the adapters merged, as a plain model folder."""
+        import copy
+
+        if self.lora is None:
+            raise ValueError("save_merged_policy: this learner trains no adapters (model.lora.rank is 0)")
+        os.makedirs(path, exist_ok=True)
+        copy.deepcopy(self.model).merge_and_unload().save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         return path
 

@@ -5,7 +5,8 @@ through ``load_policy``, so they all see the same weights and tokenizer.
 Weights load from safetensors only (``use_safetensors=True``): unpickling a
 ``pytorch_model.bin`` can run code from the file. ``check_policy_files`` says,
 cheaply and before anything starts, whether a ``model.path`` folder has such
-weights; with ``model.allow_pickle: true`` the driver converts a pickle-only
+weights; a LoRA adapter folder (PEFT's ``adapter_config.json``, what a run with
+``model.lora`` saves as its policy) loads as its base with the adapter merged; with ``model.allow_pickle: true`` the driver converts a pickle-only
 folder once to safetensors (``learner.driver.policy.resolve_policy``).
 """
 
@@ -21,6 +22,7 @@ from actors.validation import ConfigError
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -78,6 +80,11 @@ def check_policy_files(path: str, allow_pickle: bool) -> None:
         raise ConfigError(f"model.path: {path!r} does not exist")
     if not os.path.isdir(path):
         raise ConfigError(f"model.path: {path!r} is not a folder (a Hugging Face model folder is expected)")
+    base = adapter_base(path)
+    if base is not None:
+        if not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+            raise ConfigError(f"model.path: {path} is a LoRA adapter without {ADAPTER_WEIGHTS}")
+        return check_policy_files(base, allow_pickle)
     explicit = _explicit_weights(path)
     if explicit is not None and not explicit.endswith((".safetensors", ".safetensors.index.json")):
         if not allow_pickle:
@@ -95,6 +102,21 @@ def check_policy_files(path: str, allow_pickle: bool) -> None:
                           f"if you trust the files")
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model of a LoRA adapter folder (``adapter_config.json``'s
+    ``base_model_name_or_path``), or None when ``path`` is not one. ConfigError if it names none."""
+    file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(file):
+        return None
+    try:
+        base = json.loads(open(file).read()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"model.path: {file} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"model.path: {file} names no base model (base_model_name_or_path)")
+    return base
+
+
 def load_policy(path: str, *, device: torch.device, dtype: str | torch.dtype = "auto", allow_pickle: bool = False):
     """``from_pretrained`` a causal LM and its tokenizer (left padding); safetensors weights
     only unless ``allow_pickle`` (only the driver's one-time conversion passes it)."""
@@ -105,6 +127,16 @@ def load_policy(path: str, *, device: torch.device, dtype: str | torch.dtype = "
     if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model.path: {path!r} does not exist and the hub is offline")
     dtype_arg = dtype if isinstance(dtype, torch.dtype) or dtype == "auto" else getattr(torch, dtype)
+    base = adapter_base(path)
+    if base is not None:  # a LoRA adapter: its base, the adapter merged in
+        from peft import PeftModel
+
+        model, tokenizer = load_policy(base, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer.padding_side = "left"
+            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

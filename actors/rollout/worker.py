@@ -27,6 +27,7 @@ from actors.types import Excluded, Exclusion, Group, Prompt, Sample
 from actors.validation import ConfigError, require
 from actors.weights.flat import FlatParams
 from actors.weights.payload import Payload
+from actors.weights.lora import AdapterMerger, LoraSpec
 from actors.weights.object_store import Fetch, WeightReceiver
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,12 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int = 16,
                  name: str = "rollout-0", seed: int = 0, fetch_weights: Fetch | None = None,
-                 env: EnvConfig | None = None):
+                 env: EnvConfig | None = None, lora: LoraSpec | None = None):
         """``fetch_weights`` maps a payload's refs to arrays (``actors.runtime.object_store.fetch``;
         the actor hands it in, so this class needs no Ray). ``env``: the ``env`` section; when it
-        names environments, every sample is an episode (``actors.rollout.episodes``)."""
+        names environments, every sample is an episode (``actors.rollout.episodes``). ``lora``: the
+        learner trains adapters (``model.lora``); payloads carry them and this worker merges them
+        into its own copy of the base (``actors.weights.lora.AdapterMerger``)."""
         torch.set_num_threads(cfg.num_threads)
         self.fetch_weights = fetch_weights
         self.cfg = cfg
@@ -112,8 +115,11 @@ class RolloutWorker:
         # both transports copy a payload into these buffers; the HF engine generates from them
         # (its parameters are views), the vLLM engine reloads its own copy from them
         self.flat = FlatParams(self.model)
-        self.receiver = WeightReceiver(self.flat)
-        self.staged = StagedReceiver(self.flat, name=name)  # weights broadcast to the collective group
+        # with LoRA, payloads land in the adapters' buffers and are merged into the model's
+        self.adapters = AdapterMerger(self.model, lora) if lora is not None and lora.enabled else None
+        received = self.adapters.flat if self.adapters else self.flat
+        self.receiver = WeightReceiver(received)
+        self.staged = StagedReceiver(received, name=name)  # weights broadcast to the collective group
         self.engine = make_engine(model_path, self.model, self.tokenizer, cfg, self.device, self.dtype)
         # version 0 is these buffers, bit for bit, in every engine (vLLM read the folder itself)
         self.engine.load_weights(self.model.named_parameters())
@@ -149,6 +155,8 @@ class RolloutWorker:
         self._check_engine()  # before any byte is copied: a broken worker keeps reporting its old version
         applied = self._copy_weights(payload, force)
         if applied:
+            if self.adapters is not None:
+                self.adapters.merge()
             with self.engine_call("loading weights of version %d" % payload.version):
                 self.engine.load_weights(self.model.named_parameters())
         return applied

@@ -16,15 +16,16 @@ from actors.runtime.placement import actor_env, where
 from actors.runtime.rollout_loop import run_rollout_loop
 from actors.types import Group, Prompt
 from actors.weights.flat import weights_digest
+from actors.weights.lora import LoraSpec
 
 
 class RolloutActor:
     """Ray actor around ``RolloutWorker``."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, name: str, seed: int,
-                 env: EnvConfig | None = None, remote_envs: dict | None = None):
+                 env: EnvConfig | None = None, remote_envs: dict | None = None, lora: LoraSpec | None = None):
         self.worker = RolloutWorker(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name,
-                                    seed=seed, fetch_weights=object_store.fetch, env=env)
+                                    seed=seed, fetch_weights=object_store.fetch, env=env, lora=lora)
         self.worker.set_remote_envs(remote_envs or {})
         self.name = name
         self.verifiers: dict = {}
@@ -58,7 +59,7 @@ class RolloutActor:
         return self.worker.load_weights(payload)
 
     def weights_digest(self) -> str:
-        return weights_digest(self.worker.flat)
+        return weights_digest(self.worker.receiver.flat)  # what payloads land in (the adapters with LoRA)
 
     def engine_info(self) -> dict:
         """What the worker's rollout engine holds (``Engine.info``) and its ``policy_version``."""
@@ -86,11 +87,11 @@ class RolloutActor:
 
 def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int,
                          placement: dict | None = None, env: EnvConfig | None = None,
-                         remote_envs: dict | None = None):
+                         remote_envs: dict | None = None, lora: LoraSpec | None = None):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
         # 4 threads: the run loop, collective weight-sync calls, evaluation, and quick queries
         # (where, version) that must not wait behind a broadcast
         runtime_env=actor_env(cfg.num_threads), max_concurrency=4, **(placement or {}))
     return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed, env=env,
-                      remote_envs=remote_envs)
+                      remote_envs=remote_envs, lora=lora)

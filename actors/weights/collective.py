@@ -229,7 +229,8 @@ class StagedReceiver:
         if spec.fingerprint != self.flat.fingerprint:
             raise CollectiveConfigError(
                 f"{self.name}: weight layout {self.flat.fingerprint} differs from the learner's {spec.fingerprint} "
-                f"(different architectures or dtypes: rollout.dtype must match what the learner publishes)")
+                f"(different architectures or dtypes: rollout.dtype must match what the learner publishes; with "
+                f"model.lora, different base weights)")
         if self.staging is None:
             self.staging = {k: torch.empty_like(b) for k, b in self.flat.buffers.items()}
         self.rank.join(spec, rank, self.device)

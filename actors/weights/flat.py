@@ -22,11 +22,14 @@ class FlatParams:
 
     Tied parameters (e.g. ``lm_head`` sharing the embedding) appear once.
     Build it *before* creating an optimizer: parameters keep their identity,
-    only their storage moves.
+    only their storage moves. ``model`` may also be a list of ``(name, parameter)``
+    (a LoRA policy's adapters); ``salt`` is folded into the fingerprint (the adapters'
+    base weights: ``actors.weights.lora.base_fingerprint``).
     """
 
-    def __init__(self, model: torch.nn.Module):
-        params = dict(model.named_parameters())  # deduplicates tied weights
+    def __init__(self, model: torch.nn.Module | list[tuple[str, torch.nn.Parameter]], *, salt: str = ""):
+        # named_parameters deduplicates tied weights
+        params = dict(model.named_parameters() if isinstance(model, torch.nn.Module) else model)
         by_dtype: dict[torch.dtype, list[tuple[str, torch.nn.Parameter]]] = {}
         for name, p in params.items():
             by_dtype.setdefault(p.dtype, []).append((name, p))
@@ -44,8 +47,8 @@ class FlatParams:
                 spec.append((name, tuple(p.shape), str(dtype), offset))
                 offset += n
             self.buffers[str(dtype)] = flat
-        self.spec = spec
-        self.fingerprint = _fingerprint(spec)
+        self.spec, self.salt = spec, salt
+        self.fingerprint = _fingerprint(spec, salt)
         self.numel = sum(b.numel() for b in self.buffers.values())
 
     def fingerprint_as(self, dtype: torch.dtype) -> str:
@@ -53,11 +56,11 @@ class FlatParams:
         (all parameters in one buffer, the same order and offsets)."""
         if len(self.buffers) != 1:
             raise ValueError(f"casting weights for publishing needs one dtype, the policy has {list(self.buffers)}")
-        return _fingerprint([(name, shape, str(dtype), offset) for name, shape, _, offset in self.spec])
+        return _fingerprint([(name, shape, str(dtype), offset) for name, shape, _, offset in self.spec], self.salt)
 
 
-def _fingerprint(spec) -> str:
-    return hashlib.sha256(repr(spec).encode()).hexdigest()[:16]
+def _fingerprint(spec, salt: str = "") -> str:
+    return hashlib.sha256((repr(spec) + salt).encode()).hexdigest()[:16]
 
 
 def weights_digest(flat) -> str:

@@ -119,7 +119,8 @@ class WeightReceiver:
         if payload.fingerprint != self.flat.fingerprint:
             raise ValueError(
                 f"weight payload layout {payload.fingerprint} does not match this policy's "
-                f"{self.flat.fingerprint}: learner and rollout workers loaded different architectures")
+                f"{self.flat.fingerprint}: learner and rollout workers loaded different architectures "
+                f"(or, with model.lora, different base weights or adapter settings)")
         incoming = from_wire(fetch(payload.refs))
         if incoming.keys() != self.flat.buffers.keys() or any(
                 incoming[k].numel() != self.flat.buffers[k].numel() for k in incoming):

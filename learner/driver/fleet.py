@@ -37,6 +37,7 @@ from actors.envs.config import EnvConfig
 from actors.runtime.rollout_actor import create_rollout_actor
 from actors.rollout.worker import RolloutConfig
 from actors.validation import require
+from actors.weights.lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ class _Worker:
 
 class RolloutFleet:
     def __init__(self, model_path: str, cfg: RolloutConfig, *, coordinator,
-                 default_max_new_tokens: int, seed: int, say=print, env: EnvConfig | None = None):
-        self.model_path, self.cfg, self.env = model_path, cfg, env
+                 default_max_new_tokens: int, seed: int, say=print, env: EnvConfig | None = None,
+                 lora: LoraSpec | None = None):
+        self.model_path, self.cfg, self.env, self.lora = model_path, cfg, env, lora
         self.remote_envs: dict = {}  # environments registered over Control, for every worker
         self.coordinator = coordinator
         self.default_max_new_tokens, self.seed, self.say = default_max_new_tokens, seed, say
@@ -78,7 +80,7 @@ class RolloutFleet:
             with self._lock:  # a registration pushed meanwhile reaches it either way (set_remote_envs)
                 actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed,
                                              default_max_new_tokens=self.default_max_new_tokens, placement=placement,
-                                             env=self.env, remote_envs=self.remote_envs)
+                                             env=self.env, remote_envs=self.remote_envs, lora=self.lora)
                 self.workers[name] = _Worker(actor)
             self.next_id += 1
             names.append(name)

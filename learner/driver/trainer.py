@@ -199,7 +199,8 @@ class Trainer:
         rollout_dtype = dtype_name(cfg.rollout.dtype, device_kind(cfg.rollout.device, cfg.rollout.num_gpus))
         self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=self.steps,
                                       temperature=cfg.rollout.temperature, seed=cfg.train.seed,
-                                      max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype)
+                                      max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype,
+                                      lora=cfg.model.lora)
         collective = None
         if cfg.train.weight_sync == "collective":
             collective = CollectiveSync(self.learner, backend=cfg.train.weight_sync_backend,
@@ -211,7 +212,7 @@ class Trainer:
         ray.get(self.coordinator.set_reward_actors.remote(self.rewards.actors))
         self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
                                      default_max_new_tokens=self.max_new_tokens, seed=cfg.train.seed, say=self.say,
-                                     env=self.env_config())
+                                     env=self.env_config(), lora=cfg.model.lora)
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
         self.rollouts.on_start = self.weights.for_newcomers
         self.rollouts.create(n_roll)
@@ -468,6 +469,8 @@ class Trainer:
         """Evaluate, save the policy, write ``summary.json``; returns the summary."""
         eval_after = self.evaluate("after")
         policy_dir = ray.get(self.learner.save_policy.remote(str((self.run_dir / "policy").resolve())))
+        if self.cfg.model.lora.enabled and self.cfg.model.lora.save_merged:
+            ray.get(self.learner.save_merged_policy.remote(str((self.run_dir / "policy-merged").resolve())))
         memory = peak_memory(self.learner, self.rollouts.actors, self.rewards.actors)
         self.say("peak RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in memory.items()))
         return self.write_summary("finished", "", stats, rl_s=rl_s, wall_t0=wall_t0, eval_after=eval_after,
