@@ -1,27 +1,41 @@
-"""The learner as a Ray actor: ``create_learner`` and the methods only an actor needs.
+"""The learner as Ray actors: ``start_learner`` / ``create_learner`` and what only an actor needs.
 
-``LearnerActor`` is the plain ``Learner`` plus where it runs and the
-collective weight-sync calls the driver makes (``learner.driver.weight_sync``),
-delegated to the learner's rank-0 role (``Learner.broadcast``). Placed by the
-learner's declared ``num_cpus``/``num_gpus``/resources, so it can sit on a GPU node.
+``LearnerActor`` is the plain ``Learner`` plus where it runs and the collective
+weight-sync calls the driver makes (``learner.driver.weight_sync``), delegated to
+the learner's rank-0 role (``Learner.broadcast``). Placed by the learner's declared
+``num_cpus``/``num_gpus``/resources, so it can sit on a GPU node.
+
+With ``learner.num_workers`` N > 1 there are N such actors in a placement group of
+their own (``learner.placement``; one node by default), joined as FSDP2 ranks
+(``learner.ranks``). The driver holds rank 0 only: each of its calls that the ranks
+must make together (a step, a checkpoint, a policy save) rank 0 starts on the others
+and runs itself, and a rank that died makes the call fail naming it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import ray
 
 from actors.runtime import object_store
 from actors.runtime.actors import WATCH_GROUP, watched
-from actors.runtime.placement import actor_env, where
+from actors.runtime.placement import actor_env, bundle, in_bundle, where
 from actors.weights.collective import GroupSpec
 from actors.weights.payload import Payload
+from learner import ranks
 from learner.learner import Learner, LearnerConfig
+
+
+class RankFailed(RuntimeError):
+    """A learner rank died or failed during a call the ranks make together."""
 
 
 @watched
 class LearnerActor(Learner):
     def __init__(self, model_path: str, cfg: LearnerConfig, **kwargs):
         super().__init__(model_path, cfg, put_weights=object_store.put, **kwargs)
+        self.peers: list = []  # rank 0: the other ranks' actors
 
     def where(self) -> dict:
         return where()
@@ -30,6 +44,58 @@ class LearnerActor(Learner):
         """``policy_version`` (a property of the plain learner; actors expose methods)."""
         return self.policy_version
 
+    # -- learner ranks ---------------------------------------------------------------------------------
+    def rendezvous(self) -> str:
+        """Rank 0: the address the ranks' process group meets at (a free port on this node)."""
+        return ranks.free_address(ray.util.get_node_ip_address())
+
+    def join(self, address: str, rank: int, world_size: int, peers: list) -> None:
+        self.peers = list(peers)
+        self.join_ranks(address, rank, world_size)
+
+    def ranks_where(self) -> list[dict]:
+        """Every rank's ``where`` (peak memory per rank), rank 0 first."""
+        return [self.where(), *ray.get([p.where.remote() for p in self.peers])]
+
+    def _everywhere(self, method: str, *args, **kwargs):
+        """Run ``method`` on every rank at once (rank 0 here); rank 0's result, or RankFailed
+        naming the rank that died or raised."""
+        refs = [getattr(p, method).remote(*args, **kwargs) for p in self.peers]
+        try:
+            out = getattr(Learner, method)(self, *args, **kwargs)
+        except Exception as e:
+            raise self._rank_failure(method, refs, e) from None
+        for i, ref in enumerate(refs, start=1):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise RankFailed(f"learner rank {i} failed in {method}: {_first_line(e)}") from None
+        return out
+
+    def _rank_failure(self, method: str, refs: list, error: Exception) -> Exception:
+        """Rank 0 failed in ``method``: the error of a rank that died or raised explains it best."""
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        for i, ref in enumerate(refs, start=1):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    return RankFailed(f"learner rank {i} failed in {method}: {_first_line(e)}")
+        return error if not refs else RankFailed(f"learner rank 0 failed in {method}: {_first_line(error)}")
+
+    def train_step(self, groups, preview: int = 0) -> dict:
+        return self._everywhere("train_step", groups, preview) if self.peers else super().train_step(groups, preview)
+
+    def save_state(self, path: str) -> None:
+        return self._everywhere("save_state", path) if self.peers else super().save_state(path)
+
+    def load_state(self, path: str) -> int:
+        return self._everywhere("load_state", path) if self.peers else super().load_state(path)
+
+    def save_policy(self, path: str) -> str:
+        return self._everywhere("save_policy", path) if self.peers else super().save_policy(path)
+
+    # -- collective weight sync (rank 0) -----------------------------------------------------------------
     def sync_device(self) -> dict:
         return self.broadcast.device_info()
 
@@ -43,8 +109,63 @@ class LearnerActor(Learner):
         return self.broadcast.broadcast(epoch)
 
 
-def create_learner(model_path: str, cfg: LearnerConfig, placement: dict | None = None, **kwargs):
-    """Start the learner actor (OpenMP keeps its default spinning waits: see ``actor_env``)."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    lines = [x for x in text.splitlines() if x.strip() and not x.startswith(("Traceback", "  "))]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+@dataclass
+class LearnerRanks:
+    """The learner's actors: ``rank0`` is the one the driver talks to."""
+
+    actors: list
+    group: object | None = None  # the ranks' placement group (N > 1)
+
+    @property
+    def rank0(self):
+        return self.actors[0]
+
+    def kill(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+            self.group = None
+
+
+def _actor(model_path: str, cfg: LearnerConfig, placement: dict | None, kwargs: dict):
+    """One learner actor (OpenMP keeps its default spinning waits: see ``actor_env``)."""
     return ray.remote(concurrency_groups=WATCH_GROUP)(LearnerActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
         runtime_env=actor_env(cfg.num_threads, passive_omp=False), **(placement or {})).remote(model_path, cfg, **kwargs)
+
+
+def start_learner(model_path: str, cfg: LearnerConfig, placement: dict | None = None, *,
+                  timeout_s: float = 600.0, **kwargs) -> LearnerRanks:
+    """The learner: one actor, or ``cfg.num_workers`` ranks in a placement group of their own,
+    joined (each loads the policy, then they shard it together) before this returns."""
+    n = cfg.num_workers
+    if n == 1:
+        return LearnerRanks([_actor(model_path, cfg, placement, kwargs)])
+    from ray.util.placement_group import placement_group
+
+    group = placement_group([bundle(cfg.num_cpus, cfg.num_gpus, cfg.resources)] * n, strategy=cfg.placement.upper())
+    out = LearnerRanks([], group)
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+        out.actors = [_actor(model_path, cfg, in_bundle(group, i), kwargs) for i in range(n)]
+        address = ray.get(out.rank0.rendezvous.remote(), timeout=timeout_s)
+        ray.get([a.join.remote(address, i, n, out.actors[1:] if i == 0 else []) for i, a in enumerate(out.actors)],
+                timeout=timeout_s)
+    except Exception:
+        out.kill()
+        raise
+    return out
+
+
+def create_learner(model_path: str, cfg: LearnerConfig, placement: dict | None = None, **kwargs):
+    """The learner's rank-0 actor (see ``start_learner``)."""
+    return start_learner(model_path, cfg, placement, **kwargs).rank0

@@ -4,11 +4,16 @@ A checkpoint is a folder ``<run>/checkpoints/step-NNNNNN`` holding
 
 * ``policy/``            the policy (``save_pretrained``: safetensors, config, tokenizer; with
   ``model.lora``, the adapter in PEFT's format: ``adapter_model.safetensors``, ``adapter_config.json``);
-* ``learner_state.pt``   optimizer, scheduler, RNG states, ``policy_version``, estimator state:
+* ``learner_state.pt``   optimizer (keyed by parameter name, whole: it loads into any number of
+  learner ranks), scheduler, RNG states, ``policy_version``, estimator state:
   tensors and plain containers only, loaded with ``torch.load(weights_only=True)``
   so a crafted file cannot run code (it is refused with a CheckpointError);
 * ``trainer_state.json`` the step and the prompt stream's resume point (cursor, trained uids after it);
 * ``COMPLETE``           written last: only a folder with it is a checkpoint.
+
+With learner ranks (FSDP2) rank 0 gathers the policy and the optimizer state and writes both;
+``torch.distributed.checkpoint``'s sharded format is not used: its ``.metadata`` is a pickle, and
+a checkpoint must never run code when loaded.
 
 It is written into ``step-NNNNNN.tmp`` and renamed, so a crash leaves either
 the previous checkpoint or a ``.tmp`` folder that ``find_checkpoint`` skips.
@@ -39,8 +44,11 @@ class CheckpointError(ConfigError):
 
 def save_learner_state(learner, path: str) -> None:
     """The learner's part: its policy folder and ``learner_state.pt``."""
-    learner.save_policy(os.path.join(path, "policy"))
-    torch.save({"optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict(),
+    learner.write_policy(os.path.join(path, "policy"))
+    optimizer = learner.optimizer_state()  # with learner ranks a collective: every rank calls this
+    if learner.rank != 0:
+        return
+    torch.save({"optimizer": optimizer, "scheduler": learner.scheduler.state_dict(),
                 "policy_version": learner.publisher.version, "baseline": learner.estimator.baseline,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                os.path.join(path, LEARNER_STATE))
@@ -84,8 +92,8 @@ def load_learner_state(learner, path: str) -> int:
     if learner.lora is not None:
         _load_adapter(learner.model, adapter, path)
     else:
-        _load_full(learner.model, path)
-    learner.optimizer.load_state_dict(state["optimizer"])
+        _load_full(learner, path)
+    learner.load_optimizer_state(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.estimator.baseline = state["baseline"]
     torch.set_rng_state(state["rng"]["torch"])
@@ -94,7 +102,7 @@ def load_learner_state(learner, path: str) -> int:
     return learner.publisher.version
 
 
-def _load_full(model, path: str) -> None:
+def _load_full(learner, path: str) -> None:
     from safetensors.torch import load_file
 
     weights = {}
@@ -102,7 +110,7 @@ def _load_full(model, path: str) -> None:
         if f.endswith(".safetensors"):
             weights.update(load_file(os.path.join(path, "policy", f)))
     try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = learner.load_policy_state(weights)
     except RuntimeError as e:  # a tensor of another shape: another architecture
         first = str(e).strip().splitlines()[1:2] or [str(e)]  # the first "size mismatch for ..." line
         raise CheckpointError(f"checkpoint {path} does not match the policy: {first[0].strip()[:300]}") from None

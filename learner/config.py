@@ -226,6 +226,8 @@ class Config:
         require(self.reward.model_disable_after_s < self.train.sample_timeout_s, "reward.model_disable_after_s",
                 f"must be < train.sample_timeout_s ({self.train.sample_timeout_s:g}): a paused run must disable "
                 f"an unhealthy reward model before it gives up waiting for samples")
+        require(not (self.model.lora.enabled and self.learner.num_workers > 1), "model.lora",
+                "LoRA with learner.num_workers > 1 is not supported yet: use one learner rank")
         for section in ("learner", "rollout", "reward"):
             check_resources(f"{section}.resources", getattr(self, section).resources)
         if self.train.weight_sync == "collective" and self.train.weight_sync_backend == "nccl":

@@ -13,12 +13,10 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from actors.device import check_device, mixed_precision, torch_device, torch_dtype
+from actors.device import mixed_precision, torch_device, torch_dtype
 from actors.rollout.policy import load_policy
 from actors.types import Group
 from actors.validation import require
@@ -27,136 +25,11 @@ from actors.weights.flat import FlatParams, weights_digest
 from actors.weights.lora import LoraSpec, adapter_params, base_fingerprint, wrap_for_training
 from actors.weights.payload import Payload
 from actors.weights.object_store import Put, WeightPublisher
-from learner import checkpoint
+from learner import checkpoint, ranks
 from learner.batch import TrainBatch, batch_metrics, empty_step_metrics, pad_micro_batch
 from learner.core_algos import aggregate, entropy_from_logits, kl_estimate, logprob_mismatch, token_logprobs
 from learner.estimators import ADVANTAGES, POLICY_LOSSES, EstimatorState
-
-
-@dataclass(kw_only=True)
-class LearnerConfig:
-    lr: float = 5e-4
-    """Peak AdamW learning rate."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    """AdamW betas."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this value (0 disables clipping)."""
-    micro_batch_size: int = 64
-    """Samples per forward/backward; gradients accumulate over micro-batches."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning-rate decay after warm-up, over ``train.steps``."""
-    warmup_steps: int = 0
-    """Linear warm-up steps from 0 to ``lr``."""
-    clip_low: float = 0.2
-    """PPO clip: ratio is clipped below at ``1 - clip_low``."""
-    clip_high: float = 0.28
-    """PPO clip: ratio is clipped above at ``1 + clip_high`` (clip-higher)."""
-    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce", "reinforce++"] = "grpo"
-    """Advantage estimator: grpo (group mean, /std if norm_adv_by_std), drgrpo (group mean, no std),
-    rloo (leave-one-out group mean), reinforce (moving-average baseline), reinforce++ (batch-normalised)."""
-    norm_adv_by_std: bool = True
-    """grpo only: divide group-centred rewards by the group std."""
-    kl_coef: float = 0.0
-    """Weight of KL(policy || frozen initial policy) in the loss (0 = no reference model is loaded)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Per-token KL estimator for kl_coef."""
-    kl_in_reward: bool = False
-    """Apply kl_coef as a reward penalty (reward -= kl_coef * summed per-token KL of the sample,
-    before advantages) instead of as a loss term."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus (subtracted from the loss)."""
-    ppo_epochs: int = 1
-    """Passes over each batch (each pass = mini_batches optimizer steps; one policy_version per batch)."""
-    mini_batches: int = 1
-    """Optimizer steps per pass over a batch (the batch split in this many parts)."""
-    dual_clip: float = 0.0
-    """Dual clip: for negative advantages bound the per-token loss by -A * dual_clip (0 = off; > 1)."""
-    policy_loss: Literal["ppo_clip", "vanilla"] = "ppo_clip"
-    """ppo_clip: PPO clipped surrogate of the ratio (clip_low/clip_high, dual_clip); vanilla: plain
-    policy gradient -A * log pi (REINFORCE; with off_policy=tis, importance-weighted)."""
-    off_policy: Literal["behaviour", "tis", "decoupled"] = "behaviour"
-    """Correction for samples a stale policy drew. behaviour: the PPO ratio is taken against the behaviour
-    policy (vanilla: no correction); tis (vanilla only): weight by the truncated ratio min(pi / behaviour,
-    is_cap); decoupled (ppo_clip only): clip against the learner's policy at consumption time and weight by
-    the truncated ratio proximal / behaviour."""
-    is_cap: float = 2.0
-    """tis and decoupled: cap of the truncated importance weight."""
-    is_level: Literal["token", "sequence"] = "token"
-    """tis and decoupled: importance weight per token, or per sequence (product of the token ratios)."""
-    filter_equal_groups: bool = False
-    """Leave out groups whose rewards are all equal (no group-relative signal; DAPO-style filtering)."""
-    overlong_penalty: float = 0.0
-    """Subtracted from the reward of completions cut at max_new_tokens without EOS."""
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                      "seq-mean-token-sum-norm"] = "seq-mean-token-sum"
-    """How per-token losses are reduced to the batch loss: over all tokens; per sequence summed then
-    averaged over sequences; per sequence averaged then averaged; or Dr.GRPO's sum over tokens divided by
-    sequences x loss_norm_constant."""
-    loss_norm_constant: int = 0
-    """seq-mean-token-sum-norm: the constant divisor per sequence (0 = the max completion length)."""
-    num_cpus: float = 1.0
-    """CPUs Ray reserves for the learner."""
-    num_gpus: float = 0.0
-    """GPUs Ray reserves for the learner; with device auto, > 0 trains on CUDA."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the learner trains: auto = cuda when num_gpus > 0 (Ray hides GPUs from actors that reserve none), else cpu."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Compute dtype (torch.autocast): auto = bfloat16 on CUDA, float32 on CPU. Master weights and AdamW
-    state stay float32 whatever this is."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """Custom Ray resources the learner needs."""
-    num_threads: int = 1
-    """torch intra-op threads in the learner (1 by default: with 2 rollout workers on 2
-    cores, a 2-thread learner oversubscribes them and async steps got slower)."""
-
-    def __post_init__(self):
-        require(self.lr > 0, "learner.lr", "must be > 0")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "learner.betas",
-                "must be two values in [0, 1)")
-        require(self.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
-        require(self.eps > 0, "learner.eps", "must be > 0")
-        require(self.num_cpus >= 0, "learner.num_cpus", "must be >= 0")
-        require(self.num_gpus >= 0, "learner.num_gpus", "must be >= 0")
-        require(self.max_grad_norm >= 0, "learner.max_grad_norm", "must be >= 0")
-        require(self.micro_batch_size >= 1, "learner.micro_batch_size", "must be >= 1")
-        require(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
-        require(0 <= self.clip_low < 1, "learner.clip_low", "must be in [0, 1)")
-        require(self.clip_high >= 0, "learner.clip_high", "must be >= 0")
-        require(self.num_threads >= 1, "learner.num_threads", "must be >= 1")
-        require(self.kl_coef >= 0, "learner.kl_coef", "must be >= 0")
-        require(self.ppo_epochs >= 1, "learner.ppo_epochs", "must be >= 1")
-        require(self.mini_batches >= 1, "learner.mini_batches", "must be >= 1")
-        require(self.dual_clip == 0 or self.dual_clip > 1, "learner.dual_clip", "must be 0 (off) or > 1")
-        require(self.is_cap > 0, "learner.is_cap", "must be > 0")
-        require(self.overlong_penalty >= 0, "learner.overlong_penalty", "must be >= 0")
-        require(self.entropy_coef >= 0, "learner.entropy_coef", "must be >= 0")
-        require(self.loss_norm_constant >= 0, "learner.loss_norm_constant", "must be >= 0")
-        require(self.off_policy != "tis" or self.policy_loss == "vanilla", "learner.off_policy",
-                "tis weights the vanilla policy gradient: set learner.policy_loss=vanilla (PPO-clip already "
-                "takes its ratio against the behaviour policy; decoupled is its truncated-IS variant)")
-        require(self.off_policy != "decoupled" or self.policy_loss == "ppo_clip", "learner.off_policy",
-                "decoupled needs learner.policy_loss=ppo_clip (use tis with vanilla)")
-        require(self.dual_clip == 0 or self.policy_loss == "ppo_clip", "learner.dual_clip",
-                "only applies to learner.policy_loss=ppo_clip")
-        check_device("learner", self.device, self.dtype, self.num_gpus)
-
-
-def lr_lambda(cfg: LearnerConfig, total_steps: int):
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        if cfg.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
+from learner.learner_config import LearnerConfig, lr_lambda  # noqa: F401 - re-exported
 
 
 class Learner:
@@ -189,12 +62,10 @@ class Learner:
         # before the optimizer: params keep identity
         self.flat = FlatParams(adapter_params(self.model), salt=salt) if self.lora else FlatParams(self.model)
         self.publisher = WeightPublisher(self.flat, wire_dtype=getattr(torch, publish_dtype) if publish_dtype else None)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas),
-                                           eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                           fused=True if self.device.type == "cuda" else None)
+        self.total_steps = total_steps
+        self.rank, self.world_size = 0, 1  # learner ranks: join_ranks
+        self._make_optimizer()
         self.broadcast = BroadcastSource(self.publisher, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.temperature = temperature if temperature > 0 else 1.0
         self.norm_constant = float(cfg.loss_norm_constant or max_new_tokens)
         require(cfg.loss_agg != "seq-mean-token-sum-norm" or self.norm_constant > 0, "learner.loss_norm_constant",
@@ -206,6 +77,33 @@ class Learner:
             self.ref_model, _ = load_policy(model_path, device=self.device, dtype="float32")
             mixed_precision(self.ref_model, torch_dtype(cfg.dtype, self.device))
             self.ref_model.eval().requires_grad_(False)
+
+    def _make_optimizer(self) -> None:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+                                           eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
+                                           fused=True if self.device.type == "cuda" else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg, self.total_steps))
+
+    def join_ranks(self, address: str, rank: int, world_size: int) -> None:
+        """Become rank ``rank`` of ``world_size`` learner ranks (``learner.ranks``): join their
+        process group, shard the policy (and the KL reference) with FSDP2 and rebuild the
+        optimizer over the shards. Rank 0 keeps its whole-policy copy (``self.flat``, refreshed
+        after every step) to publish; the others drop theirs. Call before any step."""
+        require(self.lora is None, "model.lora", "LoRA with learner.num_workers > 1 is not supported yet")
+        ranks.init_ranks(address, rank, world_size, self.device, self.cfg.rank_timeout_s)
+        self.rank, self.world_size = rank, world_size
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                ranks.shard(model, offload=self.cfg.offload)
+        if rank != 0:
+            self.flat.buffers = {}
+        self._make_optimizer()
+
+    def _refresh_published(self) -> None:
+        """Ranks > 1: gather the whole policy into rank 0's ``self.flat`` (every rank calls it)."""
+        if self.world_size > 1:
+            ranks.copy_into_flat(ranks.full_state(self.model), self.flat if self.rank == 0 else None)
 
     # -- phase 2 of a training step: update ------------------------------------------------
     @property
@@ -235,6 +133,7 @@ class Learner:
             out.update(batch_metrics(groups, batch, adv, self.publisher.version))
         self.scheduler.step()
         self.publisher.bump()
+        self._refresh_published()
         return {**out, "lr": lr, "update_s": time.perf_counter() - t0,
                 "prompt_uids": [g.prompt.uid for g in groups], **({"preview": preview_rows(groups, preview)}
                                                                   if preview else {})}
@@ -261,6 +160,8 @@ class Learner:
                     skipped += 1
                 elif norm is not None:
                     self.optimizer.step()
+        if self.world_size > 1:
+            deltas = [d for part in ranks.gather(deltas) for d in part]
         pairs = [torch.cat(x) for x in zip(*deltas)] if deltas else [torch.zeros(0), torch.zeros(0)]
         return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "skipped_step": skipped,
                 "active_samples": active, **ratio_metrics, **logprob_mismatch(*pairs)}
@@ -271,6 +172,8 @@ class Learner:
         grads = [p for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return None
+        if self.world_size > 1:  # DTensor gradients: the norm over every rank's shards
+            return float(ranks.to_full(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm or math.inf)))
         if self.cfg.max_grad_norm > 0:
             return float(torch.nn.utils.clip_grad_norm_(grads, self.cfg.max_grad_norm))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
@@ -282,27 +185,40 @@ class Learner:
     @torch.no_grad()
     def sequence_kl(self, batch: TrainBatch) -> torch.Tensor:
         """``[B]``: each sample's summed per-token KL estimate to the reference policy."""
-        out = []
-        mb = self.cfg.micro_batch_size
-        for start in range(0, len(batch), mb):
-            idx = list(range(start, min(start + mb, len(batch))))
+        def kl(idx):
             ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
             _, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
             ref = self._reference_logprobs(ids, attn, pos, pred_pos, targets)
-            out.append((kl_estimate(logp, ref, self.cfg.kl_estimator) * cmask).sum(-1).cpu())
-        return torch.cat(out)
+            return (kl_estimate(logp, ref, self.cfg.kl_estimator) * cmask).sum(-1).cpu().tolist()
+
+        return torch.tensor(self._map_rows(batch, list(range(len(batch))), kl))
 
     @torch.no_grad()
     def proximal_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Log-probs of every completion token under the learner's current weights."""
-        out: list[list[float]] = []
-        mb = self.cfg.micro_batch_size
-        for start in range(0, len(batch), mb):
-            idx = list(range(start, min(start + mb, len(batch))))
+        def logprobs(idx):
             ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
             _, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
-            out += [row[: batch.completion_len(i)] for row, i in zip(logp.cpu().tolist(), idx)]
-        return out
+            return [row[: batch.completion_len(i)] for row, i in zip(logp.cpu().tolist(), idx)]
+
+        return self._map_rows(batch, list(range(len(batch))), logprobs)
+
+    def _my_micro_batches(self, batch: TrainBatch, rows: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of ``rows`` (all of them with one rank); every rank gets the
+        same count, an empty one where its share ran out (run it as a placeholder pass)."""
+        shares = ranks.split_rows(rows, [len(s) for s in batch.sequences], self.world_size)
+        mb, mine = self.cfg.micro_batch_size, shares[self.rank]
+        return [mine[k * mb:(k + 1) * mb] for k in range(ranks.passes(shares, mb))]
+
+    def _map_rows(self, batch: TrainBatch, rows: list[int], fn) -> list:
+        """``fn(micro-batch rows) -> one value per row`` over ``rows``, split across the ranks."""
+        out: dict = {}
+        for idx in self._my_micro_batches(batch, rows):
+            values = fn(idx or rows[:1])  # a placeholder pass keeps the ranks' collectives paired
+            out.update(zip(idx, values) if idx else ())
+        if self.world_size > 1:
+            out = {k: v for part in ranks.gather(out) for k, v in part.items()}
+        return [out[i] for i in rows]
 
     def _completion_logprobs(self, model, ids, attn, pos, pred_pos, targets):
         """Forward ``model``; returns the logits that predict each completion token
@@ -359,13 +275,12 @@ class Learner:
         rows = [i for i in part if adv[i] != 0 or not skip_zero_advantage]
         sums: dict[str, float] = {}
         loss_total = 0.0
-        mb = self.cfg.micro_batch_size
-        for start in range(0, len(rows), mb):
-            idx = rows[start : start + mb]
+        for mine in self._my_micro_batches(batch, rows):
+            idx = mine or rows[:1]  # a placeholder pass (loss x 0) keeps the ranks' collectives paired
             ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
             with self._adapter_dropout():
                 pred, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
-            if mismatch is not None:
+            if mismatch is not None and mine:
                 fresh = torch.tensor([batch.versions[i] == self.policy_version for i in idx], device=cmask.device)
                 keep = cmask.bool() & fresh.unsqueeze(-1)
                 mismatch.append((logp.detach()[keep].cpu(), old[keep].cpu()))
@@ -384,11 +299,16 @@ class Learner:
                 ent = aggregate(entropy_from_logits(pred / self.temperature), **agg)
                 loss = loss - self.cfg.entropy_coef * ent
                 m["entropy"] = float(ent.detach())
-            loss.backward()
+            (loss if mine else 0.0 * loss).backward()
+            if not mine:
+                continue
             loss_total += float(loss.detach())
             w = len(idx) / len(rows)
             for k, v in m.items():
                 sums[k] = max(sums.get(k, v), v) if k == "ratio_max" else sums.get(k, 0.0) + w * v
+        if self.world_size > 1:  # each rank's terms of the global sums
+            parts = ranks.gather((loss_total, sums))
+            loss_total, sums = sum(loss for loss, _ in parts), ranks.merge_metrics([p for _, p in parts])
         metrics = {k: sums.get(k) for k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "entropy")
                    if k in sums or k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl")}
         return loss_total, len(rows), metrics
@@ -407,10 +327,52 @@ class Learner:
     def save_policy(self, path: str) -> str:
         """The policy as a Hugging Face folder; with LoRA, the adapter in PEFT's format (its
         ``adapter_config.json`` names the base; ``load_policy`` loads it merged)."""
-        os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        return self.write_policy(path)
+
+    def write_policy(self, path: str) -> str:
+        """``save_policy`` itself (what a checkpoint calls: the actor's ``save_policy`` starts it on
+        every rank, and a checkpoint is already running on every rank)."""
+        state = ranks.full_state(self.model) if self.world_size > 1 else None  # a collective: every rank
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            if state is None:
+                self.model.save_pretrained(path)
+            else:
+                ranks.save_whole(self.model.config, state, path)
+            self.tokenizer.save_pretrained(path)
         return path
+
+    def optimizer_state(self) -> dict:
+        """AdamW's state keyed by parameter name, whole (gathered on rank 0 with ranks): loads
+        into any number of ranks (``load_optimizer_state``)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """What ``optimizer_state`` returned (each rank keeps its shard), or an older checkpoint's
+        ``optimizer.state_dict()`` (keyed by index; one rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not all(isinstance(k, str) for k in state.get("state", {})):
+            if self.world_size > 1:
+                raise checkpoint.CheckpointError("this checkpoint's optimizer state is keyed by index (an older "
+                                                 "format): resume it with learner.num_workers 1")
+            self.optimizer.load_state_dict(state)
+            return
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def load_policy_state(self, weights: dict[str, torch.Tensor]):
+        """Whole-policy tensors into the (possibly sharded) policy; ``(missing, unexpected)`` keys."""
+        if self.world_size == 1:
+            return self.model.load_state_dict(weights, strict=False)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        result = set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        self._refresh_published()
+        return result
 
     def save_merged_policy(self, path: str) -> str:
         """LoRA only: the base with the adapters merged, as a plain model folder."""

@@ -14,13 +14,16 @@ from learner.driver.errors import RunFailed
 
 def placement_group(c: Config, name: str):
     """With ``train.placement``: one placement group, bundle 0 the learner, then the rollout
-    workers, then the reward workers. Returns ``(group or None, each one's actor options)``."""
+    workers, then the reward workers. Returns ``(group or None, each one's actor options)``.
+    Learner ranks (``learner.num_workers`` > 1) have a group of their own (``learner.placement``):
+    the learner's options are then empty and this group starts with the rollout workers."""
     n = 1 + c.rollout.num_workers + c.reward.num_workers
     if c.train.placement == "none":
         return None, [{}] * n
     from ray.util.placement_group import placement_group as make_group
 
-    bundles = ([bundle(c.learner.num_cpus, c.learner.num_gpus, c.learner.resources)]
+    own = c.learner.num_workers == 1
+    bundles = ([bundle(c.learner.num_cpus, c.learner.num_gpus, c.learner.resources)] * own
                + [bundle(c.rollout.num_cpus, c.rollout.num_gpus, c.rollout.resources)] * c.rollout.num_workers
                + [bundle(c.reward.num_cpus, 0, c.reward.resources)] * c.reward.num_workers)
     pg = make_group(bundles, strategy=c.train.placement.upper(), name=name)
@@ -29,7 +32,7 @@ def placement_group(c: Config, name: str):
     except ray.exceptions.GetTimeoutError:
         raise RunFailed(f"placement group ({c.train.placement}) of {bundles} not ready within "
                         f"{c.rollout.replace_timeout_s:.0f}s; cluster: {ray.cluster_resources()}") from None
-    return pg, [in_bundle(pg, i) for i in range(n)]
+    return pg, [{}] * (not own) + [in_bundle(pg, i) for i in range(len(bundles))]
 
 
 def place(c: Config, learner, rollouts, rewards, timeout_s: float) -> dict:

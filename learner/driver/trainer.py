@@ -39,7 +39,7 @@ from actors.runtime.coordinator import PromptsExhausted, SampleTimeout
 from actors.serving import ServerConfig
 from actors.weights.collective import CollectiveConfigError
 from learner import checkpoint
-from learner.actor import create_learner
+from learner.actor import start_learner
 from learner.config import Config, ConfigError
 from learner.control.envs import EnvRegistry
 from learner.control.registry import RewardRegistry
@@ -197,10 +197,12 @@ class Trainer:
         """The learner (bundle 0), the weight sync, the reward workers and the rollout fleet."""
         cfg = self.cfg
         rollout_dtype = dtype_name(cfg.rollout.dtype, device_kind(cfg.rollout.device, cfg.rollout.num_gpus))
-        self.learner = create_learner(self.policy_path, cfg.learner, placement=bundles[0], total_steps=self.steps,
-                                      temperature=cfg.rollout.temperature, seed=cfg.train.seed,
-                                      max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype,
-                                      lora=cfg.model.lora)
+        self.learner_ranks = start_learner(self.policy_path, cfg.learner, placement=bundles[0],
+                                           timeout_s=cfg.rollout.replace_timeout_s, total_steps=self.steps,
+                                           temperature=cfg.rollout.temperature, seed=cfg.train.seed,
+                                           max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype,
+                                           lora=cfg.model.lora)
+        self.learner = self.learner_ranks.rank0
         collective = None
         if cfg.train.weight_sync == "collective":
             collective = CollectiveSync(self.learner, backend=cfg.train.weight_sync_backend,
@@ -472,6 +474,8 @@ class Trainer:
         if self.cfg.model.lora.enabled and self.cfg.model.lora.save_merged:
             ray.get(self.learner.save_merged_policy.remote(str((self.run_dir / "policy-merged").resolve())))
         memory = peak_memory(self.learner, self.rollouts.actors, self.rewards.actors)
+        if len(self.learner_ranks.actors) > 1:  # every rank's: sharding is about memory per rank
+            memory["learner_ranks"] = [w["peak_rss_mib"] for w in ray.get(self.learner.ranks_where.remote(), timeout=30)]
         self.say("peak RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in memory.items()))
         return self.write_summary("finished", "", stats, rl_s=rl_s, wall_t0=wall_t0, eval_after=eval_after,
                                   extra={"policy_dir": policy_dir, "peak_rss_mib": memory})
@@ -518,6 +522,8 @@ class Trainer:
 
             remove_placement_group(self.pg)
             self.pg = None
+        if getattr(self, "learner_ranks", None) is not None:
+            self.learner_ranks.kill()
         for a in [getattr(self, "learner", None), getattr(self, "coordinator", None),
                   *getattr(getattr(self, "rollouts", None), "actors", []),
                   *getattr(getattr(self, "rewards", None), "actors", [])]:

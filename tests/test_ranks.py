@@ -1,0 +1,119 @@
+"""Learner ranks (``learner.num_workers``): FSDP2 over 2 CPU ranks (gloo) as real Ray actors.
+
+What must hold: N ranks compute the update one rank computes; checkpoints move between
+rank counts; a run with 2 ranks keeps exact accounting and the workers get its weights;
+a rank that dies fails the run naming it, within the ranks' timeout."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from actors.rollout.worker import RolloutConfig, RolloutWorker
+from actors.types import Prompt
+from learner.actor import start_learner
+from learner.learner import Learner, LearnerConfig
+from tests.conftest import wait_for
+from tests.test_pipeline import assert_workers_end_on_the_learners_weights, small_config
+
+TEXTS = ("12=", "98765=", "4=")  # prompts of different lengths: the token balance matters
+
+
+def batches(policy: str, n: int) -> list:
+    """``n`` batches of 3 groups x 3 samples, rewards differing within each group."""
+    w = RolloutWorker(policy, RolloutConfig(group_size=3, max_new_tokens=6), seed=5)
+    out = []
+    for step in range(n):
+        groups = w.generate([Prompt(uid=10 * step + i, text=t) for i, t in enumerate(TEXTS)])
+        for g in groups:
+            for i, s in enumerate(g.samples):
+                s.reward = float(i == step % 3)
+        out.append(groups)
+    return out
+
+
+def config(**kw) -> LearnerConfig:
+    # micro-batches of 2: 9 rows split 5/4 take 3 and 2 passes, so one rank runs a placeholder pass
+    return LearnerConfig(num_threads=1, lr=2e-2, micro_batch_size=2, num_cpus=0.1, rank_timeout_s=60, **kw)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
+def test_two_ranks_compute_the_update_one_rank_computes(ray_session, tiny_policy, loss_agg):
+    steps = batches(tiny_policy, 3)
+    one = Learner(tiny_policy, config(loss_agg=loss_agg), total_steps=10)
+    two = start_learner(tiny_policy, config(loss_agg=loss_agg, num_workers=2), total_steps=10)
+    try:
+        start = ray.get(two.rank0.param_vector.remote())
+        assert torch.equal(start, one.param_vector())
+        for groups in steps:
+            m1 = one.train_step(groups)
+            m2 = ray.get(two.rank0.train_step.remote(groups), timeout=120)
+            assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-4, abs=1e-6)
+            assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+            assert m2["ratio_max"] == pytest.approx(m1["ratio_max"], rel=1e-5)
+            assert m2["active_samples"] == m1["active_samples"] == 9
+        after = ray.get(two.rank0.param_vector.remote())  # rank 0's gathered copy: what it publishes
+        assert not torch.equal(after, start)
+        # fp32 sums in another order, amplified by AdamW where a gradient is near 0: ~1e-5 after 3 steps.
+        # (Adam hides a gradient's scale; the grad_norm check above is what catches a mean-not-sum.)
+        assert torch.allclose(after, one.param_vector(), atol=5e-5), (after - one.param_vector()).abs().max()
+        where = ray.get(two.rank0.ranks_where.remote())
+        assert len({w["pid"] for w in where}) == 2 and all(w["peak_rss_mib"] > 0 for w in where)
+    finally:
+        two.kill()
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one(ray_session, tiny_policy, tmp_path):
+    first, second = batches(tiny_policy, 2)
+    two = start_learner(tiny_policy, config(num_workers=2), total_steps=10)
+    try:
+        ray.get(two.rank0.train_step.remote(first), timeout=120)
+        ray.get(two.rank0.save_state.remote(str(tmp_path / "ckpt")), timeout=120)
+        ray.get(two.rank0.train_step.remote(second), timeout=120)
+        expected = ray.get(two.rank0.param_vector.remote())
+    finally:
+        two.kill()
+    one = Learner(tiny_policy, config(), total_steps=10)
+    assert one.load_state(str(tmp_path / "ckpt")) == 1
+    one.train_step(second)  # the same step from the restored weights and AdamW moments
+    assert torch.allclose(one.param_vector(), expected, atol=5e-5)
+
+
+def test_a_run_on_two_ranks_keeps_accounting_and_a_killed_rank_fails_it_by_name(ray_session, tiny_policy, tmp_path):
+    from learner.driver.trainer import RunFailed, Trainer
+
+    cfg = small_config(tiny_policy, "--learner.num_workers", "2", "--learner.num_cpus", "0.2", "--train.steps", "3")
+    t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
+    try:
+        s = t.train()
+        assert s["produced"] == s["trained"] + s["dropped"] and s["steps"] == 3
+        assert_workers_end_on_the_learners_weights(t, 3)
+        assert len(s["peak_rss_mib"]["learner_ranks"]) == 2
+    finally:
+        t.shutdown()
+    # a long run whose rank 1 is killed -9 once it trains: the run ends naming rank 1
+    cfg = small_config(tiny_policy, "--learner.num_workers", "2", "--learner.num_cpus", "0.2", "--train.steps", "100000",
+                       "--train.max_wall_s", "300", "--learner.rank_timeout_s", "30")
+    t = Trainer(cfg, tmp_path / "run2", out=io.StringIO(), progress=False)
+    killed: dict = {}
+
+    def kill_rank_1():
+        wait_for(lambda: getattr(t, "step", 0) >= 2, timeout_s=120, what="two steps")
+        pid = ray.get(t.learner_ranks.actors[1].where.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed["at"] = time.monotonic()
+
+    threading.Thread(target=kill_rank_1, daemon=True).start()
+    try:
+        with pytest.raises(RunFailed, match="learner rank 1"):
+            t.train()
+        assert time.monotonic() - killed["at"] < 60  # the ranks' timeout (30 s) bounds it
+    finally:
+        t.shutdown()
