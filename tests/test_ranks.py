@@ -70,7 +70,7 @@ def test_two_ranks_compute_the_update_one_rank_computes(ray_session, tiny_policy
         two.kill()
 
 
-def test_a_checkpoint_of_two_ranks_resumes_on_one(ray_session, tiny_policy, tmp_path):
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_two(ray_session, tiny_policy, tmp_path):
     first, second = batches(tiny_policy, 2)
     two = start_learner(tiny_policy, config(num_workers=2), total_steps=10)
     try:
@@ -84,6 +84,13 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one(ray_session, tiny_policy, tmp_
     assert one.load_state(str(tmp_path / "ckpt")) == 1
     one.train_step(second)  # the same step from the restored weights and AdamW moments
     assert torch.allclose(one.param_vector(), expected, atol=5e-5)
+    again = start_learner(tiny_policy, config(num_workers=2), total_steps=10)  # resharded onto 2 ranks
+    try:
+        assert ray.get(again.rank0.load_state.remote(str(tmp_path / "ckpt")), timeout=120) == 1
+        ray.get(again.rank0.train_step.remote(second), timeout=120)
+        assert torch.allclose(ray.get(again.rank0.param_vector.remote()), expected, atol=5e-5)
+    finally:
+        again.kill()
 
 
 def test_a_run_on_two_ranks_keeps_accounting_and_a_killed_rank_fails_it_by_name(ray_session, tiny_policy, tmp_path):
