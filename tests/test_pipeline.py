@@ -52,10 +52,13 @@ def assert_workers_end_on_the_learners_weights(t: Trainer, final: int) -> None:
 
 def test_weights_reach_rollout_workers_and_on_policy_steps_train_only_the_current_version(ray_session, tiny_policy,
                                                                                            tmp_path):
-    cfg = small_config(tiny_policy, "--train.max_staleness", "0", "--learner.lr", "1e-2", "--rollout.num_workers", "2")
+    # the learner as 2 FSDP2 ranks (learner.num_workers): rollout workers must see no difference
+    cfg = small_config(tiny_policy, "--train.max_staleness", "0", "--learner.lr", "1e-2", "--rollout.num_workers", "2",
+                       "--learner.num_workers", "2", "--learner.num_cpus", "0.2")
     t = Trainer(cfg, tmp_path / "run", out=io.StringIO(), progress=False)
     try:
         summary = t.train()
+        assert len(summary["peak_rss_mib"]["learner_ranks"]) == 2
         rows = read_metrics(tmp_path)
         assert len(rows) == summary["steps"] == 6
         for i, row in enumerate(rows):  # step i+1 trains on samples of exactly version i
