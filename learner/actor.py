@@ -36,6 +36,7 @@ class LearnerActor(Learner):
     def __init__(self, model_path: str, cfg: LearnerConfig, **kwargs):
         super().__init__(model_path, cfg, put_weights=object_store.put, **kwargs)
         self.peers: list = []  # rank 0: the other ranks' actors
+        self.out_of_step: str | None = None  # rank 0: a joint call failed, the ranks may sit in a collective
 
     def where(self) -> dict:
         return where()
@@ -60,28 +61,37 @@ class LearnerActor(Learner):
     def _everywhere(self, method: str, *args, **kwargs):
         """Run ``method`` on every rank at once (rank 0 here); rank 0's result, or RankFailed
         naming the rank that died or raised."""
+        if self.out_of_step:
+            raise RankFailed(self.out_of_step)
         refs = [getattr(p, method).remote(*args, **kwargs) for p in self.peers]
         try:
             out = getattr(Learner, method)(self, *args, **kwargs)
         except Exception as e:
-            raise self._rank_failure(method, refs, e) from None
+            failure = self._rank_failure(method, refs, e)
+            self.out_of_step = f"learner ranks out of step since {method} failed ({_first_line(failure)})"
+            raise failure from None
         for i, ref in enumerate(refs, start=1):
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as e:
-                raise RankFailed(f"learner rank {i} failed in {method}: {_first_line(e)}") from None
+                self.out_of_step = f"learner rank {i} failed in {method}: {_first_line(e)}"
+                raise RankFailed(self.out_of_step) from None
         return out
 
     def _rank_failure(self, method: str, refs: list, error: Exception) -> Exception:
-        """Rank 0 failed in ``method``: the error of a rank that died or raised explains it best."""
+        """Rank 0 failed in ``method``: a rank that died, or failed otherwise than rank 0, explains it
+        best; when every rank failed alike (the same bad input), rank 0's own error."""
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
         for i, ref in enumerate(refs, start=1):
             if ref in ready:
                 try:
                     ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    return RankFailed(f"learner rank {i} failed in {method}: {_first_line(e)}")
-        return error if not refs else RankFailed(f"learner rank 0 failed in {method}: {_first_line(error)}")
+                except ray.exceptions.RayActorError as e:
+                    return RankFailed(f"learner rank {i} died in {method}: {_first_line(e)}")
+                except ray.exceptions.RayTaskError as e:
+                    if type(getattr(e, "cause", None)) is not type(error):
+                        return RankFailed(f"learner rank {i} failed in {method}: {_first_line(e)}")
+        return error
 
     def train_step(self, groups, preview: int = 0) -> dict:
         return self._everywhere("train_step", groups, preview) if self.peers else super().train_step(groups, preview)

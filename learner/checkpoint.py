@@ -44,14 +44,26 @@ class CheckpointError(ConfigError):
 
 def save_learner_state(learner, path: str) -> None:
     """The learner's part: its policy folder and ``learner_state.pt``."""
-    learner.write_policy(os.path.join(path, "policy"))
-    optimizer = learner.optimizer_state()  # with learner ranks a collective: every rank calls this
+    # with learner ranks both gathers are collectives: every rank makes them, then rank 0 alone
+    # writes (a slow or failing write must not leave the other ranks waiting inside a gather)
+    policy = ranks_full_state(learner)
+    optimizer = learner.optimizer_state()
     if learner.rank != 0:
         return
+    learner.write_policy(os.path.join(path, "policy"), policy)
     torch.save({"optimizer": optimizer, "scheduler": learner.scheduler.state_dict(),
                 "policy_version": learner.publisher.version, "baseline": learner.estimator.baseline,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                os.path.join(path, LEARNER_STATE))
+
+
+def ranks_full_state(learner) -> dict | None:
+    """The whole policy gathered on rank 0 (None with one rank: it saves its own model)."""
+    if learner.world_size == 1:
+        return None
+    from learner.ranks import full_state
+
+    return full_state(learner.model)
 
 
 _STATE_KEYS = ("optimizer", "scheduler", "policy_version", "baseline", "rng")
@@ -120,9 +132,19 @@ def _load_full(learner, path: str) -> None:
 
 
 def _load_adapter(model, file: str, path: str) -> None:
-    """PEFT's adapter file into the learner's PEFT model: every adapter tensor or an error."""
+    """PEFT's adapter file into the learner's PEFT model: every adapter tensor or an error (also
+    when the checkpoint's rank or alpha differ from ``model.lora``: same shapes, another scale)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
+
+    try:
+        saved = json.loads(open(os.path.join(os.path.dirname(file), "adapter_config.json")).read())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: its adapter_config.json is unreadable ({type(e).__name__})") from None
+    spec = model.peft_config["default"]
+    theirs, ours = (saved.get("r"), saved.get("lora_alpha")), (spec.r, spec.lora_alpha)
+    if theirs != ours:
+        raise CheckpointError(f"checkpoint {path}: its adapters have rank, alpha {theirs}, model.lora asks for {ours}")
 
     try:
         result = set_peft_model_state_dict(model, load_file(file))

@@ -210,11 +210,16 @@ class Learner:
         mb, mine = self.cfg.micro_batch_size, shares[self.rank]
         return [mine[k * mb:(k + 1) * mb] for k in range(ranks.passes(shares, mb))]
 
+    @staticmethod
+    def _placeholder(batch: TrainBatch, rows: list[int]) -> list[int]:
+        """The cheapest row to run a placeholder pass on: the shortest."""
+        return [min(rows, key=lambda i: len(batch.sequences[i]))]
+
     def _map_rows(self, batch: TrainBatch, rows: list[int], fn) -> list:
         """``fn(micro-batch rows) -> one value per row`` over ``rows``, split across the ranks."""
         out: dict = {}
         for idx in self._my_micro_batches(batch, rows):
-            values = fn(idx or rows[:1])  # a placeholder pass keeps the ranks' collectives paired
+            values = fn(idx or self._placeholder(batch, rows))  # keeps the ranks' collectives paired
             out.update(zip(idx, values) if idx else ())
         if self.world_size > 1:
             out = {k: v for part in ranks.gather(out) for k, v in part.items()}
@@ -276,7 +281,7 @@ class Learner:
         sums: dict[str, float] = {}
         loss_total = 0.0
         for mine in self._my_micro_batches(batch, rows):
-            idx = mine or rows[:1]  # a placeholder pass (loss x 0) keeps the ranks' collectives paired
+            idx = mine or self._placeholder(batch, rows)  # a pass with loss x 0 keeps the ranks' collectives paired
             ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
             with self._adapter_dropout():
                 pred, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
@@ -329,10 +334,12 @@ class Learner:
         ``adapter_config.json`` names the base; ``load_policy`` loads it merged)."""
         return self.write_policy(path)
 
-    def write_policy(self, path: str) -> str:
+    def write_policy(self, path: str, state: dict | None = None) -> str:
         """``save_policy`` itself (what a checkpoint calls: the actor's ``save_policy`` starts it on
-        every rank, and a checkpoint is already running on every rank)."""
-        state = ranks.full_state(self.model) if self.world_size > 1 else None  # a collective: every rank
+        every rank, and a checkpoint is already running on every rank). ``state``: the ranks'
+        gathered policy, when the caller gathered it already."""
+        if state is None and self.world_size > 1:
+            state = ranks.full_state(self.model)  # a collective: every rank
         if self.rank == 0:
             os.makedirs(path, exist_ok=True)
             if state is None:
@@ -347,6 +354,11 @@ class Learner:
         into any number of ranks (``load_optimizer_state``)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        if not self.optimizer.state:  # torch would take a zero-lr step to create the state: it counts as one
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            return {"state": {}, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                                                   "params": [names[id(p)] for p in g["params"]]}
+                                                  for g in self.optimizer.param_groups]}
         return get_optimizer_state_dict(self.model, self.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -355,7 +367,11 @@ class Learner:
         ``optimizer.state_dict()`` (keyed by index; one rank)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        if not all(isinstance(k, str) for k in state.get("state", {})):
+        if not state.get("state"):  # saved before the first update: a fresh AdamW, the saved learning rates
+            for group, saved in zip(self.optimizer.param_groups, state.get("param_groups", [])):
+                group["lr"] = saved["lr"]
+            return
+        if not all(isinstance(k, str) for k in state["state"]):
             if self.world_size > 1:
                 raise checkpoint.CheckpointError("this checkpoint's optimizer state is keyed by index (an older "
                                                  "format): resume it with learner.num_workers 1")

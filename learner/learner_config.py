@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from actors.device import check_device
+from actors.device import check_device, device_kind
 from actors.validation import require
 
 
@@ -137,6 +137,8 @@ class LearnerConfig:
         require(self.num_workers >= 1, "learner.num_workers", "must be >= 1")
         require(self.rank_timeout_s > 0, "learner.rank_timeout_s", "must be > 0")
         require(not self.offload or self.num_workers > 1, "learner.offload", "needs learner.num_workers > 1 (FSDP2)")
+        require(not self.offload or device_kind(self.device, self.num_gpus) == "cuda", "learner.offload",
+                "is for learners on CUDA (on CPU the policy already lives in host memory)")
         check_device("learner", self.device, self.dtype, self.num_gpus)
 
 

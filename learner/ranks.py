@@ -47,7 +47,10 @@ def shard(model: torch.nn.Module, *, offload: bool = False) -> None:
     """FSDP2: each decoder layer (the classes in ``model._no_split_modules``) is its own unit,
     then the rest (embeddings, final norm, head). ``offload``: parameters, gradients and
     optimizer state live in host memory between uses (CUDA only)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise RuntimeError(f"learner.num_workers > 1 needs torch >= 2.8 (FSDP2 sum reductions); this is {torch.__version__}")
 
     layer_types = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_types]

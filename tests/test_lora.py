@@ -113,6 +113,8 @@ def test_the_kl_reference_is_the_base_with_the_adapters_off(tiny_policy):
 
 def test_checkpoints_hold_the_adapter_in_peft_format_and_resume_it(tiny_policy, tmp_path):
     lrn, w = learner(tiny_policy), worker(tiny_policy)
+    lrn.save_state(str(tmp_path / "before"))  # before any update: saving must not create AdamW state
+    assert not lrn.optimizer.state  # (torch's state-dict helper takes a zero-lr step to create it)
     step(lrn, w)
     lrn.save_state(str(tmp_path / "ckpt"))
     files = {p.name for p in (tmp_path / "ckpt" / "policy").iterdir()}
@@ -124,10 +126,20 @@ def test_checkpoints_hold_the_adapter_in_peft_format_and_resume_it(tiny_policy, 
     full = Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1)
     with pytest.raises(CheckpointError, match="holds LoRA adapters but model.lora.rank is 0"):
         full.load_state(str(tmp_path / "ckpt"))
-    # the saved adapter folder is a policy: its base with the adapter merged
+    rescaled = Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1, lora=LoraSpec(rank=4, alpha=16.0))
+    with pytest.raises(CheckpointError, match=r"rank, alpha \(4, 8.0\), model.lora asks for \(4, 16.0\)"):
+        rescaled.load_state(str(tmp_path / "ckpt"))  # same shapes, another scale: refused, not rescaled
+    # the saved adapter folder is a policy: its base with the adapter merged; as a run's model.path
+    # it becomes a plain folder once (vLLM and the next LoRA run's base need one)
     merged, _ = load_policy(str(tmp_path / "ckpt" / "policy"), device=torch.device("cpu"), dtype="float32")
     reference = dict(merged_reference(lrn).named_parameters())
     assert all(torch.allclose(p, reference[n], atol=1e-6) for n, p in merged.named_parameters())
+    from learner.driver.policy import merge_adapter_folder
+
+    plain = merge_adapter_folder(str(tmp_path / "ckpt" / "policy"), tmp_path / "run2", allow_pickle=False)
+    assert (tmp_path / "run2" / "policy-from-adapter" / "config.json").is_file()
+    again, _ = load_policy(plain, device=torch.device("cpu"), dtype="float32")
+    assert all(torch.allclose(p, reference[n], atol=1e-6) for n, p in again.named_parameters())
 
 
 def test_a_lora_run_keeps_exact_accounting_and_saves_adapter_and_merged_policy(ray_session, tiny_policy, tmp_path):

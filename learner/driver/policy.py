@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 
 from actors.models.tiny import _cache_root, prepare_builtin_policy
-from actors.rollout.policy import check_policy_files, safetensors_weights
+from actors.rollout.policy import adapter_base, check_policy_files, safetensors_weights
 from learner.config import Config, ConfigError
 
 CONVERTED = "policy-safetensors"
+MERGED = "policy-from-adapter"  # a LoRA adapter model.path, merged into its base once
 _SOURCE = "fleetrl-converted-from.json"  # written last: a folder with it is a whole conversion
 
 
@@ -54,6 +55,37 @@ def convert_to_safetensors(src: str, dst: Path) -> Path:
     return dst
 
 
+def merge_adapter_folder(path: str, run_dir, allow_pickle: bool) -> str:
+    """A LoRA adapter folder (a LoRA run's policy) as a plain model folder: its base with the
+    adapter merged, written once into ``run_dir/policy-from-adapter`` (without ``run_dir``: the
+    cache), so every component, vLLM included, loads an ordinary folder, and a LoRA run started
+    from it records that folder as its base (the first adapter included)."""
+    import torch
+
+    from actors.rollout.policy import load_policy
+
+    src = str(Path(path).resolve())
+    dst = (Path(run_dir) / MERGED) if run_dir is not None else \
+        _cache_root() / MERGED / hashlib.sha256(src.encode()).hexdigest()[:16]
+    if (dst / _SOURCE).is_file() and json.loads((dst / _SOURCE).read_text()).get("src") == src:
+        return str(dst.resolve())
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model, tokenizer = load_policy(src, device=torch.device("cpu"), dtype="auto", allow_pickle=allow_pickle)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:  # noqa: BLE001 - any loader error, with the key name
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"model.path: cannot merge the LoRA adapter {path!r} into its base: {type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0]}") from None
+    (tmp / _SOURCE).write_text(json.dumps({"src": src, "adapter": True}))
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, dst)
+    return str(dst.resolve())
+
+
 def resolve_policy(cfg: Config, run_dir: str | os.PathLike | None = None) -> tuple[str, dict]:
     """The policy folder to load everywhere, building the built-in one if needed. A pickle-only
     ``model.path`` is refused (ConfigError) unless ``model.allow_pickle``; then it is converted
@@ -63,6 +95,8 @@ def resolve_policy(cfg: Config, run_dir: str | os.PathLike | None = None) -> tup
         from transformers import AutoConfig
 
         check_policy_files(cfg.model.path, cfg.model.allow_pickle)
+        if adapter_base(cfg.model.path) is not None:
+            return merge_adapter_folder(cfg.model.path, run_dir, cfg.model.allow_pickle), {}
         try:
             AutoConfig.from_pretrained(cfg.model.path)
         except Exception as e:  # noqa: BLE001 - surface any loader error with the key name
