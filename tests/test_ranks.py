@@ -45,11 +45,17 @@ def config(**kw) -> LearnerConfig:
     return LearnerConfig(num_threads=1, lr=2e-2, micro_batch_size=2, num_cpus=0.1, rank_timeout_s=60, **kw)
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
-def test_two_ranks_compute_the_update_one_rank_computes(ray_session, tiny_policy, loss_agg):
+@pytest.mark.parametrize("options", [
+    {"loss_agg": "token-mean"},
+    # every other path with collectives: a sharded KL reference, proximal log-probs (decoupled),
+    # two optimizer steps per batch, the entropy term
+    {"loss_agg": "seq-mean-token-sum", "kl_coef": 0.1, "off_policy": "decoupled", "mini_batches": 2,
+     "entropy_coef": 0.01},
+], ids=["token-mean", "seq-mean-token-sum+kl+decoupled+minibatches+entropy"])
+def test_two_ranks_compute_the_update_one_rank_computes(ray_session, tiny_policy, options):
     steps = batches(tiny_policy, 3)
-    one = Learner(tiny_policy, config(loss_agg=loss_agg), total_steps=10)
-    two = start_learner(tiny_policy, config(loss_agg=loss_agg, num_workers=2), total_steps=10)
+    one = Learner(tiny_policy, config(**options), total_steps=10)
+    two = start_learner(tiny_policy, config(num_workers=2, **options), total_steps=10)
     try:
         start = ray.get(two.rank0.param_vector.remote())
         assert torch.equal(start, one.param_vector())
@@ -59,7 +65,11 @@ def test_two_ranks_compute_the_update_one_rank_computes(ray_session, tiny_policy
             assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-4, abs=1e-6)
             assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
             assert m2["ratio_max"] == pytest.approx(m1["ratio_max"], rel=1e-5)
-            assert m2["active_samples"] == m1["active_samples"] == 9
+            assert m2["active_samples"] == m1["active_samples"] > 0
+            for key in ("kl", "entropy"):
+                assert (m2.get(key) is None) == (m1.get(key) is None) == (key not in options and f"{key}_coef" not in options)
+                if m1.get(key) is not None:
+                    assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7)
         after = ray.get(two.rank0.param_vector.remote())  # rank 0's gathered copy: what it publishes
         assert not torch.equal(after, start)
         # fp32 sums in another order, amplified by AdamW where a gradient is near 0: ~1e-5 after 3 steps.
