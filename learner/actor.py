@@ -61,6 +61,8 @@ class LearnerActor(Learner):
     def _everywhere(self, method: str, *args, **kwargs):
         """Run ``method`` on every rank at once (rank 0 here); rank 0's result, or RankFailed
         naming the rank that died or raised."""
+        if not self.peers:  # one rank: nothing to start elsewhere
+            return getattr(Learner, method)(self, *args, **kwargs)
         if self.out_of_step:
             raise RankFailed(self.out_of_step)
         refs = [getattr(p, method).remote(*args, **kwargs) for p in self.peers]
@@ -94,16 +96,16 @@ class LearnerActor(Learner):
         return error
 
     def train_step(self, groups, preview: int = 0) -> dict:
-        return self._everywhere("train_step", groups, preview) if self.peers else super().train_step(groups, preview)
+        return self._everywhere("train_step", groups, preview)
 
     def save_state(self, path: str) -> None:
-        return self._everywhere("save_state", path) if self.peers else super().save_state(path)
+        return self._everywhere("save_state", path)
 
     def load_state(self, path: str) -> int:
-        return self._everywhere("load_state", path) if self.peers else super().load_state(path)
+        return self._everywhere("load_state", path)
 
     def save_policy(self, path: str) -> str:
-        return self._everywhere("save_policy", path) if self.peers else super().save_policy(path)
+        return self._everywhere("save_policy", path)
 
     # -- collective weight sync (rank 0) -----------------------------------------------------------------
     def sync_device(self) -> dict:

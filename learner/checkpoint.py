@@ -114,6 +114,12 @@ def load_learner_state(learner, path: str) -> int:
     return learner.publisher.version
 
 
+def _first_mismatch(e: RuntimeError) -> str:
+    """The first "size mismatch for ..." line of ``load_state_dict``'s error (else its first line)."""
+    first = str(e).strip().splitlines()[1:2] or [str(e)]
+    return first[0].strip()[:300]
+
+
 def _load_full(learner, path: str) -> None:
     from safetensors.torch import load_file
 
@@ -124,8 +130,7 @@ def _load_full(learner, path: str) -> None:
     try:
         missing, unexpected = learner.load_policy_state(weights)
     except RuntimeError as e:  # a tensor of another shape: another architecture
-        first = str(e).strip().splitlines()[1:2] or [str(e)]  # the first "size mismatch for ..." line
-        raise CheckpointError(f"checkpoint {path} does not match the policy: {first[0].strip()[:300]}") from None
+        raise CheckpointError(f"checkpoint {path} does not match the policy: {_first_mismatch(e)}") from None
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
         raise CheckpointError(f"checkpoint {path} does not match the policy: missing {missing}, "
                               f"unexpected {unexpected}")
@@ -149,8 +154,7 @@ def _load_adapter(model, file: str, path: str) -> None:
     try:
         result = set_peft_model_state_dict(model, load_file(file))
     except RuntimeError as e:  # another rank or target layers: shapes differ
-        first = str(e).strip().splitlines()[1:2] or [str(e)]
-        raise CheckpointError(f"checkpoint {path}: its adapters do not match model.lora: {first[0].strip()[:300]}") from None
+        raise CheckpointError(f"checkpoint {path}: its adapters do not match model.lora: {_first_mismatch(e)}") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"checkpoint {path}: its adapters do not match model.lora: missing {missing[:3]}, "

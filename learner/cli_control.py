@@ -55,6 +55,28 @@ def _read_file(path: str, flag: str) -> bytes:
         raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
 
 
+def _read_token(path: str, flag: str) -> str:
+    """A bearer token from ``path`` (read here, sent to the trainer, never echoed); an empty file
+    is a usage error, not a registration without a token."""
+    token = _read_file(path, flag).decode(errors="replace").strip()
+    if not token:
+        raise UsageError(f"{flag} {path} is empty")
+    return token
+
+
+def _registry_command(argv: list[str], noun: str):
+    """``fleetrl NOUN {serve,add,remove,list}``: ``(sub, rest, prog, parser)``, the parser with
+    the Control flags and, for add and remove, the registered name."""
+    if not argv or argv[0] not in ("serve", "add", "remove", "list"):
+        raise UsageError(f"usage: fleetrl {noun} {{serve,add,remove,list}} ...")
+    sub, rest = argv[0], argv[1:]
+    prog = f"fleetrl {noun} {sub}"
+    p = _control_parser(prog)
+    if sub in ("add", "remove"):
+        p.add_argument("name")
+    return sub, rest, prog, p
+
+
 def _rpc(prog: str, fn):
     import grpc
 
@@ -70,17 +92,11 @@ def cmd_reward(argv: list[str]) -> int:
 
     from protos import control_pb2
 
-    if not argv or argv[0] not in ("serve", "add", "remove", "list"):
-        raise UsageError("usage: fleetrl reward {serve,add,remove,list} ...")
-    sub, rest = argv[0], argv[1:]
+    sub, rest, prog, p = _registry_command(argv, "reward")
     if sub == "serve":
         from actors.reward.server import main_serve
 
         return main_serve(rest)
-    prog = f"fleetrl reward {sub}"
-    p = _control_parser(prog)
-    if sub in ("add", "remove"):
-        p.add_argument("name")
     if sub == "add":
         target = p.add_mutually_exclusive_group(required=True)
         target.add_argument("--endpoint", help="HOST:PORT of a fleetrl.reward.v1.RewardModel server")
@@ -97,10 +113,7 @@ def cmd_reward(argv: list[str]) -> int:
             max_attempts=args.max_attempts, failure_threshold=args.failure_threshold, cooldown_s=args.cooldown,
             tls_ca_pem=_read_file(args.reward_tls_ca, "--reward-tls-ca") if args.reward_tls_ca else b"")
         if args.reward_token_file:
-            token = _read_file(args.reward_token_file, "--reward-token-file").decode(errors="replace").strip()
-            if not token:
-                raise UsageError(f"--reward-token-file {args.reward_token_file} is empty")
-            spec.token = token
+            spec.token = _read_token(args.reward_token_file, "--reward-token-file")
         if args.endpoint:
             spec.endpoint = args.endpoint
         else:
@@ -140,17 +153,11 @@ def cmd_env(argv: list[str]) -> int:
 
     from protos import control_pb2
 
-    if not argv or argv[0] not in ("serve", "add", "remove", "list"):
-        raise UsageError("usage: fleetrl env {serve,add,remove,list} ...")
-    sub, rest = argv[0], argv[1:]
+    sub, rest, prog, p = _registry_command(argv, "env")
     if sub == "serve":
         from actors.envs.server import main_serve
 
         return main_serve(rest)
-    prog = f"fleetrl env {sub}"
-    p = _control_parser(prog)
-    if sub in ("add", "remove"):
-        p.add_argument("name")
     if sub == "add":
         p.add_argument("--endpoint", required=True, help="HOST:PORT of a `fleetrl env serve` server")
         p.add_argument("--call-timeout", type=float, default=10.0, help="deadline of one Reset/Step/Close call (s)")
@@ -167,7 +174,7 @@ def cmd_env(argv: list[str]) -> int:
             failure_threshold=args.failure_threshold, cooldown_s=args.cooldown,
             tls_ca_pem=_read_file(args.env_tls_ca, "--env-tls-ca") if args.env_tls_ca else b"")
         if args.env_token_file:
-            spec.token = _read_file(args.env_token_file, "--env-token-file").decode(errors="replace").strip()
+            spec.token = _read_token(args.env_token_file, "--env-token-file")
         reply = _rpc(prog, lambda: stub.RegisterEnvironment(control_pb2.RegisterEnvironmentRequest(spec=spec),
                                                             metadata=md, timeout=args.rpc_timeout))
         print(json.dumps(MessageToDict(reply.env, preserving_proto_field_name=True), indent=2))

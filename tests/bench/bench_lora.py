@@ -65,21 +65,27 @@ def groups_for(tokenizer, samples: int, tokens: int, seed: int = 0):
     return out
 
 
+def on_policy_groups(lrn, samples: int, tokens: int) -> list:
+    """``groups_for``'s groups with behaviour log-probs = ``lrn``'s own recompute (ratio 1)."""
+    from learner.batch import TrainBatch
+
+    groups = groups_for(lrn.tokenizer, samples, tokens)
+    for s, lp in zip((s for g in groups for s in g.samples), lrn.proximal_logprobs(TrainBatch.from_groups(groups))):
+        s.logprobs = lp
+    return groups
+
+
 def child(mode: str, path: str, rank: int, samples: int, tokens: int, rounds: int) -> dict:
     import torch
 
     from actors.rollout.worker import RolloutConfig, RolloutWorker
     from actors.weights.lora import LoraSpec
-    from learner.batch import TrainBatch
     from learner.learner import Learner, LearnerConfig
 
     spec = LoraSpec(rank=rank, alpha=2.0 * rank) if mode == "lora" else None
     lrn = Learner(path, LearnerConfig(num_threads=1, micro_batch_size=8, lr=1e-5), total_steps=100,
                   put_weights=lambda a: a, lora=spec)
-    groups = groups_for(lrn.tokenizer, samples, tokens)
-    fresh = lrn.proximal_logprobs(TrainBatch.from_groups(groups))  # behaviour = the learner's own: ratio 1
-    for s, lp in zip((s for g in groups for s in g.samples), fresh):
-        s.logprobs = lp
+    groups = on_policy_groups(lrn, samples, tokens)
     steps = []
     for _ in range(rounds + 1):  # the first step warms up (allocations, autograd graphs)
         t0 = time.perf_counter()

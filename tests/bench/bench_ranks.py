@@ -23,19 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.bench.bench_lora import arg, groups_for, policy_path  # noqa: E402
+from tests.bench.bench_lora import arg, on_policy_groups, policy_path  # noqa: E402
 
 
 def batch(path: str, samples: int, tokens: int) -> list:
     """The groups, their behaviour log-probs the policy's own (a plain one-process learner)."""
-    from learner.batch import TrainBatch
     from learner.learner import Learner, LearnerConfig
 
-    lrn = Learner(path, LearnerConfig(num_threads=1), total_steps=1)
-    groups = groups_for(lrn.tokenizer, samples, tokens)
-    for s, lp in zip((s for g in groups for s in g.samples), lrn.proximal_logprobs(TrainBatch.from_groups(groups))):
-        s.logprobs = lp
-    return groups
+    return on_policy_groups(Learner(path, LearnerConfig(num_threads=1), total_steps=1), samples, tokens)
 
 
 def measure(path: str, groups: list, n: int, steps: int) -> dict:
