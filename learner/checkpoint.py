@@ -4,16 +4,17 @@ A checkpoint is a folder ``<run>/checkpoints/step-NNNNNN`` holding
 
 * ``policy/``            the policy (``save_pretrained``: safetensors, config, tokenizer; with
   ``model.lora``, the adapter in PEFT's format: ``adapter_model.safetensors``, ``adapter_config.json``);
-* ``learner_state.pt``   optimizer (keyed by parameter name, whole: it loads into any number of
-  learner ranks), scheduler, RNG states, ``policy_version``, estimator state:
-  tensors and plain containers only, loaded with ``torch.load(weights_only=True)``
-  so a crafted file cannot run code (it is refused with a CheckpointError);
+* ``optimizer/``         AdamW's state, one safetensors shard per learner rank written with
+  ``torch.distributed.checkpoint`` (``learner.optimizer_state``): any number of ranks loads it;
+* ``learner_state.pt``   the optimizer's param groups, scheduler, RNG states, ``policy_version``,
+  estimator state: tensors and plain containers only, loaded with
+  ``torch.load(weights_only=True)`` so a crafted file cannot run code (it is refused with a
+  CheckpointError);
 * ``trainer_state.json`` the step and the prompt stream's resume point (cursor, trained uids after it);
 * ``COMPLETE``           written last: only a folder with it is a checkpoint.
 
-With learner ranks (FSDP2) rank 0 gathers the policy and the optimizer state and writes both;
-``torch.distributed.checkpoint``'s sharded format is not used: its ``.metadata`` is a pickle, and
-a checkpoint must never run code when loaded.
+With learner ranks (FSDP2) the policy is gathered (it is, once per version, for publishing
+anyway) and rank 0 writes it; each rank writes its own shard of the optimizer state.
 
 It is written into ``step-NNNNNN.tmp`` and renamed, so a crash leaves either
 the previous checkpoint or a ``.tmp`` folder that ``find_checkpoint`` skips.
@@ -32,6 +33,7 @@ import torch
 
 from actors.rollout.policy import ADAPTER_WEIGHTS
 from actors.validation import ConfigError
+from learner.optimizer_state import load_optimizer, save_optimizer
 
 MARKER = "COMPLETE"
 LEARNER_STATE = "learner_state.pt"
@@ -44,10 +46,10 @@ class CheckpointError(ConfigError):
 
 def save_learner_state(learner, path: str) -> None:
     """The learner's part: its policy folder and ``learner_state.pt``."""
-    # with learner ranks both gathers are collectives: every rank makes them, then rank 0 alone
-    # writes (a slow or failing write must not leave the other ranks waiting inside a gather)
+    # with learner ranks the gather and DCP's save are collectives: every rank makes them, then
+    # rank 0 alone writes the rest (a slow or failing write must not leave the others waiting)
     policy = ranks_full_state(learner)
-    optimizer = learner.optimizer_state()
+    optimizer = save_optimizer(learner.model, learner.optimizer, path)
     if learner.rank != 0:
         return
     learner.write_policy(os.path.join(path, "policy"), policy)
@@ -105,13 +107,32 @@ def load_learner_state(learner, path: str) -> int:
         _load_adapter(learner.model, adapter, path)
     else:
         _load_full(learner, path)
-    learner.load_optimizer_state(state["optimizer"])
+    _load_optimizer(learner, path, state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.estimator.baseline = state["baseline"]
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     learner.publisher.version = state["policy_version"]
     return learner.publisher.version
+
+
+def _load_optimizer(learner, path: str, saved: dict) -> None:
+    """The sharded optimizer state (``learner.optimizer_state``) or, from a checkpoint of an older
+    fleetrl, the whole state inside ``learner_state.pt`` (keyed by name, or by index: one rank)."""
+    if "files" in saved or not saved.get("state"):
+        try:
+            return load_optimizer(learner.model, learner.optimizer, path, saved)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
+    if not all(isinstance(k, str) for k in saved["state"]):
+        if learner.world_size > 1:
+            raise CheckpointError(f"checkpoint {path}: its optimizer state is keyed by index (an older format): "
+                                  f"resume it with learner.num_workers 1")
+        return learner.optimizer.load_state_dict(saved)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(learner.model, learner.optimizer, optim_state_dict=saved,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _first_mismatch(e: RuntimeError) -> str:

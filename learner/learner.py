@@ -349,37 +349,6 @@ class Learner:
             self.tokenizer.save_pretrained(path)
         return path
 
-    def optimizer_state(self) -> dict:
-        """AdamW's state keyed by parameter name, whole (gathered on rank 0 with ranks): loads
-        into any number of ranks (``load_optimizer_state``)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        if not self.optimizer.state:  # torch would take a zero-lr step to create the state: it counts as one
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            return {"state": {}, "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
-                                                   "params": [names[id(p)] for p in g["params"]]}
-                                                  for g in self.optimizer.param_groups]}
-        return get_optimizer_state_dict(self.model, self.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_optimizer_state(self, state: dict) -> None:
-        """What ``optimizer_state`` returned (each rank keeps its shard), or an older checkpoint's
-        ``optimizer.state_dict()`` (keyed by index; one rank)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        if not state.get("state"):  # saved before the first update: a fresh AdamW, the saved learning rates
-            for group, saved in zip(self.optimizer.param_groups, state.get("param_groups", [])):
-                group["lr"] = saved["lr"]
-            return
-        if not all(isinstance(k, str) for k in state["state"]):
-            if self.world_size > 1:
-                raise checkpoint.CheckpointError("this checkpoint's optimizer state is keyed by index (an older "
-                                                 "format): resume it with learner.num_workers 1")
-            self.optimizer.load_state_dict(state)
-            return
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
-
     def load_policy_state(self, weights: dict[str, torch.Tensor]):
         """Whole-policy tensors into the (possibly sharded) policy; ``(missing, unexpected)`` keys."""
         if self.world_size == 1:

@@ -83,6 +83,9 @@ def test_two_ranks_compute_the_update_one_rank_computes(ray_session, tiny_policy
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_two(ray_session, tiny_policy, tmp_path):
+    """2 ranks write a checkpoint (each its shard of AdamW's state); 1 rank resumes it and takes
+    the step the 2 ranks took next; that rank's own checkpoint resumes on 2 ranks again
+    (resharding both ways) and the step matches too."""
     first, second = batches(tiny_policy, 2)
     two = start_learner(tiny_policy, config(num_workers=2), total_steps=10)
     try:
@@ -92,17 +95,44 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_on_two(ray_session, tiny_p
         expected = ray.get(two.rank0.param_vector.remote())
     finally:
         two.kill()
+    shards = sorted((tmp_path / "ckpt" / "optimizer").glob("*.safetensors"))
+    sizes = [f.stat().st_size for f in shards]
+    assert len(shards) == 2 and max(sizes) < 0.7 * sum(sizes), sizes  # each rank wrote its own half
     one = Learner(tiny_policy, config(), total_steps=10)
     assert one.load_state(str(tmp_path / "ckpt")) == 1
+    one.save_state(str(tmp_path / "ckpt-one"))  # what 1 rank restored, written by 1 rank
     one.train_step(second)  # the same step from the restored weights and AdamW moments
     assert torch.allclose(one.param_vector(), expected, atol=5e-5)
     again = start_learner(tiny_policy, config(num_workers=2), total_steps=10)  # resharded onto 2 ranks
     try:
-        assert ray.get(again.rank0.load_state.remote(str(tmp_path / "ckpt")), timeout=120) == 1
+        assert ray.get(again.rank0.load_state.remote(str(tmp_path / "ckpt-one")), timeout=120) == 1
         ray.get(again.rank0.train_step.remote(second), timeout=120)
         assert torch.allclose(ray.get(again.rank0.param_vector.remote()), expected, atol=5e-5)
     finally:
         again.kill()
+
+
+def test_a_damaged_or_foreign_optimizer_shard_is_a_one_line_error(tiny_policy, tmp_path):
+    """The optimizer's safetensors shard replaced by junk, or by the shard of a policy of another
+    shape: resuming fails with one line naming the checkpoint, not DCP's traceback."""
+    from learner.checkpoint import CheckpointError
+
+    learner = Learner(tiny_policy, config(), total_steps=10)
+    learner.train_step(batches(tiny_policy, 1)[0])
+    learner.save_state(str(tmp_path / "ckpt"))
+    (shard,) = (tmp_path / "ckpt" / "optimizer").glob("*.safetensors")
+    good = shard.read_bytes()
+    shard.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError) as junk:
+        Learner(tiny_policy, config(), total_steps=10).load_state(str(tmp_path / "ckpt"))
+    from safetensors.torch import load, save
+
+    shard.write_bytes(save({k: v[..., :1].contiguous() if v.dim() else v for k, v in load(good).items()}))
+    with pytest.raises(CheckpointError) as foreign:
+        Learner(tiny_policy, config(), total_steps=10).load_state(str(tmp_path / "ckpt"))
+    for e in (junk, foreign):
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"checkpoint {tmp_path / 'ckpt'}: its optimizer state"), msg
 
 
 def test_a_run_on_two_ranks_fails_naming_a_killed_rank_and_keeps_accounting(ray_session, tiny_policy, tmp_path):
