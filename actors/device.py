@@ -7,8 +7,9 @@
   and the driver can resolve it without looking at the cluster. ``cuda`` with
   ``num_gpus = 0`` is a configuration error; ``cuda`` in a process whose torch sees
   no GPU is a runtime error naming the torch build (no silent fallback to CPU).
-* ``dtype``: ``float32``, ``bfloat16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
-  Rollout workers hold their weights in it. The learner always keeps **fp32
+* ``dtype``: ``float32``, ``bfloat16`` or ``auto`` (bf16 on CUDA, fp32 on CPU; for the
+  learner also bf16 on a CPU with bf16 matrix instructions when the policy is big enough
+  for it to pay: ``learner_compute_dtype``). Rollout workers hold their weights in it. The learner always keeps **fp32
   master weights and fp32 AdamW state** and uses ``dtype`` as the compute dtype
   (``torch.autocast``; logits stay in it: the loss gathers the completion
   positions first and upcasts only those to fp32 for the log-softmax), the way
@@ -39,6 +40,33 @@ def dtype_name(dtype: str, kind: str) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if kind == "cuda" else "float32"
+
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+BF16_CPU_MIN_PARAMS = 50_000_000
+
+
+@functools.cache
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """This CPU's bf16 matrix instructions (AMX-BF16, AVX512-BF16) from ``/proc/cpuinfo``; empty
+    where there are none (AVX2-only x86: torch emulates bf16 there, slower than fp32) or no
+    ``/proc/cpuinfo`` (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(x for x in BF16_CPU_FLAGS if x in flags)
+
+
+def learner_compute_dtype(dtype: str, device: torch.device, num_params: int) -> torch.dtype:
+    """The learner's autocast dtype. ``auto``: bf16 on CUDA; on CPU bf16 when the CPU has bf16
+    matrix instructions and the policy has at least ``BF16_CPU_MIN_PARAMS`` parameters
+    (SmolLM2-135M's update: 1.43x faster on AVX512-BF16, see the README), else fp32: a smaller
+    policy's learner is not what limits its runs, and fp32 keeps its log-probs exact."""
+    if dtype == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_flags() and num_params >= BF16_CPU_MIN_PARAMS else torch.float32
+    return torch_dtype(dtype, device)
 
 
 def check_device(section: str, device: str, dtype: str, num_gpus: float) -> None:

@@ -41,6 +41,10 @@ class LearnerActor(Learner):
     def where(self) -> dict:
         return where()
 
+    def compute_dtype_name(self) -> str:
+        """The autocast dtype the learner resolved (``learner.dtype`` auto depends on the node's CPU)."""
+        return str(self.compute_dtype).removeprefix("torch.")
+
     def version(self) -> int:
         """``policy_version`` (a property of the plain learner; actors expose methods)."""
         return self.policy_version

@@ -67,31 +67,32 @@ class TrainBatch:
 
 
 def pad_micro_batch(batch: TrainBatch, idx: list[int], pad_id: int, device):
-    """Right-padded tensors for rows ``idx``: input_ids/attention/positions ``[b, L]``,
-    completion targets, behaviour log-probs and mask ``[b, T]`` aligned to the
-    logits that predict them. The mask is the rows' loss mask: 0 on padding and on
-    an episode's observation tokens."""
+    """Padded tensors for rows ``idx``, every prompt ending in the same column ``P - 1`` (prompts
+    padded on the left, completions on the right): input_ids/attention/positions ``[b, L]``;
+    completion targets, behaviour log-probs and mask ``[b, T]``; ``keep`` ``[T]``: the columns
+    ``P - 1 .. P + T - 2`` whose logits predict the completion tokens, the same for every row,
+    so the forward computes logits there only (``logits_to_keep``), never ``[b, L, V]``. The mask
+    is the rows' loss mask: 0 on padding and on an episode's observation tokens."""
     rows = [batch.sequences[i] for i in idx]
-    L = max(len(r) for r in rows)
+    P = max(batch.prompt_lens[i] for i in idx)
     T = max(len(r) - batch.prompt_lens[i] for r, i in zip(rows, idx))
-    input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), L), dtype=torch.long)
+    input_ids = torch.full((len(rows), P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), P + T), dtype=torch.long)
     targets = torch.full((len(rows), T), pad_id, dtype=torch.long)
     old = torch.zeros((len(rows), T), dtype=torch.float32)
     cmask = torch.zeros((len(rows), T), dtype=torch.float32)
-    pred_pos = torch.zeros((len(rows), T), dtype=torch.long)  # position of the logit predicting token t
     for b, (r, i) in enumerate(zip(rows, idx)):
         p, c = batch.prompt_lens[i], len(r) - batch.prompt_lens[i]
-        input_ids[b, : len(r)] = torch.tensor(r)
-        attn[b, : len(r)] = 1
+        input_ids[b, P - p: P + c] = torch.tensor(r)
+        attn[b, P - p: P + c] = 1
         targets[b, :c] = torch.tensor(r[p:])
         old[b, :c] = torch.tensor(batch.behaviour_logprobs[i])
         m = batch.mask(i)
         cmask[b, :c] = 1 if m is None else torch.tensor(m, dtype=torch.float32)
-        pred_pos[b, :c] = torch.arange(p - 1, p - 1 + c)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.arange(P - 1, P - 1 + T)
     return (input_ids.to(device), attn.to(device), positions.to(device), targets.to(device), old.to(device),
-            cmask.to(device), pred_pos.to(device))
+            cmask.to(device), keep.to(device))
 
 
 def _mean_reward(groups: list[Group]) -> float:

@@ -80,8 +80,9 @@ def split_args(argv: list[str], flags: set[str], switches: set[str] = frozenset(
     return config_path, opts, overrides
 
 
-def init_ray(address: str | None):
-    """Connect to ``address`` (or $RAY_ADDRESS); else start a local Ray bound to loopback."""
+def init_ray(address: str | None, cfg=None):
+    """Connect to ``address`` (or $RAY_ADDRESS); else start a local Ray bound to loopback, its
+    object store sized for ``cfg``'s weight payloads (``object_store_bytes``)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -92,9 +93,23 @@ def init_ray(address: str | None):
     # address="local": always a new instance, never a stale "current cluster" left by `ray start`
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.2",
              include_dashboard=False,
-             object_store_memory=int(os.environ.get("FLEETRL_OBJECT_STORE_BYTES", 1_000_000_000)),
+             object_store_memory=object_store_bytes(cfg),
              log_to_driver=True)
     return True
+
+
+def object_store_bytes(cfg=None) -> int:
+    """$FLEETRL_OBJECT_STORE_BYTES, else room for the weight versions a run holds at once
+    (``train.max_staleness + 3`` payloads: the versions rollouts may still sample from, the one
+    being published, one in transit) and 1 GB for everything else; at least 1 GB. A smaller
+    store spills weights to disk: 538 MB per version for SmolLM2 in fp32."""
+    if os.environ.get("FLEETRL_OBJECT_STORE_BYTES"):
+        return int(os.environ["FLEETRL_OBJECT_STORE_BYTES"])
+    if cfg is None:
+        return 1_000_000_000
+    from learner.driver.policy import payload_bytes
+
+    return 1_000_000_000 + (cfg.train.max_staleness + 3) * payload_bytes(cfg)
 
 
 def _run_dir(opts: dict) -> Path:
@@ -146,7 +161,7 @@ def cmd_train(argv: list[str]) -> int:
     from learner.driver.run import run_training
 
     stop = threading.Event()
-    init_ray(opts.get("--address"))
+    init_ray(opts.get("--address"), cfg)
     _stop_on_signals(stop)  # after ray.init: it installs a SIGTERM handler of its own
     try:
         summary = run_training(cfg, run_dir, progress=not opts.get("--no-progress"), stop_requested=stop)

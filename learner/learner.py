@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from actors.device import mixed_precision, torch_device, torch_dtype
+from actors.device import learner_compute_dtype, mixed_precision, torch_device
 from actors.rollout.policy import load_policy
 from actors.types import Group
 from actors.validation import require
@@ -50,7 +50,8 @@ class Learner:
         self.device = torch_device(cfg.device, cfg.num_gpus, "learner.device")
         # fp32 master weights; forward passes compute in the configured dtype (autocast)
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
-        mixed_precision(self.model, torch_dtype(cfg.dtype, self.device))
+        self.compute_dtype = learner_compute_dtype(cfg.dtype, self.device, sum(p.numel() for p in self.model.parameters()))
+        mixed_precision(self.model, self.compute_dtype)
         self.lora = lora if lora is not None and lora.enabled else None
         salt = ""
         if self.lora is not None:  # only the adapters are trained, published and checkpointed
@@ -75,7 +76,7 @@ class Learner:
         self.ref_model = None  # with LoRA the reference is the base: the same model, adapters off
         if cfg.kl_coef > 0 and self.lora is None:  # frozen copy of the initial policy
             self.ref_model, _ = load_policy(model_path, device=self.device, dtype="float32")
-            mixed_precision(self.ref_model, torch_dtype(cfg.dtype, self.device))
+            mixed_precision(self.ref_model, self.compute_dtype)
             self.ref_model.eval().requires_grad_(False)
 
     def _make_optimizer(self) -> None:
@@ -186,9 +187,9 @@ class Learner:
     def sequence_kl(self, batch: TrainBatch) -> torch.Tensor:
         """``[B]``: each sample's summed per-token KL estimate to the reference policy."""
         def kl(idx):
-            ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
-            _, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
-            ref = self._reference_logprobs(ids, attn, pos, pred_pos, targets)
+            ids, attn, pos, targets, _, cmask, keep = pad_micro_batch(batch, idx, self.pad_id, self.device)
+            _, logp = self._completion_logprobs(self.model, ids, attn, pos, keep, targets)
+            ref = self._reference_logprobs(ids, attn, pos, keep, targets)
             return (kl_estimate(logp, ref, self.cfg.kl_estimator) * cmask).sum(-1).cpu().tolist()
 
         return torch.tensor(self._map_rows(batch, list(range(len(batch))), kl))
@@ -197,8 +198,8 @@ class Learner:
     def proximal_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Log-probs of every completion token under the learner's current weights."""
         def logprobs(idx):
-            ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
-            _, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
+            ids, attn, pos, targets, _, cmask, keep = pad_micro_batch(batch, idx, self.pad_id, self.device)
+            _, logp = self._completion_logprobs(self.model, ids, attn, pos, keep, targets)
             return [row[: batch.completion_len(i)] for row, i in zip(logp.cpu().tolist(), idx)]
 
         return self._map_rows(batch, list(range(len(batch))), logprobs)
@@ -225,21 +226,21 @@ class Learner:
             out = {k: v for part in ranks.gather(out) for k, v in part.items()}
         return [out[i] for i in rows]
 
-    def _completion_logprobs(self, model, ids, attn, pos, pred_pos, targets):
-        """Forward ``model``; returns the logits that predict each completion token
-        ``[b, T, V]`` and the tokens' log-probs ``[b, T]`` at the sampling temperature."""
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-        pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    def _completion_logprobs(self, model, ids, attn, pos, keep, targets):
+        """Forward ``model`` computing logits at the columns ``keep`` only (``pad_micro_batch``);
+        returns those logits, which predict each completion token, ``[b, T, V]`` and the tokens'
+        log-probs ``[b, T]`` at the sampling temperature."""
+        pred = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep).logits
         return pred, token_logprobs(pred, targets, temperature=self.temperature)
 
     @torch.no_grad()
-    def _reference_logprobs(self, ids, attn, pos, pred_pos, targets) -> torch.Tensor:
+    def _reference_logprobs(self, ids, attn, pos, keep, targets) -> torch.Tensor:
         """``[b, T]`` log-probs of the completion tokens under the KL reference: the frozen initial
         policy, or with LoRA the base model (the same weights with the adapters disabled)."""
         if self.lora is None:
-            return self._completion_logprobs(self.ref_model, ids, attn, pos, pred_pos, targets)[1]
+            return self._completion_logprobs(self.ref_model, ids, attn, pos, keep, targets)[1]
         with self.model.disable_adapter():
-            return self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)[1]
+            return self._completion_logprobs(self.model, ids, attn, pos, keep, targets)[1]
 
     @contextlib.contextmanager
     def _adapter_dropout(self):
@@ -282,13 +283,13 @@ class Learner:
         loss_total = 0.0
         for mine in self._my_micro_batches(batch, rows):
             idx = mine or self._placeholder(batch, rows)  # a pass with loss x 0 keeps the ranks' collectives paired
-            ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, idx, self.pad_id, self.device)
+            ids, attn, pos, targets, old, cmask, keep = pad_micro_batch(batch, idx, self.pad_id, self.device)
             with self._adapter_dropout():
-                pred, logp = self._completion_logprobs(self.model, ids, attn, pos, pred_pos, targets)
+                pred, logp = self._completion_logprobs(self.model, ids, attn, pos, keep, targets)
             if mismatch is not None and mine:
                 fresh = torch.tensor([batch.versions[i] == self.policy_version for i in idx], device=cmask.device)
-                keep = cmask.bool() & fresh.unsqueeze(-1)
-                mismatch.append((logp.detach()[keep].cpu(), old[keep].cpu()))
+                fresh_tokens = cmask.bool() & fresh.unsqueeze(-1)
+                mismatch.append((logp.detach()[fresh_tokens].cpu(), old[fresh_tokens].cpu()))
             norms = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_constant=self.norm_constant)
             agg = dict(mask=cmask, mode=self.cfg.loss_agg, **norms)
             prox = _pad_rows([proximal[i] for i in idx], like=old) if proximal is not None else None
@@ -296,7 +297,7 @@ class Learner:
                                                           dict(loss_agg=self.cfg.loss_agg, **norms), prox)
             if self.cfg.kl_coef > 0 and not self.cfg.kl_in_reward:
                 with torch.no_grad():
-                    ref_logp = self._reference_logprobs(ids, attn, pos, pred_pos, targets)
+                    ref_logp = self._reference_logprobs(ids, attn, pos, keep, targets)
                 kl = aggregate(kl_estimate(logp, ref_logp, self.cfg.kl_estimator), **agg)
                 loss = loss + self.cfg.kl_coef * kl
                 m["kl"] = float(kl.detach())

@@ -85,7 +85,8 @@ class LearnerConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the learner trains: auto = cuda when num_gpus > 0 (Ray hides GPUs from actors that reserve none), else cpu."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Compute dtype (torch.autocast): auto = bfloat16 on CUDA, float32 on CPU. Master weights and AdamW
+    """Compute dtype (torch.autocast): auto = bfloat16 on CUDA, and on a CPU with bf16 matrix instructions
+    (AMX-BF16 or AVX512-BF16) for a policy of >= 50M parameters; float32 otherwise. Master weights and AdamW
     state stay float32 whatever this is."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the learner needs."""

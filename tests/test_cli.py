@@ -43,7 +43,7 @@ def test_config_prints_resolved_yaml(tmp_path):
 def test_default_job_through_the_cli_runs_end_to_end(ray_session, fleetrl_cache, tmp_path):
     """`fleetrl train` on the embedded defaults (built-in policy, warm start, async), attached to
     the session's Ray cluster, shortened to 40 steps. That these defaults learn is
-    tests/test_dataset_runs.py's learning test: the same settings for 450 steps, the prompts of
+    tests/test_dataset_runs.py's learning test: the same settings for 300 steps, the prompts of
     the same task read from a JSONL file (one learning run in the suite, not two)."""
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "run"

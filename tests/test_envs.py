@@ -292,10 +292,10 @@ def test_loss_kl_and_entropy_see_only_policy_tokens(chat_policy):
     # token means over policy tokens only (the pure functions of core_algos, masked here by hand)
     learner.train_step(groups)
     _, _, metrics = learner.accumulate_gradients(batch, learner.advantages(batch))
-    ids, attn, pos, targets, _, cmask, pred_pos = pad_micro_batch(batch, list(range(4)), learner.pad_id, learner.device)
+    ids, attn, pos, targets, _, cmask, keep = pad_micro_batch(batch, list(range(4)), learner.pad_id, learner.device)
     with torch.no_grad():
-        pred, logp = learner._completion_logprobs(learner.model, ids, attn, pos, pred_pos, targets)
-        _, ref = learner._completion_logprobs(learner.ref_model, ids, attn, pos, pred_pos, targets)
+        pred, logp = learner._completion_logprobs(learner.model, ids, attn, pos, keep, targets)
+        _, ref = learner._completion_logprobs(learner.ref_model, ids, attn, pos, keep, targets)
     kl, ent = kl_estimate(logp, ref, learner.cfg.kl_estimator), entropy_from_logits(pred / learner.temperature)
     policy, every = cmask, (targets != learner.pad_id).float()  # every completion position, observations included
     assert float((kl * policy).sum() / policy.sum()) > 1e-6

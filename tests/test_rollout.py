@@ -7,7 +7,7 @@ from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.types import Exclusion, Prompt
 from actors.weights.flat import FlatParams
 from actors.weights.object_store import WeightReceiver
-from learner.batch import TrainBatch
+from learner.batch import TrainBatch, pad_micro_batch
 from learner.learner import Learner, LearnerConfig
 
 
@@ -50,6 +50,36 @@ def test_behaviour_logprobs_equal_learner_recompute(tiny_policy):
     assert len(recomputed) == len(behaviour) == 12 and sum(map(len, behaviour)) > 12
     for lp, old in zip(recomputed, behaviour):
         assert len(lp) == len(old) and lp == pytest.approx(old, abs=1e-4)
+    ids, attn, pos, targets, _, _, keep = pad_micro_batch(batch, list(range(12)), learner.pad_id, "cpu")
+    logits, _ = learner._completion_logprobs(learner.model, ids, attn, pos, keep, targets)
+    assert logits.shape[:2] == targets.shape == (12, 6)  # logits at completion positions only, not [b, L, V]
+
+
+def test_learner_dtype_auto_and_bf16_keep_fp32_master_weights(tiny_policy):
+    """auto computes the built-in size of policy in fp32 on every CPU (its log-probs stay exact);
+    bf16 on request computes in bf16 and keeps fp32 weights and AdamW state. Which CPUs pick bf16
+    for big policies is read from /proc/cpuinfo (``cpu_bf16_flags``)."""
+    from actors.device import BF16_CPU_MIN_PARAMS, cpu_bf16_flags, learner_compute_dtype
+
+    cpu = torch.device("cpu")
+    assert Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1).compute_dtype == torch.float32
+    big = learner_compute_dtype("auto", cpu, BF16_CPU_MIN_PARAMS)
+    assert big == (torch.bfloat16 if cpu_bf16_flags() else torch.float32)
+    assert learner_compute_dtype("float32", cpu, BF16_CPU_MIN_PARAMS) == torch.float32
+    w = RolloutWorker(tiny_policy, RolloutConfig(group_size=4, max_new_tokens=6), seed=3)
+    groups = w.generate(prompts("1=", "4321="))
+    for g in groups:
+        for k, s in enumerate(g.samples):
+            s.reward = float(k % 2)
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1, dtype="bfloat16"), total_steps=1)
+    batch = TrainBatch.from_groups(groups)
+    ids, attn, pos, targets, _, _, keep = pad_micro_batch(batch, list(range(8)), learner.pad_id, "cpu")
+    with torch.no_grad():
+        logits, _ = learner._completion_logprobs(learner.model, ids, attn, pos, keep, targets)
+    assert logits.dtype == torch.bfloat16
+    learner.train_step(groups)
+    assert {p.dtype for p in learner.model.parameters()} == {torch.float32}
+    assert {t.dtype for st in learner.optimizer.state.values() for t in st.values() if t.dim()} == {torch.float32}
 
 
 def test_prompt_longer_than_context_is_excluded_not_generated(tiny_policy):
@@ -143,3 +173,20 @@ def test_an_engine_that_failed_marks_the_worker_broken(tiny_policy):
     with pytest.raises(RuntimeError, match="must be replaced"):
         w.load_weights(Payload(1, w.flat.fingerprint, {}))
     assert w.policy_version == 0
+
+
+@pytest.mark.parametrize("rollout_dtype", ["float32", "bfloat16"])
+def test_the_object_store_is_sized_from_the_real_payload(tiny_policy, rollout_dtype, monkeypatch):
+    """The driver reads a payload's size from the policy's safetensors headers before any actor
+    starts; it must equal what the learner publishes (tied weights once, the workers' dtype)."""
+    from learner.cli import object_store_bytes
+    from learner.config import load_config
+    from learner.driver.policy import payload_bytes
+
+    monkeypatch.delenv("FLEETRL_OBJECT_STORE_BYTES", raising=False)
+    cfg = load_config(None, ["--model.path", tiny_policy, "--rollout.dtype", rollout_dtype, "--train.max_staleness", "2"])
+    learner = Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1, put_weights=lambda a: a,
+                      publish_dtype=rollout_dtype)
+    published = sum(a.nbytes for a in learner.publish_weights().refs.values())
+    assert payload_bytes(cfg) == published > 0
+    assert object_store_bytes(cfg) == 1_000_000_000 + 5 * published

@@ -24,13 +24,24 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def rss_shmem_mib() -> float | None:
+    """Resident shared-memory pages of this process now, MiB (``RssShmem``, Linux): mostly Ray's
+    object store pages it wrote or read; ``peak_rss_mib`` counts them too. None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next((x for x in f if x.startswith("RssShmem:")), None)
+    except OSError:
+        return None
+    return round(int(line.split()[1]) / 1024, 1) if line else None
+
+
 def where() -> dict:
-    """Where this actor runs, and its peak resident memory so far (MiB)."""
+    """Where this actor runs, its peak resident memory so far and its resident shared memory now (MiB)."""
     ctx = ray.get_runtime_context()
     pg = ray.util.get_current_placement_group()
     return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
             "node_ip": ray.util.get_node_ip_address(), "placement_group": pg.id.hex() if pg else None,
-            "peak_rss_mib": peak_rss_mib()}
+            "peak_rss_mib": peak_rss_mib(), "rss_shmem_mib": rss_shmem_mib()}
 
 
 def bundle(num_cpus: float, num_gpus: float = 0.0, resources: dict | None = None) -> dict:

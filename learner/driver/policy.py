@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -120,3 +121,28 @@ def resolve_policy(cfg: Config, run_dir: str | os.PathLike | None = None) -> tup
         labelled_examples=cfg.model.warm_start_examples, target_accuracy=cfg.model.warm_start_target,
         max_steps=cfg.model.warm_start_max_steps, hidden_size=cfg.model.hidden_size, num_layers=cfg.model.num_layers)
     return str(path), info
+
+
+def payload_bytes(cfg: Config) -> int:
+    """Bytes of one full weight payload (every parameter in the rollout workers' dtype), read from
+    the safetensors headers of a local ``model.path`` (an adapter folder: its base); 0 when it
+    is not known before loading (the built-in policy, a hub id) or small (``model.lora``:
+    adapters only)."""
+    from safetensors import safe_open
+
+    from actors.device import device_kind, dtype_name
+
+    path = cfg.model.path
+    if not path or cfg.model.lora.enabled or not os.path.isdir(path):
+        return 0
+    path = adapter_base(path) or path
+    if not os.path.isdir(path):
+        return 0
+    numel = 0
+    for name in safetensors_weights(path):
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                numel += math.prod(shape)
+    kind = device_kind(cfg.rollout.device, cfg.rollout.num_gpus)
+    return numel * (2 if dtype_name(cfg.rollout.dtype, kind) == "bfloat16" else 4)

@@ -174,7 +174,7 @@ def run_summary(trainer, status: str, reason: str, stats: dict | None, *, rl_s: 
         "max_staleness": trainer.cfg.train.max_staleness, "run_dir": str(trainer.run_dir.resolve()),
         **{k: sum(s[k] for s in segments) for k in ("rollout_replacements", "reward_replacements")},
         "restarts": len(trainer.segments), "segments": segments, "events": [e for s in segments for e in s["events"]],
-        "weight_sync": trainer.cfg.train.weight_sync,
+        "weight_sync": trainer.cfg.train.weight_sync, "learner_dtype": getattr(trainer, "learner_dtype", None),
         **(trainer.weights.summary() if trainer.weights is not None else {}),
         "reclaimed_prompts": stats.get("reclaimed_prompts", 0), **extra,
     }
@@ -185,21 +185,23 @@ def peak_memory(learner, rollout_actors: list, reward_actors: list, timeout_s: f
     worker, and the driver (Ray's own processes are not included). Best effort: an
     actor that died or does not answer is left out (None when none of a kind answers);
     a finished run never fails here."""
-    def peaks(actors: list) -> list[float]:
+    def peaks(actors: list, key: str = "peak_rss_mib") -> list[float]:
         refs = [a.where.remote() for a in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []
         for r in ready:
             try:
-                out.append(ray.get(r)["peak_rss_mib"])
+                out.append(ray.get(r)[key])
             except ray.exceptions.RayError:
                 pass
         return out
 
-    learner_peak = peaks([learner])
+    learner_peak, learner_shm = peaks([learner]), peaks([learner], "rss_shmem_mib")
     return {"learner": learner_peak[0] if learner_peak else None,
             "rollout_worker": max(peaks(rollout_actors), default=None),
-            "reward_worker": max(peaks(reward_actors), default=None), "driver": peak_rss_mib()}
+            "reward_worker": max(peaks(reward_actors), default=None), "driver": peak_rss_mib(),
+            # object-store pages the learner touched count in its RSS: how much of it they are now
+            "learner_object_store_pages": learner_shm[0] if learner_shm else None}
 
 
 def _progress(total: int, enabled: bool, out):

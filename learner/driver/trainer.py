@@ -203,6 +203,9 @@ class Trainer:
                                            max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype,
                                            lora=cfg.model.lora)
         self.learner = self.learner_ranks.rank0
+        self.learner_dtype = ray.get(self.learner.compute_dtype_name.remote(), timeout=60)
+        if cfg.learner.dtype == "auto" and self.learner_dtype == "bfloat16":
+            self.say("learner: computes in bfloat16 (learner.dtype auto; float32 master weights and AdamW state)")
         collective = None
         if cfg.train.weight_sync == "collective":
             collective = CollectiveSync(self.learner, backend=cfg.train.weight_sync_backend,

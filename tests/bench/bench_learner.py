@@ -66,7 +66,7 @@ def bench_throughput(label: str, policy: str):
     learner = Learner(policy, LearnerConfig(num_threads=2, micro_batch_size=128), total_steps=1000)
     batch = TrainBatch.from_groups(groups)
     tokens = sum(len(s) for s in batch.sequences)
-    ids, attn, pos, targets, old, cmask, pred_pos = pad_micro_batch(batch, list(range(len(batch))), 0, "cpu")
+    ids, attn, pos, targets, old, cmask, keep = pad_micro_batch(batch, list(range(len(batch))), 0, "cpu")
     from transformers import AutoModelForCausalLM
 
     bare = AutoModelForCausalLM.from_pretrained(policy)
@@ -74,8 +74,7 @@ def bench_throughput(label: str, policy: str):
     adv = torch.randn(len(batch))
 
     def bare_step():
-        logits = bare(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-        pred = logits.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        pred = bare(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep).logits
         logp = torch.log_softmax(pred, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         loss = -(adv.unsqueeze(-1) * logp * cmask).sum() / len(batch)
         opt.zero_grad()

@@ -86,6 +86,18 @@ def probe(argv: list[str]) -> None:
                                       for e, t in list(zip(examples, texts))[:6]]}), flush=True)
 
 
+def spilled_mib() -> int | None:
+    """MiB this Ray session's object store spilled to disk (Ray's memory summary; None when its
+    text has no figure: not spilled ever prints nothing there, so absence is not read as 0)."""
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(stats_only=True)
+    m = re.search(r"Spilled (\d+) MiB", text)
+    return int(m.group(1)) if m else (0 if "Objects consumed by Ray tasks" in text or "Plasma memory usage" in text else None)
+
+
 def train(argv: list[str]) -> None:
     import ray
 
@@ -98,11 +110,12 @@ def train(argv: list[str]) -> None:
     overrides = ["--model.path", path, *(["--train.steps", opts["--steps"]] if "--steps" in opts else []), *overrides]
     cfg = load_config(opts.get("--config") or ROOT / "deploy" / "smollm2.yaml", overrides)
     run_dir = Path(opts.get("--output-dir") or ROOT / "runs" / f"smollm2-{time.strftime('%Y%m%d-%H%M%S')}")
-    init_ray(None)
+    init_ray(None, cfg)
     trainer = Trainer(cfg, run_dir, progress=False)
     t0 = time.perf_counter()
     try:
         summary = trainer.train()
+        spilled = spilled_mib()
     finally:
         ray.shutdown()
     wall = time.perf_counter() - t0
@@ -128,6 +141,9 @@ def train(argv: list[str]) -> None:
         "mismatch_steps": len(measured := [r for r in rows if r.get("mismatch_tokens")]),
         "mismatch_abs_mean": round(statistics.mean(r["mismatch_abs_mean"] for r in measured), 6) if measured else None,
         "mismatch_abs_max": round(max(r["mismatch_abs_max"] for r in measured), 6) if measured else None,
+        "learner_dtype": summary.get("learner_dtype"), "object_store_spilled_mib": spilled,
+        "learner_peak_rss_mib": summary.get("peak_rss_mib", {}).get("learner"),
+        "learner_object_store_pages_mib": summary.get("peak_rss_mib", {}).get("learner_object_store_pages"),
         "run_dir": str(run_dir),
     }
     if rows and rows[0].get("episodes"):  # multi-turn tasks: how often the policy used its tool
