@@ -7,9 +7,10 @@
   and the driver can resolve it without looking at the cluster. ``cuda`` with
   ``num_gpus = 0`` is a configuration error; ``cuda`` in a process whose torch sees
   no GPU is a runtime error naming the torch build (no silent fallback to CPU).
-* ``dtype``: ``float32``, ``bfloat16`` or ``auto`` (bf16 on CUDA, fp32 on CPU; for the
-  learner also bf16 on a CPU with bf16 matrix instructions when the policy is big enough
-  for it to pay: ``learner_compute_dtype``). Rollout workers hold their weights in it. The learner always keeps **fp32
+* ``dtype``: ``float32``, ``bfloat16`` or ``auto`` (bf16 on CUDA; on CPU bf16 when the CPU
+  has bf16 matrix instructions and the policy is big enough for it to pay, else fp32:
+  ``auto_dtype``). Rollout workers hold their weights in it (a run resolves ``auto`` once, on
+  the driver's node, so every worker holds what the learner publishes). The learner always keeps **fp32
   master weights and fp32 AdamW state** and uses ``dtype`` as the compute dtype
   (``torch.autocast``; logits stay in it: the loss gathers the completion
   positions first and upcasts only those to fp32 for the log-softmax), the way
@@ -59,14 +60,22 @@ def cpu_bf16_flags() -> tuple[str, ...]:
     return tuple(x for x in BF16_CPU_FLAGS if x in flags)
 
 
+def auto_dtype(dtype: str, kind: str, num_params: int | None) -> str:
+    """What ``dtype`` means for a component on a ``kind`` device holding a policy of
+    ``num_params`` parameters (None or 0: unknown). ``auto``: bf16 on CUDA; on CPU bf16 when the
+    CPU has bf16 matrix instructions and the policy has at least ``BF16_CPU_MIN_PARAMS``
+    parameters (SmolLM2-135M's update: 1.43x faster on AVX512-BF16, see the README), else fp32:
+    a smaller policy's runs are not limited by its matmuls, and fp32 keeps its log-probs exact."""
+    if dtype != "auto":
+        return dtype
+    if kind == "cuda":
+        return "bfloat16"
+    return "bfloat16" if cpu_bf16_flags() and (num_params or 0) >= BF16_CPU_MIN_PARAMS else "float32"
+
+
 def learner_compute_dtype(dtype: str, device: torch.device, num_params: int) -> torch.dtype:
-    """The learner's autocast dtype. ``auto``: bf16 on CUDA; on CPU bf16 when the CPU has bf16
-    matrix instructions and the policy has at least ``BF16_CPU_MIN_PARAMS`` parameters
-    (SmolLM2-135M's update: 1.43x faster on AVX512-BF16, see the README), else fp32: a smaller
-    policy's learner is not what limits its runs, and fp32 keeps its log-probs exact."""
-    if dtype == "auto" and device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16_flags() and num_params >= BF16_CPU_MIN_PARAMS else torch.float32
-    return torch_dtype(dtype, device)
+    """The learner's autocast dtype (``auto_dtype`` on the learner's own node)."""
+    return getattr(torch, auto_dtype(dtype, device.type, num_params))
 
 
 def check_device(section: str, device: str, dtype: str, num_gpus: float) -> None:

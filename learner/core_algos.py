@@ -132,7 +132,8 @@ def clipped_policy_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor
         per_token = per_token * token_weights
     loss = aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
                      norm_constant=norm_constant)
-    return loss, _ratio_metrics(log_ratio, mask, clipped=clipped.detach() > unclipped.detach())
+    metrics = _ratio_metrics(log_ratio, mask, clipped=clipped.detach() > unclipped.detach())
+    return loss, metrics | (importance_weight_metrics(token_weights, mask) if token_weights is not None else {})
 
 
 def policy_gradient_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -169,7 +170,22 @@ def policy_gradient_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tenso
         per_token = per_token * w
     loss = aggregate(per_token, mask, loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
                      norm_constant=norm_constant)
-    return loss, _ratio_metrics(log_ratio, mask, clipped=capped)
+    metrics = _ratio_metrics(log_ratio, mask, clipped=capped)
+    return loss, metrics | (importance_weight_metrics(w, mask) if is_cap is not None else {})
+
+
+def importance_weight_metrics(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Of importance weights ``[B, T]`` over the masked tokens: ``is_weight_mean`` (below 1, the
+    weights shrink the step), ``is_weight_ess`` (Kish's effective sample size as a fraction,
+    ``(sum w)^2 / (n sum w^2)``: 1 when all are equal, small when a few tokens carry the batch)
+    and ``is_weight_small`` (fraction below 0.1: samples the step all but ignores)."""
+    with torch.no_grad():
+        w = weights.detach()[mask.bool()].float()
+        if not w.numel():
+            return {}
+        return {"is_weight_mean": float(w.mean()),
+                "is_weight_ess": float(w.sum() ** 2 / (w.numel() * (w ** 2).sum()).clamp(min=1e-12)),
+                "is_weight_small": float((w < 0.1).float().mean())}
 
 
 def _ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, *, clipped: torch.Tensor) -> dict[str, float]:

@@ -315,7 +315,8 @@ class Learner:
         if self.world_size > 1:  # each rank's terms of the global sums
             parts = ranks.gather((loss_total, sums))
             loss_total, sums = sum(loss for loss, _ in parts), ranks.merge_metrics([p for _, p in parts])
-        metrics = {k: sums.get(k) for k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "entropy")
+        metrics = {k: sums.get(k) for k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "entropy",
+                                            "is_weight_mean", "is_weight_ess", "is_weight_small")
                    if k in sums or k in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl")}
         return loss_total, len(rows), metrics
 

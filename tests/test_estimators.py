@@ -189,3 +189,18 @@ def test_vanilla_policy_gradient_equals_ppo_at_ratio_one_and_tis_reweights():
     t, m = policy_gradient_loss(logp, stale, adv, mask, is_cap=2.0)
     (gt,) = torch.autograd.grad(t, logp)
     assert gt[0].tolist() == pytest.approx([-2.0, -0.5]) and m["clip_frac"] == 0.5  # weights min(4, 2) and 0.5
+
+
+def test_importance_weight_metrics_show_weight_mass_collapsing():
+    """Equal weights: ESS 1; one token carrying the batch: ESS 1/n; the mean and the share of
+    near-zero weights over the masked tokens only (padding with a huge weight changes nothing)."""
+    from learner.core_algos import importance_weight_metrics
+
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    even = importance_weight_metrics(torch.tensor([[0.5, 0.5, 0.5, 0.5, 99.0]]), mask)
+    assert even == pytest.approx({"is_weight_mean": 0.5, "is_weight_ess": 1.0, "is_weight_small": 0.0})
+    one = importance_weight_metrics(torch.tensor([[2.0, 0.0, 0.0, 0.0, 99.0]]), mask)
+    assert one == pytest.approx({"is_weight_mean": 0.5, "is_weight_ess": 0.25, "is_weight_small": 0.75})
+    _, m = clipped_policy_loss(torch.zeros(1, 5), torch.zeros(1, 5), torch.ones(1), mask,
+                               token_weights=torch.tensor([[2.0, 0.0, 0.0, 0.0, 99.0]]))
+    assert m["is_weight_ess"] == pytest.approx(0.25)  # decoupled PPO reports them

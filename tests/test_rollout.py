@@ -56,17 +56,18 @@ def test_behaviour_logprobs_equal_learner_recompute(tiny_policy):
 
 
 def test_learner_dtype_auto_and_bf16_keep_fp32_master_weights(tiny_policy):
-    """auto computes the built-in size of policy in fp32 on every CPU (its log-probs stay exact);
+    """auto computes (and generates) the built-in size of policy in fp32 on every CPU (its log-probs stay exact);
     bf16 on request computes in bf16 and keeps fp32 weights and AdamW state. Which CPUs pick bf16
     for big policies is read from /proc/cpuinfo (``cpu_bf16_flags``)."""
-    from actors.device import BF16_CPU_MIN_PARAMS, cpu_bf16_flags, learner_compute_dtype
+    from actors.device import BF16_CPU_MIN_PARAMS, auto_dtype, cpu_bf16_flags
 
-    cpu = torch.device("cpu")
     assert Learner(tiny_policy, LearnerConfig(num_threads=1), total_steps=1).compute_dtype == torch.float32
-    big = learner_compute_dtype("auto", cpu, BF16_CPU_MIN_PARAMS)
-    assert big == (torch.bfloat16 if cpu_bf16_flags() else torch.float32)
-    assert learner_compute_dtype("float32", cpu, BF16_CPU_MIN_PARAMS) == torch.float32
+    assert auto_dtype("auto", "cpu", BF16_CPU_MIN_PARAMS) == ("bfloat16" if cpu_bf16_flags() else "float32")
+    assert auto_dtype("auto", "cpu", BF16_CPU_MIN_PARAMS - 1) == "float32"
+    assert auto_dtype("float32", "cpu", BF16_CPU_MIN_PARAMS) == "float32"
+    assert auto_dtype("auto", "cuda", 1) == "bfloat16"
     w = RolloutWorker(tiny_policy, RolloutConfig(group_size=4, max_new_tokens=6), seed=3)
+    assert w.dtype == torch.float32 and {p.dtype for p in w.model.parameters()} == {torch.float32}
     groups = w.generate(prompts("1=", "4321="))
     for g in groups:
         for k, s in enumerate(g.samples):

