@@ -12,8 +12,8 @@
   ``auto_dtype``). Rollout workers hold their weights in it (a run resolves ``auto`` once, on
   the driver's node, so every worker holds what the learner publishes). The learner always keeps **fp32
   master weights and fp32 AdamW state** and uses ``dtype`` as the compute dtype
-  (``torch.autocast``; logits stay in it: the loss gathers the completion
-  positions first and upcasts only those to fp32 for the log-softmax), the way
+  (``torch.autocast``; logits are computed at the completion positions only and stay in
+  it until the log-softmax upcasts them to fp32), the way
   verl and OpenRLHF train; it casts its weights to the rollout dtype when it
   publishes them.
 """
@@ -105,8 +105,8 @@ def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def mixed_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Run ``model``'s forward under ``torch.autocast(dtype)``. Logits come back in the
-    compute dtype: callers upcast what they use (``token_logprobs`` after the gather),
-    not the whole ``[b, L, V]`` tensor.
+    compute dtype: callers ask for the positions they use (``logits_to_keep``) and upcast
+    those (``token_logprobs``).
 
     The parameters (and so the optimizer state) stay in their own dtype (fp32
     master weights); matmuls run in ``dtype``. A no-op when ``dtype`` is the

@@ -131,10 +131,10 @@ def payload_bytes(cfg: Config) -> int:
     if not path or cfg.model.lora.enabled or not os.path.isdir(path):
         return 0
     numel = policy_numel(adapter_base(path) or path)
-    return numel * (2 if rollout_dtype(cfg, numel) == "bfloat16" else 4)
+    return numel * (2 if resolve_rollout_dtype(cfg, numel) == "bfloat16" else 4)
 
 
-def rollout_dtype(cfg: Config, num_params: int) -> str:
+def resolve_rollout_dtype(cfg: Config, num_params: int) -> str:
     """``rollout.dtype`` resolved (``auto``: by this node's CPU and the policy's size)."""
     from actors.device import auto_dtype, device_kind
 

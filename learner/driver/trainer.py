@@ -31,9 +31,9 @@ from pathlib import Path
 import ray
 import yaml
 
-from actors.rollout.policy import policy_numel
 from actors.envs.config import EnvConfig
 from actors.reward.functions import load_reward_fn
+from actors.rollout.policy import policy_numel
 from actors.runtime.actors import create_coordinator, create_reward_group
 from actors.runtime.coordinator import PromptsExhausted, SampleTimeout
 from actors.serving import ServerConfig
@@ -49,8 +49,7 @@ from learner.driver.errors import RunFailed, StopRequested
 from learner.driver.evaluation import Evaluation, eval_line
 from learner.driver.fleet import FleetError, RolloutFleet
 from learner.driver.placement import place, placement_group, report_placement
-from learner.driver.policy import resolve_policy
-from learner.driver.policy import rollout_dtype as resolved_rollout_dtype
+from learner.driver.policy import resolve_policy, resolve_rollout_dtype
 from learner.driver.report import RunReport, peak_memory, run_summary
 from learner.driver.sources import build_prompts
 from learner.driver.status import run_status
@@ -197,7 +196,7 @@ class Trainer:
     def create_actors(self, bundles: list[dict]) -> None:
         """The learner (bundle 0), the weight sync, the reward workers and the rollout fleet."""
         cfg = self.cfg
-        rollout_dtype = resolved_rollout_dtype(cfg, policy_numel(self.policy_path))  # once, for every worker
+        rollout_dtype = resolve_rollout_dtype(cfg, policy_numel(self.policy_path))  # once, for every worker
         if cfg.rollout.dtype == "auto" and rollout_dtype == "bfloat16":
             self.say("rollout workers: bfloat16 weights (rollout.dtype auto)")
         self.learner_ranks = start_learner(self.policy_path, cfg.learner, placement=bundles[0],
