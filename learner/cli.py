@@ -101,15 +101,34 @@ def init_ray(address: str | None, cfg=None):
 def object_store_bytes(cfg=None) -> int:
     """$FLEETRL_OBJECT_STORE_BYTES, else room for the weight versions a run holds at once
     (``train.max_staleness + 3`` payloads: the versions rollouts may still sample from, the one
-    being published, one in transit) and 1 GB for everything else; at least 1 GB. A smaller
-    store spills weights to disk: 538 MB per version for SmolLM2 in fp32."""
+    being published, one in transit) and 1 GB for everything else; at least 1 GB, at most what
+    Ray accepts here (``_object_store_cap``). A smaller store spills weights to disk: 538 MB
+    per version for SmolLM2 in fp32."""
     if os.environ.get("FLEETRL_OBJECT_STORE_BYTES"):
         return int(os.environ["FLEETRL_OBJECT_STORE_BYTES"])
     if cfg is None:
         return 1_000_000_000
     from learner.driver.policy import payload_bytes
 
-    return 1_000_000_000 + (cfg.train.max_staleness + 3) * payload_bytes(cfg)
+    wanted = 1_000_000_000 + (cfg.train.max_staleness + 3) * payload_bytes(cfg)
+    cap = _object_store_cap()
+    if wanted > cap:
+        print(f"warning: the object store would need {wanted / 2**30:.1f} GiB for {cfg.train.max_staleness + 3} weight "
+              f"versions; using {cap / 2**30:.1f} GiB (half this machine's memory, 90% of /dev/shm): weights may "
+              f"spill to disk (set FLEETRL_OBJECT_STORE_BYTES, or train.weight_sync collective)", file=sys.stderr)
+    return max(1_000_000_000, min(wanted, cap))
+
+
+def _object_store_cap() -> int:
+    """Half of this machine's memory, and 90% of ``/dev/shm`` where Ray's store lives (a store
+    bigger than either makes ``ray.init`` fail)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        st = os.statvfs("/dev/shm")
+        shm = st.f_bsize * st.f_blocks
+    except OSError:
+        shm = total
+    return int(min(0.5 * total, 0.9 * shm))
 
 
 def _run_dir(opts: dict) -> Path:

@@ -231,6 +231,9 @@ class Learner:
         returns those logits, which predict each completion token, ``[b, T, V]`` and the tokens'
         log-probs ``[b, T]`` at the sampling temperature."""
         pred = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep).logits
+        if pred.shape[1] != targets.shape[1]:  # a model class that ignores logits_to_keep
+            raise RuntimeError(f"{type(model).__name__} returned logits for {pred.shape[1]} positions, not the "
+                               f"{targets.shape[1]} asked for: its forward must support logits_to_keep")
         return pred, token_logprobs(pred, targets, temperature=self.temperature)
 
     @torch.no_grad()

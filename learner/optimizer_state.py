@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import warnings
 
 import torch
@@ -37,10 +38,14 @@ def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     if not optimizer.state:  # torch's helpers would take a zero-lr step to create the state: it counts as one
         return {"param_groups": groups, "state": {}}
     state = get_optimizer_state_dict(model, optimizer)["state"]  # this rank's shards, no copies
+    folder = os.path.join(path, FOLDER)
+    if not _distributed() or dist.get_rank() == 0:  # the reader merges every file there: no stale shards
+        shutil.rmtree(folder, ignore_errors=True)
+    if _distributed():
+        dist.barrier()
     try:
         with _one_process_is_intended():
-            dcp.save({"state": state}, storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(path, FOLDER),
-                                                                                  save_distributed=True),
+            dcp.save({"state": state}, storage_writer=dcp.HuggingFaceStorageWriter(folder, save_distributed=True),
                      no_dist=not _distributed())
     except dcp.CheckpointException as e:  # a BaseException: as an Exception, with the failing rank's cause
         raise RuntimeError(f"writing the optimizer state failed: {_first_cause(e)}") from None
@@ -57,16 +62,17 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
         for group, old in zip(optimizer.param_groups, saved.get("param_groups", [])):
             group["lr"] = old["lr"]
         return
-    _zero_state(optimizer)  # the tensors DCP loads into, laid out like this rank's parameters
-    target = {"state": get_optimizer_state_dict(model, optimizer)["state"]}
+    reader = dcp.HuggingFaceStorageReader(os.path.join(path, FOLDER))  # never a path the file names
     try:
         with _one_process_is_intended():
-            dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(os.path.join(path, saved["files"])),
-                     no_dist=not _distributed())
+            if not _zero_state(model, optimizer, set(reader.read_metadata().state_dict_metadata)):
+                raise ValueError("it holds state for none of this policy's parameters")
+            target = {"state": get_optimizer_state_dict(model, optimizer)["state"]}
+            dcp.load(target, storage_reader=reader, no_dist=not _distributed())
+            set_optimizer_state_dict(model, optimizer, {"state": target["state"], "param_groups": saved["param_groups"]})
     except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - DCP's own is a BaseException
         optimizer.state.clear()
         raise ValueError(f"its optimizer state cannot be loaded into this policy: {_first_cause(e)}") from None
-    set_optimizer_state_dict(model, optimizer, {"state": target["state"], "param_groups": saved["param_groups"]})
 
 
 def _param_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -76,13 +82,19 @@ def _param_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
             for g in optimizer.param_groups]
 
 
-def _zero_state(optimizer: torch.optim.Optimizer) -> None:
-    """AdamW's state, zero, for every parameter that has none (DCP loads into existing tensors)."""
+def _zero_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved_keys: set[str]) -> int:
+    """AdamW's state, zero, for every parameter the checkpoint holds state for (DCP loads into
+    existing tensors; a parameter that never had a gradient has none, in the file or here);
+    returns how many parameters got one."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    made = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p not in optimizer.state:
+            if p not in optimizer.state and f"state.{names[id(p)]}.exp_avg" in saved_keys:
                 optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
+                made += 1
+    return made
 
 
 def _first_cause(e: BaseException) -> str:

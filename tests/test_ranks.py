@@ -135,6 +135,28 @@ def test_a_damaged_or_foreign_optimizer_shard_is_a_one_line_error(tiny_policy, t
         assert "\n" not in msg and msg.startswith(f"checkpoint {tmp_path / 'ckpt'}: its optimizer state"), msg
 
 
+def test_a_checkpoint_of_an_older_fleetrl_still_resumes(tiny_policy, tmp_path):
+    """Before the sharded format, AdamW's state sat inside learner_state.pt, keyed by index: such a
+    checkpoint resumes on one rank and the next step is the one the saving learner takes."""
+    import shutil
+
+    from learner.checkpoint import LEARNER_STATE
+
+    first, second = batches(tiny_policy, 2)
+    learner = Learner(tiny_policy, config(), total_steps=10)
+    learner.train_step(first)
+    learner.save_state(str(tmp_path / "ckpt"))
+    state = torch.load(tmp_path / "ckpt" / LEARNER_STATE, weights_only=True)
+    state["optimizer"] = learner.optimizer.state_dict()  # the old layout
+    torch.save(state, tmp_path / "ckpt" / LEARNER_STATE)
+    shutil.rmtree(tmp_path / "ckpt" / "optimizer")
+    learner.train_step(second)
+    resumed = Learner(tiny_policy, config(), total_steps=10)
+    assert resumed.load_state(str(tmp_path / "ckpt")) == 1
+    resumed.train_step(second)
+    assert torch.equal(resumed.param_vector(), learner.param_vector())
+
+
 def test_a_run_on_two_ranks_fails_naming_a_killed_rank_and_keeps_accounting(ray_session, tiny_policy, tmp_path):
     """A whole run on 2 ranks; rank 1 is killed -9 once two steps are done: the run ends naming
     rank 1 within the ranks' timeout, and what it produced is still accounted for."""

@@ -175,6 +175,7 @@ def run_summary(trainer, status: str, reason: str, stats: dict | None, *, rl_s: 
         **{k: sum(s[k] for s in segments) for k in ("rollout_replacements", "reward_replacements")},
         "restarts": len(trainer.segments), "segments": segments, "events": [e for s in segments for e in s["events"]],
         "weight_sync": trainer.cfg.train.weight_sync, "learner_dtype": getattr(trainer, "learner_dtype", None),
+        "rollout_dtype": getattr(trainer, "rollout_dtype", None),
         **(trainer.weights.summary() if trainer.weights is not None else {}),
         "reclaimed_prompts": stats.get("reclaimed_prompts", 0), **extra,
     }

@@ -205,9 +205,6 @@ class Trainer:
                                            max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype,
                                            lora=cfg.model.lora)
         self.learner = self.learner_ranks.rank0
-        self.learner_dtype = ray.get(self.learner.compute_dtype_name.remote(), timeout=60)
-        if cfg.learner.dtype == "auto" and self.learner_dtype == "bfloat16":
-            self.say("learner: computes in bfloat16 (learner.dtype auto; float32 master weights and AdamW state)")
         collective = None
         if cfg.train.weight_sync == "collective":
             collective = CollectiveSync(self.learner, backend=cfg.train.weight_sync_backend,
@@ -224,6 +221,11 @@ class Trainer:
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
         self.rollouts.on_start = self.weights.for_newcomers
         self.rollouts.create(n_roll)
+        self.rollout_dtype = rollout_dtype
+        # asked once everything is starting: the learner answers when it has loaded the policy
+        self.learner_dtype = ray.get(self.learner.compute_dtype_name.remote(), timeout=cfg.rollout.replace_timeout_s)
+        if cfg.learner.dtype == "auto" and self.learner_dtype == "bfloat16":
+            self.say("learner: computes in bfloat16 (learner.dtype auto; float32 master weights and AdamW state)")
         self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions, control=cfg.control)
         self.supervisor = Supervisor(learner=self.learner, coordinator=self.coordinator, rewards=self.rewards,
                                      reward_cfg=cfg.reward, registry=self.registry,

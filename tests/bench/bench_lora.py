@@ -96,7 +96,7 @@ def child(mode: str, path: str, rank: int, samples: int, tokens: int, rounds: in
     payload = lrn.publish_weights()
     publish_s = time.perf_counter() - t0
     nbytes = sum(a.nbytes for a in payload.refs.values())
-    worker = RolloutWorker(path, RolloutConfig(num_threads=1), fetch_weights=lambda refs: refs, lora=spec)
+    worker = RolloutWorker(path, RolloutConfig(num_threads=1, dtype="float32"), fetch_weights=lambda refs: refs, lora=spec)
     applies = []
     for _ in range(rounds):
         t0 = time.perf_counter()

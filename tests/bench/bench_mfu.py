@@ -121,7 +121,7 @@ def bench(path: str, dtype: str, threads: int, samples: int, tokens: int, rounds
     step_s = statistics.median(t["learner"])
     flops = train_flops(bare.config, rows)
     return {"dtype": dtype, "learner_step_s": round(step_s, 3), "bare_step_s": round(statistics.median(t["bare"]), 3),
-            "learner_over_bare": round(statistics.median(t["bare"]) / step_s, 3),
+            "learner_speed_over_bare": round(statistics.median(t["bare"]) / step_s, 3),
             "tokens": sum(n for n, _ in rows), "gflop_per_step": round(flops / 1e9, 1),
             "learner_gflops": round(flops / step_s / 1e9, 2)}
 

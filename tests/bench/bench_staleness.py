@@ -65,7 +65,8 @@ def summarize(results: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["staleness"], r["method"]) for r in results):
         rs = [r for r in results if (r["staleness"], r["method"]) == key]
         acc, sps = [r["eval_after"] for r in rs], [r["samples_per_s"] for r in rs]
-        avg = lambda k: round(statistics.mean(r[k] for r in rs), 3) if rs[0][k] is not None else None  # noqa: E731
+        avg = lambda k: round(statistics.mean(r[k] for r in rs if r[k] is not None), 3) if any(  # noqa: E731
+            r[k] is not None for r in rs) else None
         table.append({"staleness": key[0], "method": key[1], "seeds": len(rs),
                       "accuracy_mean": round(statistics.mean(acc), 3), "accuracy_range": [min(acc), max(acc)],
                       "samples_per_s_mean": round(statistics.mean(sps), 1), "is_weight_mean": avg("is_weight_mean"),

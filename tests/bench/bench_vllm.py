@@ -81,7 +81,7 @@ def main() -> None:
     from tests.bench.smollm2_run import model_dir
 
     path = str(model_dir())
-    common = dict(group_size=8, temperature=1.0, num_threads=threads)
+    common = dict(group_size=8, temperature=1.0, num_threads=threads, dtype="float32")  # as measured: fp32
     t0 = time.perf_counter()
     hf = RolloutWorker(path, RolloutConfig(engine="hf", **common), seed=0)
     hf_start = time.perf_counter() - t0

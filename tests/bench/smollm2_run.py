@@ -87,15 +87,18 @@ def probe(argv: list[str]) -> None:
 
 
 def spilled_mib() -> int | None:
-    """MiB this Ray session's object store spilled to disk (Ray's memory summary; None when its
-    text has no figure: not spilled ever prints nothing there, so absence is not read as 0)."""
+    """MiB this Ray session's object store spilled to disk, from Ray's memory summary: its
+    "Spilled N MiB" line, 0 when the summary has its usual stats but no such line (Ray prints
+    it only after a spill), None when the text is not what this expects."""
     import re
 
     from ray._private.internal_api import memory_summary
 
     text = memory_summary(stats_only=True)
     m = re.search(r"Spilled (\d+) MiB", text)
-    return int(m.group(1)) if m else (0 if "Objects consumed by Ray tasks" in text or "Plasma memory usage" in text else None)
+    if m:
+        return int(m.group(1))
+    return 0 if "Plasma memory usage" in text else None
 
 
 def train(argv: list[str]) -> None:
