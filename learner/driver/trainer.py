@@ -137,6 +137,9 @@ class Trainer:
             self.step = ray.get(self.learner.load_state.remote(str(self.resume[0])))
             self.say(f"resumed from {self.resume[0]} at step {self.step} (prompt cursor {point['cursor']})")
         self.sync_weights(None)  # every worker starts from the learner's weights (version 0, or the resumed one)
+        self.learner_dtype = ray.get(self.learner.compute_dtype_name.remote(), timeout=60)  # loaded: it answers at once
+        if cfg.learner.dtype == "auto" and self.learner_dtype == "bfloat16":
+            self.say("learner: computes in bfloat16 (learner.dtype auto; float32 master weights and AdamW state)")
         self.setup_s = time.perf_counter() - t0
 
     def setup_policy_and_prompts(self) -> None:
@@ -222,10 +225,6 @@ class Trainer:
         self.rollouts.on_start = self.weights.for_newcomers
         self.rollouts.create(n_roll)
         self.rollout_dtype = rollout_dtype
-        # asked once everything is starting: the learner answers when it has loaded the policy
-        self.learner_dtype = ray.get(self.learner.compute_dtype_name.remote(), timeout=cfg.rollout.replace_timeout_s)
-        if cfg.learner.dtype == "auto" and self.learner_dtype == "bfloat16":
-            self.say("learner: computes in bfloat16 (learner.dtype auto; float32 master weights and AdamW state)")
         self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions, control=cfg.control)
         self.supervisor = Supervisor(learner=self.learner, coordinator=self.coordinator, rewards=self.rewards,
                                      reward_cfg=cfg.reward, registry=self.registry,
