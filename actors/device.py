@@ -36,13 +36,6 @@ def device_kind(device: str, num_gpus: float) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and num_gpus > 0) else "cpu"
 
 
-def dtype_name(dtype: str, kind: str) -> str:
-    """The dtype ``auto`` stands for on a ``kind`` device (``"bfloat16"`` / ``"float32"``)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if kind == "cuda" else "float32"
-
-
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_CPU_MIN_PARAMS = 50_000_000
 
@@ -73,8 +66,8 @@ def auto_dtype(dtype: str, kind: str, num_params: int | None) -> str:
     return "bfloat16" if cpu_bf16_flags() and (num_params or 0) >= BF16_CPU_MIN_PARAMS else "float32"
 
 
-def learner_compute_dtype(dtype: str, device: torch.device, num_params: int) -> torch.dtype:
-    """The learner's autocast dtype (``auto_dtype`` on the learner's own node)."""
+def torch_dtype(dtype: str, device: torch.device, num_params: int | None) -> torch.dtype:
+    """``auto_dtype`` on this process's node, as a torch dtype."""
     return getattr(torch, auto_dtype(dtype, device.type, num_params))
 
 
@@ -97,10 +90,6 @@ def torch_device(device: str, num_gpus: float, key: str) -> torch.device:
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install a CUDA build of torch "
             f"or set {key.split('.')[0]}.device: cpu")
     return torch.device(kind)
-
-
-def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    return getattr(torch, dtype_name(dtype, device.type))
 
 
 def mixed_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from actors.device import learner_compute_dtype, mixed_precision, torch_device
+from actors.device import mixed_precision, torch_device, torch_dtype
 from actors.rollout.policy import load_policy
 from actors.types import Group
 from actors.validation import require
@@ -50,7 +50,7 @@ class Learner:
         self.device = torch_device(cfg.device, cfg.num_gpus, "learner.device")
         # fp32 master weights; forward passes compute in the configured dtype (autocast)
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype="float32")
-        self.compute_dtype = learner_compute_dtype(cfg.dtype, self.device, sum(p.numel() for p in self.model.parameters()))
+        self.compute_dtype = torch_dtype(cfg.dtype, self.device, sum(p.numel() for p in self.model.parameters()))
         mixed_precision(self.model, self.compute_dtype)
         self.lora = lora if lora is not None and lora.enabled else None
         salt = ""

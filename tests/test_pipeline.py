@@ -61,6 +61,7 @@ def test_weights_reach_rollout_workers_and_on_policy_steps_train_only_the_curren
         assert len(summary["peak_rss_mib"]["learner_ranks"]) == 2
         rows = read_metrics(tmp_path)
         assert len(rows) == summary["steps"] == 6
+        assert any(row["ratio_max"] is not None for row in rows), "no step backpropagated anything"
         for i, row in enumerate(rows):  # step i+1 trains on samples of exactly version i
             assert row["behaviour_versions"] == [i]
             assert row["staleness_max"] == 0

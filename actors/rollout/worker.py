@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from actors.weights.collective import StagedReceiver
-from actors.device import auto_dtype, check_device, torch_device
+from actors.device import check_device, torch_device, torch_dtype
 from actors.rollout.engines.hf import HFEngine
 from actors.rollout.engines.vllm import VLLMConfig, VLLMEngine
 from actors.envs.base import EnvError, Environment
@@ -109,7 +109,8 @@ class RolloutWorker:
         self.cfg = cfg
         self.name = name
         self.device = torch_device(cfg.device, cfg.num_gpus, "rollout.device")
-        self.dtype = getattr(torch, auto_dtype(cfg.dtype, self.device.type, policy_numel(model_path)))
+        # a run resolves auto on its driver and passes the result: read the headers only for auto
+        self.dtype = torch_dtype(cfg.dtype, self.device, policy_numel(model_path) if cfg.dtype == "auto" else None)
         # the learner publishes its weights cast to this dtype: the flat buffers match bit for bit
         self.model, self.tokenizer = load_policy(model_path, device=self.device, dtype=self.dtype)
         self.model.eval()

@@ -186,23 +186,26 @@ def peak_memory(learner, rollout_actors: list, reward_actors: list, timeout_s: f
     worker, and the driver (Ray's own processes are not included). Best effort: an
     actor that died or does not answer is left out (None when none of a kind answers);
     a finished run never fails here."""
-    def peaks(actors: list, key: str = "peak_rss_mib") -> list[float]:
+    def answers(actors: list) -> list[dict]:
         refs = [a.where.remote() for a in actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []
         for r in ready:
             try:
-                out.append(ray.get(r)[key])
+                out.append(ray.get(r))
             except ray.exceptions.RayError:
                 pass
         return out
 
-    learner_peak, learner_shm = peaks([learner]), peaks([learner], "rss_shmem_mib")
-    return {"learner": learner_peak[0] if learner_peak else None,
+    def peaks(actors: list) -> list[float]:
+        return [w["peak_rss_mib"] for w in answers(actors)]
+
+    (learner_where,) = answers([learner]) or [None]
+    return {"learner": learner_where["peak_rss_mib"] if learner_where else None,
             "rollout_worker": max(peaks(rollout_actors), default=None),
             "reward_worker": max(peaks(reward_actors), default=None), "driver": peak_rss_mib(),
             # object-store pages the learner touched count in its RSS: how much of it they are now
-            "learner_object_store_pages": learner_shm[0] if learner_shm else None}
+            "learner_object_store_pages": learner_where["rss_shmem_mib"] if learner_where else None}
 
 
 def _progress(total: int, enabled: bool, out):

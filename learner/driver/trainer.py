@@ -199,13 +199,13 @@ class Trainer:
     def create_actors(self, bundles: list[dict]) -> None:
         """The learner (bundle 0), the weight sync, the reward workers and the rollout fleet."""
         cfg = self.cfg
-        rollout_dtype = resolve_rollout_dtype(cfg, policy_numel(self.policy_path))  # once, for every worker
-        if cfg.rollout.dtype == "auto" and rollout_dtype == "bfloat16":
+        self.rollout_dtype = resolve_rollout_dtype(cfg, policy_numel(self.policy_path))  # once, for every worker
+        if cfg.rollout.dtype == "auto" and self.rollout_dtype == "bfloat16":
             self.say("rollout workers: bfloat16 weights (rollout.dtype auto)")
         self.learner_ranks = start_learner(self.policy_path, cfg.learner, placement=bundles[0],
                                            timeout_s=cfg.rollout.replace_timeout_s, total_steps=self.steps,
                                            temperature=cfg.rollout.temperature, seed=cfg.train.seed,
-                                           max_new_tokens=self.max_new_tokens, publish_dtype=rollout_dtype,
+                                           max_new_tokens=self.max_new_tokens, publish_dtype=self.rollout_dtype,
                                            lora=cfg.model.lora)
         self.learner = self.learner_ranks.rank0
         collective = None
@@ -217,14 +217,13 @@ class Trainer:
         n_roll = cfg.rollout.num_workers
         self.rewards = create_reward_group(cfg.reward, bundles[1 + n_roll:] if self.pg else None)
         ray.get(self.coordinator.set_reward_actors.remote(self.rewards.actors))
-        self.rollouts = RolloutFleet(self.policy_path, dataclasses.replace(cfg.rollout, dtype=rollout_dtype),
+        self.rollouts = RolloutFleet(self.policy_path, dataclasses.replace(cfg.rollout, dtype=self.rollout_dtype),
                                      coordinator=self.coordinator,
                                      default_max_new_tokens=self.max_new_tokens, seed=cfg.train.seed, say=self.say,
                                      env=self.env_config(), lora=cfg.model.lora)
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
         self.rollouts.on_start = self.weights.for_newcomers
         self.rollouts.create(n_roll)
-        self.rollout_dtype = rollout_dtype
         self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions, control=cfg.control)
         self.supervisor = Supervisor(learner=self.learner, coordinator=self.coordinator, rewards=self.rewards,
                                      reward_cfg=cfg.reward, registry=self.registry,

@@ -29,10 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-
-
-def arg(name: str, default: str) -> str:
-    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+from tests.bench.bench_lora import arg  # noqa: E402 - after the path: run as a script
 
 
 def peak_matmul(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:

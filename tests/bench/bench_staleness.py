@@ -30,6 +30,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.bench.bench_lora import arg  # noqa: E402 - after the path: run as a script
 FLEETRL = [sys.executable, "-m", "learner.cli"]
 METHODS = {
     "behaviour": [],
@@ -37,10 +39,6 @@ METHODS = {
     "decoupled-sequence": ["--learner.off_policy", "decoupled", "--learner.is_level", "sequence"],
     "tis": ["--learner.policy_loss", "vanilla", "--learner.off_policy", "tis"],
 }
-
-
-def arg(name: str, default: str) -> str:
-    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
 
 def run(out: Path, seconds: float, staleness: int, seed: int, method: str) -> dict:

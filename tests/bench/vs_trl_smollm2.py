@@ -33,12 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from tests.bench.bench_lora import arg  # noqa: E402 - after the path: run as a script
 
 P, G, MAX_NEW, LR, BETAS = 4, 8, 13, 5e-6, (0.9, 0.99)
-
-
-def arg(name: str, default: str) -> str:
-    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
 
 def trl_worker(spec: dict) -> None:
