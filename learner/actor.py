@@ -37,6 +37,7 @@ class LearnerActor(Learner):
         super().__init__(model_path, cfg, put_weights=object_store.put, **kwargs)
         self.peers: list = []  # rank 0: the other ranks' actors
         self.out_of_step: str | None = None  # rank 0: a joint call failed, the ranks may sit in a collective
+        self.failed_step: str | None = None  # a step or publish failed: nothing queued behind it runs
 
     def where(self) -> dict:
         return where()
@@ -100,10 +101,30 @@ class LearnerActor(Learner):
         return error
 
     def train_step(self, groups, preview: int = 0) -> dict:
-        return self._everywhere("train_step", groups, preview)
+        self._refuse_after_a_failed_step("train_step")
+        try:
+            return self._everywhere("train_step", groups, preview)
+        except BaseException as e:
+            self.failed_step = f"step {self.policy_version + 1} failed: {_first_line(e)}"
+            raise
 
-    def save_state(self, path: str) -> None:
-        return self._everywhere("save_state", path)
+    def publish_weights(self, after_update: dict | None = None) -> Payload:
+        self._refuse_after_a_failed_step("publish_weights")
+        try:
+            return super().publish_weights(after_update)
+        except BaseException as e:
+            self.failed_step = f"publish of version {self.policy_version} failed: {_first_line(e)}"
+            raise
+
+    def _refuse_after_a_failed_step(self, method: str) -> None:
+        """The driver queues step n + 1 (and its publish) before it reads step n's result:
+        after a failed step or publish, what was queued behind it must not run (the driver
+        ends the run at the failure, and a checkpoint must match its counters)."""
+        if self.failed_step is not None:
+            raise RuntimeError(f"{method} refused: {self.failed_step}")
+
+    def save_state(self, path: str, expect_version: int | None = None) -> None:
+        return self._everywhere("save_state", path, expect_version)
 
     def load_state(self, path: str) -> int:
         return self._everywhere("load_state", path)

@@ -375,8 +375,13 @@ class Learner:
         self.tokenizer.save_pretrained(path)
         return path
 
-    def save_state(self, path: str) -> None:
-        """Policy, optimizer, scheduler, RNG, version (``learner.checkpoint``)."""
+    def save_state(self, path: str, expect_version: int | None = None) -> None:
+        """Policy, optimizer, scheduler, RNG, version (``learner.checkpoint``). ``expect_version``:
+        the step the checkpoint is for; a learner at another version refuses (a step was queued
+        behind the checkpoint, or one is missing)."""
+        if expect_version is not None and expect_version != self.policy_version:
+            raise RuntimeError(f"checkpoint of step {expect_version} asked of a learner at version "
+                               f"{self.policy_version}")
         checkpoint.save_learner_state(self, path)
 
     def load_state(self, path: str) -> int:

@@ -44,3 +44,10 @@ def half_constant_reward(prompts, completions, *, answer, **_):
 def brevity(prompts, completions, **_):
     """A dense reward (shorter is better) so that every group has a learning signal."""
     return [-len(c) / 64 for c in completions]
+
+
+def pid_reward(prompts, completions, **_):
+    """The scoring process's pid as every sample's reward: where the reward ran."""
+    import os
+
+    return [float(os.getpid())] * len(completions)

@@ -220,9 +220,9 @@ class ScalingCollectiveTrainer(Trainer):
         for g in ray.get(batch):  # the batch is an object ref
             self.seen.append((g.worker, g.policy_version))
         m = super().update(batch)
-        if self.step == 2:
+        if self.submitted == 2:
             self.rollouts.request_scale(3)
-        if self.step == 4:
+        if self.submitted == 4:
             ray.kill(self.rollouts.workers["rollout-0"].actor, no_restart=True)
         return m
 

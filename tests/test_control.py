@@ -64,6 +64,7 @@ def training(ray_session, tiny_policy, tmp_path_factory):
     checkpoints = tmp_path_factory.mktemp("reward-checkpoints")  # the only place --checkpoint may point
     cfg = load_config(None, ["--control.reward_checkpoint_roots", f"['{checkpoints}']",
         "--model.path", tiny_policy, "--reward.functions", "['tests.rewards:digit_reward']",
+        "--reward.colocate", "true",  # registered models still score every group (they live in the reward workers)
         "--train.steps", "100000", "--train.prompts_per_step", "2", "--rollout.group_size", "4",
         "--rollout.prompts_per_request", "1", "--rollout.max_new_tokens", "4", "--task.eval_size", "4",
         "--learner.num_threads", "1", "--train.sample_timeout_s", "300", "--train.max_wall_s", "600"])

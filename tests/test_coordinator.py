@@ -32,21 +32,40 @@ def run(coro):
 def test_on_policy_gate_blocks_until_new_weights():
     async def body():
         c = Coordinator(stream(), groups_per_step=2, prompts_per_request=1, max_staleness=0)
-        a, v = await acquire_now(c)
-        b, _ = await acquire_now(c)
+        h = await acquire_now(c)
+        a, v = h.prompts, h.policy_version
+        b = (await acquire_now(c)).prompts
         assert [p.uid for p in a + b] == [0, 1] and v == 0
-        blocked, _ = await acquire_now(c)
+        blocked = (await acquire_now(c)).prompts
         assert blocked == [], "third prompt must wait for version 1 when max_staleness=0"
         await c.put([group(a[0], 0), group(b[0], 0)])
         batch = await c.get_batch(0, timeout_s=1)
         assert len(batch) == 2
-        still_blocked, _ = await acquire_now(c)
+        still_blocked = (await acquire_now(c)).prompts
         assert still_blocked == []
         with pytest.raises(ValueError, match="only 2 handed out"):
             await c.publish(Payload(version=1, fingerprint="f"), commit_groups=3)
         await c.publish(Payload(version=1, fingerprint="f"), commit_groups=2)
-        nxt, v = await acquire_now(c)
+        h = await acquire_now(c)
+        nxt, v = h.prompts, h.policy_version
         assert [p.uid for p in nxt] == [2] and v == 1
+    run(body())
+
+
+def test_newer_weights_come_with_the_prompts_only_when_newer_than_the_callers():
+    async def body():
+        c = Coordinator(stream(), groups_per_step=1, prompts_per_request=1, max_staleness=3)
+        assert (await c.acquire("w", 0.05, have_version=0)).weights is None  # nothing published yet
+        await c.publish(Payload(version=0, fingerprint="f"))
+        assert (await c.acquire("w", 0.05, have_version=0)).weights is None  # the caller has it
+        await c.publish(Payload(version=1, fingerprint="g"))
+        h = await c.acquire("w", 0.05, have_version=0)
+        assert h.prompts and h.policy_version == 1 and h.weights.fingerprint == "g"
+        assert (await c.acquire("w", 0.05, have_version=1)).weights is None
+        assert (await c.acquire("w", 0.05)).weights is None  # no have_version: the caller fetches them itself
+        for _ in range(4):  # the gate closed: the weights still come (a worker loads them while it waits)
+            h = await c.acquire("w", 0.05, have_version=0)
+        assert h.prompts == [] and h.weights.version == 1
     run(body())
 
 
@@ -55,7 +74,7 @@ def test_async_gate_runs_k_versions_ahead():
         c = Coordinator(stream(), groups_per_step=2, prompts_per_request=2, max_staleness=2)
         got = []
         for _ in range(4):
-            ps, _ = await acquire_now(c)
+            ps = (await acquire_now(c)).prompts
             got += ps
         assert len(got) == 6  # (0 + 2 + 1) * 2 groups may be live at version 0
         assert c.capacity_bound() == 6
@@ -69,7 +88,7 @@ def test_stale_groups_are_dropped_and_counted():
         for v in range(1, 4):
             await c.publish(Payload(version=v, fingerprint="f"))
         for _ in range(2):
-            p, _ = await acquire_now(c)
+            p = (await acquire_now(c)).prompts
             ps += p
         await c.put([group(ps[0], version=1, n=3), group(ps[1], version=2, n=3)])
         batch = await c.get_batch(3, timeout_s=1)  # learner at v3: v1 is 2 behind -> dropped
@@ -84,11 +103,11 @@ def test_stale_groups_are_dropped_and_counted():
 def test_excluded_samples_are_counted_and_free_the_gate():
     async def body():
         c = Coordinator(stream(), groups_per_step=1, prompts_per_request=1, max_staleness=0)
-        (p0,), _ = await acquire_now(c)
+        (p0,) = (await acquire_now(c)).prompts
         assert (await acquire_now(c))[0] == []
         bad = group(p0, 0, n=2, reward=None, excluded=Excluded(Exclusion.REWARD_ERROR, "boom"))
         await c.put([bad])  # nothing trainable: the slot must reopen, or the run would hang
-        (p1,), _ = await acquire_now(c)
+        (p1,) = (await acquire_now(c)).prompts
         partly = group(p1, 0, n=2)
         partly.samples[0].excluded = Excluded(Exclusion.REWARD_NONFINITE, "nan")
         partly.samples[0].reward = None
@@ -105,7 +124,7 @@ def test_excluded_samples_are_counted_and_free_the_gate():
 def test_timeout_loses_nothing_and_drain_accounts_for_leftovers():
     async def body():
         c = Coordinator(stream(), groups_per_step=3, prompts_per_request=3, max_staleness=0)
-        ps, _ = await acquire_now(c)
+        ps = (await acquire_now(c)).prompts
         await c.put([group(ps[0], 0)])
         with pytest.raises(SampleTimeout, match="1/3"):
             await c.get_batch(0, timeout_s=0.1)
@@ -120,7 +139,7 @@ def test_timeout_loses_nothing_and_drain_accounts_for_leftovers():
 def test_uncommitted_batches_and_late_groups_are_dropped_not_lost():
     async def body():
         c = Coordinator(stream(), groups_per_step=1, prompts_per_request=2, max_staleness=1)
-        ps, _ = await acquire_now(c)
+        ps = (await acquire_now(c)).prompts
         await c.put([group(ps[0], 0, n=3)])
         await c.get_batch(0, timeout_s=1)  # handed to a learner that then fails: never committed
         await c.stop()
@@ -135,7 +154,7 @@ def test_uncommitted_batches_and_late_groups_are_dropped_not_lost():
 def test_cancelled_get_batch_puts_groups_back():
     async def body():
         c = Coordinator(stream(), groups_per_step=2, prompts_per_request=2, max_staleness=0)
-        ps, _ = await acquire_now(c)
+        ps = (await acquire_now(c)).prompts
         await c.put([group(ps[0], 0)])
         task = asyncio.ensure_future(c.get_batch(0, timeout_s=30))
         await asyncio.sleep(0)  # let it take the one group and wait for the second
@@ -161,10 +180,10 @@ def test_weight_versions_never_go_back():
 def test_lost_worker_prompts_are_redispatched_once():
     async def body():
         c = Coordinator(stream(), groups_per_step=4, prompts_per_request=2, max_staleness=0)
-        a, _ = await c.acquire("a", timeout_s=0.05)
-        b, _ = await c.acquire("b", timeout_s=0.05)
+        a = (await c.acquire("a", timeout_s=0.05)).prompts
+        b = (await c.acquire("b", timeout_s=0.05)).prompts
         assert await c.reclaim("a") == 2  # worker a died holding two prompts
-        again, _ = await c.acquire("b", timeout_s=0.05)
+        again = (await c.acquire("b", timeout_s=0.05)).prompts
         assert [p.uid for p in again] == [p.uid for p in a], "lost prompts go out first, unchanged"
         assert c.issued_groups == 4, "re-dispatch is not a new prompt"
         # a's reward call still lands one of its groups late, then b returns both copies
@@ -195,7 +214,7 @@ def test_acquire_parked_when_its_worker_is_lost_hands_out_nothing():
     would be in flight forever and the run would stall)."""
     async def body():
         c = Coordinator(stream(), groups_per_step=1, prompts_per_request=1, max_staleness=0)
-        (p,), _ = await c.acquire("b", timeout_s=0.05)  # the gate is now closed for version 0
+        (p,) = (await c.acquire("b", timeout_s=0.05)).prompts  # the gate is now closed for version 0
         parked = asyncio.ensure_future(c.acquire("a", timeout_s=5.0))
         await asyncio.sleep(0)  # let it reach the gate
         assert not parked.done()
@@ -214,7 +233,7 @@ def test_a_group_put_twice_is_counted_once():
     already, the second put is produced-and-dropped as ``duplicate``, never trained twice."""
     async def body():
         c = Coordinator(stream(), groups_per_step=2, prompts_per_request=2, max_staleness=0)
-        ps, _ = await acquire_now(c)
+        ps = (await acquire_now(c)).prompts
         groups = [group(p, 0) for p in ps]
         await c.put(groups)
         await c.put([group(p, 0) for p in ps])  # the same prompts again
@@ -232,7 +251,7 @@ def test_pause_closes_the_gate_and_an_unhealthy_sample_pauses_it_at_once():
         await c.pause("operator")
         assert (await acquire_now(c))[0] == [] and c.stats()["paused"] == "operator"
         await c.pause(None)
-        (p0,), _ = await acquire_now(c)
+        (p0,) = (await acquire_now(c)).prompts
         unhealthy = group(p0, 0, reward=None, excluded=Excluded(Exclusion.REWARD_UNHEALTHY, "'rm' circuit open"))
         await c.put([unhealthy])
         assert "circuit open" in c.stats()["paused"]

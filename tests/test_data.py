@@ -235,7 +235,7 @@ def test_the_coordinator_ends_a_finite_stream_with_prompts_exhausted():
     async def run():
         prompts = (Prompt(uid=i, text=str(i)) for i in range(5))
         c = Coordinator(prompts, groups_per_step=2, prompts_per_request=8, max_staleness=10)
-        handed, _ = await c.acquire("w")
+        handed = (await c.acquire("w")).prompts
         assert [p.uid for p in handed] == [0, 1, 2, 3, 4]
         assert c.exhausted
         await c.put([_group(p, "w") for p in handed])
@@ -309,7 +309,7 @@ def test_fully_excluded_and_stale_prompts_move_the_resume_point_past_them():
     async def run():
         c = Coordinator((Prompt(uid=i, text=str(i)) for i in range(10)), groups_per_step=2, prompts_per_request=3,
                         max_staleness=1)
-        handed, _ = await c.acquire("w")
+        handed = (await c.acquire("w")).prompts
         bad = _group(handed[0], "w")
         for s in bad.samples:
             s.reward = None  # unscored: the whole group is excluded

@@ -40,11 +40,11 @@ def assert_exact(summary: dict) -> None:
 class KillRewardWorker(Trainer):
     def update(self, batch):
         m = super().update(batch)
-        if self.step == 1:
+        if self.submitted == 1:
             kill_9(self.rollouts.workers["rollout-0"].actor)
-        if self.step == 3:
+        if self.submitted == 3:
             kill_9(self.rewards.by_name["reward-0"])
-        if self.step == 6:  # the driver stalls here: `fleetrl status` must still show rollout's progress
+        if self.submitted == 6:  # the driver stalls here: `fleetrl status` must still show rollout's progress
             frozen = self.counters["produced"]
             wait_for(lambda: self.status()["produced"] > frozen, 60, what="fleetrl status to show live counters")
         return m
@@ -70,7 +70,7 @@ class KillCoordinator(Trainer):
     no checkpoint could be consistent)."""
 
     def sample(self):
-        if self.step == 2:
+        if self.submitted == 2:
             kill_9(self.coordinator)
         return super().sample()
 
@@ -107,13 +107,14 @@ class KillAt(Trainer):
         return KillAt.victims[KillAt.segment] if KillAt.segment < len(KillAt.victims) else (None, None)
 
     def sample(self):
-        if self.victim() == ("coordinator", self.step):
+        if self.victim() == ("coordinator", self.submitted):
+            self.finish_in_flight()  # step `at` read back: the coordinator dies between steps
             kill_9(self.coordinator)
         return super().sample()
 
     def update(self, batch):
         m = super().update(batch)
-        if self.victim() == ("learner", self.step):
+        if self.victim() == ("learner", self.submitted):
             kill_9(self.learner)  # once the update of step at + 1 was submitted: the learner dies with it
         return m
 
@@ -168,10 +169,10 @@ class RegisterHangingModel(Trainer):
     endpoint = ""
 
     def update(self, batch):
-        if self.step == 6:  # well after the pause and the disable: `fleetrl status` lists them
+        if self.submitted == 6:  # well after the pause and the disable: `fleetrl status` lists them
             self.status_events = self.status()["events"]
         m = super().update(batch)
-        if self.step == 1:
+        if self.submitted == 1:
             stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(self.control.address))
             spec = control_pb2.RewardModelSpec(name="hang", endpoint=self.endpoint, timeout_s=1.0, max_attempts=1,
                                                failure_threshold=1, cooldown_s=600)

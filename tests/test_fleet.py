@@ -22,18 +22,18 @@ class ScalingTrainer(Trainer):
 
         stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(self.control.address))
         reply = stub.ScaleRollout(control_pb2.ScaleRolloutRequest(num_workers=n), timeout=30)
-        self.scaled_at[reply.target] = self.step
+        self.scaled_at[reply.target] = self.submitted
 
     def update(self, batch):
         for g in ray.get(batch):  # the batch is an object ref
-            self.seen.append((g.worker, g.policy_version, self.step))
+            self.seen.append((g.worker, g.policy_version, self.submitted))
         m = super().update(batch)
         workers = {w for w, _, _ in self.seen}
-        if self.step == 3:
+        if self.submitted == 3:
             self.scale(4)
         elif 4 in self.scaled_at and 1 not in self.scaled_at and {"rollout-2", "rollout-3"} <= workers:
             self.scale(1)
-        elif 1 in self.scaled_at and len(self.rollouts.workers) == 1 and self.step >= self.scaled_at[1] + 15:
+        elif 1 in self.scaled_at and len(self.rollouts.workers) == 1 and self.submitted >= self.scaled_at[1] + 15:
             self.stop_requested.set()
         return m
 
@@ -61,7 +61,7 @@ def test_scale_up_then_down_during_a_run(ray_session, tiny_policy, tmp_path):
 class KillingTrainer(Trainer):
     def update(self, batch):
         m = super().update(batch)
-        if self.step == 1:
+        if self.submitted == 1:
             ray.kill(self.rollouts.workers["rollout-0"].actor, no_restart=True)
         return m
 
@@ -120,7 +120,7 @@ class KillTheOnlyWorkerAndTakeItsCPUs(Trainer):
 
     def update(self, batch):
         m = super().update(batch)
-        if self.step == 0:
+        if self.submitted == 0:
             ray.kill(self.rollouts.workers["rollout-0"].actor, no_restart=True)
             self.hold = Hold.options(num_cpus=self.cfg.rollout.num_cpus).remote()
             ray.get(self.hold.ready.remote(), timeout=60)  # placed: the dead worker's CPUs are taken

@@ -89,11 +89,33 @@ def test_weights_reach_rollout_workers_and_on_policy_steps_train_only_the_curren
         t.shutdown()
 
 
+class RecordingOverlap(Trainer):
+    """Records, for each step read back, how many steps were queued on the learner then; takes
+    each batch only once it is ready, so a step in flight is read after the next is queued
+    whenever the driver may queue it (a batch that is ready wins over a step that is done)."""
+
+    def sample(self):
+        if self.prefetched is not None:
+            ray.wait([self.prefetched], timeout=60)
+        return super().sample()
+
+    def complete(self, queued):
+        self.queued_when_read = getattr(self, "queued_when_read", []) + [self.submitted - self.step]
+        return super().complete(queued)
+
+
 def test_async_mode_respects_staleness_bound_and_nan_rewards_are_excluded(ray_session, tiny_policy, tmp_path):
-    cfg = small_config(tiny_policy, "--train.max_staleness", "1", "--train.steps", "10",
+    # rewards scored inside the rollout worker (reward.colocate): exclusions counted all the same
+    cfg = small_config(tiny_policy, "--train.max_staleness", "1", "--train.steps", "10", "--reward.colocate", "true",
+                       "--train.checkpoint_every", "5",
                        "--reward.functions", "['tests.rewards:digit_reward', 'tests.rewards:flaky_reward']")
-    _, summary = run_trainer(cfg, tmp_path)
+    t, summary = run_trainer(cfg, tmp_path, RecordingOverlap)
+    # the driver queued step n + 1 before reading step n, except at the checkpoint steps (5) and the last
+    assert 2 in t.queued_when_read, t.queued_when_read
+    assert len(t.queued_when_read) == 11 and t.queued_when_read[0] == 0, t.queued_when_read  # [0]: the first publish
+    assert t.queued_when_read[5] == t.queued_when_read[10] == 1, t.queued_when_read  # read before the next was queued
     rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 11))
     assert all(0 <= r["staleness_max"] <= 1 for r in rows)
     assert any(r["staleness_max"] == 1 for r in rows), "async mode never overlapped generation with updates"
     assert summary["produced"] == summary["trained"] + summary["dropped"]
@@ -101,6 +123,30 @@ def test_async_mode_respects_staleness_bound_and_nan_rewards_are_excluded(ray_se
     assert summary["trained"] > 0 and summary["produced"] >= summary["trained"]
     assert summary["dropped_by_reason"].get("reward_nonfinite", 0) > 0
     assert all(r["loss"] == r["loss"] for r in rows), "a NaN reward leaked into the loss"
+
+
+def test_a_learner_refuses_what_was_queued_behind_a_failed_step(ray_session, tiny_policy, tmp_path):
+    """The driver queues step n + 1 before it reads step n: after a failed step, neither its
+    publish nor the next step may run (the run ends at the failure; a checkpoint must match)."""
+    from learner.actor import create_learner
+    from learner.learner import LearnerConfig
+
+    learner = create_learner(tiny_policy, LearnerConfig(num_threads=1, num_cpus=0.1), total_steps=10)
+    try:
+        bad = learner.train_step.remote(ray.put("not a list of groups"))
+        publish = learner.publish_weights.remote()
+        following = learner.train_step.remote(ray.put([]))
+        with pytest.raises(ray.exceptions.RayTaskError, match="AttributeError"):
+            ray.get(bad)
+        with pytest.raises(ray.exceptions.RayTaskError, match="publish_weights refused: step 1 failed"):
+            ray.get(publish)
+        with pytest.raises(ray.exceptions.RayTaskError, match="train_step refused: step 1 failed"):
+            ray.get(following)
+        assert ray.get(learner.version.remote()) == 0
+        with pytest.raises(ray.exceptions.RayTaskError, match="checkpoint of step 1 asked of a learner at version 0"):
+            ray.get(learner.save_state.remote(str(tmp_path / "ckpt"), 1))
+    finally:
+        ray.kill(learner)
 
 
 def test_reward_that_always_fails_ends_the_run_with_a_clear_error(ray_session, tiny_policy, tmp_path):

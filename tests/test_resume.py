@@ -26,7 +26,7 @@ class CrashAt(Trainer):
 
     def update(self, batch):
         m = super().update(batch)
-        if self.step + 1 == self.crash_step:
+        if self.submitted + 1 == self.crash_step:
             self.stop_requested.set()
         return m
 

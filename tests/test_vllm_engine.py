@@ -192,16 +192,16 @@ class KillAndScale(ScalingTrainer):
 
     def update(self, batch):
         for g in ray.get(batch):
-            self.seen.append((g.worker, g.policy_version, self.step))
+            self.seen.append((g.worker, g.policy_version, self.submitted))
         m = Trainer.update(self, batch)
         delivered = {w for w, _, _ in self.seen}
-        if self.step == 3:
+        if self.submitted == 3:
             kill_9(self.rollouts.workers["rollout-0"].actor)
-        elif self.step == 6:
+        elif self.submitted == 6:
             self.scale(3)
         elif 3 in self.scaled_at and 1 not in self.scaled_at and "rollout-3" in delivered:
             self.scale(1)
-        elif 1 in self.scaled_at and len(self.rollouts.workers) == 1 and self.step >= self.scaled_at[1] + 6:
+        elif 1 in self.scaled_at and len(self.rollouts.workers) == 1 and self.submitted >= self.scaled_at[1] + 6:
             self.stop_requested.set()
         return m
 

@@ -46,6 +46,11 @@ class RewardConfig:
     """Weight of each function in the combined reward; empty = all 1.0."""
     max_replacements: int = 10
     """Reward workers that may die and be replaced during a run before it fails."""
+    colocate: bool = False
+    """Score the configured functions inside each rollout worker and put the groups straight into
+    the coordinator (no hop through a reward worker; for cheap rule rewards). While reward models
+    registered over Control are enabled, groups go through the reward workers as without it (they
+    hold the models)."""
     model_disable_after_s: float = 0.0
     """A registered reward model that stays unhealthy (circuit open, or its actor dead) this long is
     disabled: the run goes on with the other reward terms; until then rollout pauses. 0 = a quarter of

@@ -32,7 +32,8 @@ opens the gate again once the model is healthy, disabled or removed
 (``learner.driver.supervisor``).
 
 The coordinator also holds the current list of reward actors (the driver
-replaces a dead one; the rollout loops read the list from here).
+replaces a dead one; the rollout loops read the list from here) and whether
+run-time reward models are registered (then every group goes through them).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter, deque
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from actors.types import Excluded, Exclusion, Group, Prompt
 from actors.weights.payload import Payload, WeightStore
@@ -52,6 +53,21 @@ class SampleTimeout(RuntimeError):
 
 class PromptsExhausted(RuntimeError):
     """A finite prompt stream (``data.epochs``) is used up: no further batch can be assembled."""
+
+
+class Handout(NamedTuple):
+    """What ``acquire`` returns to a rollout worker."""
+
+    prompts: list[Prompt] | None
+    """None: the run is stopping (the worker exits); []: the gate stayed closed (ask again)."""
+    policy_version: int
+    """The newest published version."""
+    weights: Payload | None = None
+    """The newest payload when it is newer than the caller's ``have_version`` (the weights come
+    with the prompts: no second round trip to fetch them), else None."""
+    models_registered: bool = False
+    """Run-time reward models are enabled: the groups must go through the reward workers (which
+    hold them) even where the rollout worker scores its own (``reward.colocate``)."""
 
 
 class Coordinator:
@@ -93,6 +109,7 @@ class Coordinator:
         self.produced_by_worker: Counter[str] = Counter()
         self.paused: str | None = None  # why the gate is closed for everyone, or None
         self.reward_actor_list: list = []
+        self.models_registered = False
         self.cursor = start_uid  # first prompt uid not trained on (committed_uids holds the ones after it)
         self._advance_cursor()
 
@@ -109,8 +126,9 @@ class Coordinator:
         return (self.max_staleness + 1) * self.groups_per_step
 
     # -- rollout side ----------------------------------------------------------------
-    async def acquire(self, worker: str, timeout_s: float | None = None) -> tuple[list[Prompt] | None, int]:
-        """Wait until the staleness gate opens; return ``(prompts, policy_version)``.
+    async def acquire(self, worker: str, timeout_s: float | None = None, have_version: int | None = None) -> Handout:
+        """Wait until the staleness gate opens; return the ``Handout``: prompts, the newest
+        ``policy_version`` and, when that is newer than ``have_version`` (the caller's), its payload.
 
         ``prompts`` is ``None`` once the run is stopping (the worker should exit)
         and ``[]`` when ``timeout_s`` passed with the gate closed (ask again).
@@ -124,9 +142,9 @@ class Coordinator:
             try:
                 await asyncio.wait_for(self.cond.wait_for(ready), timeout_s)
             except asyncio.TimeoutError:
-                return [], self.weights.version
+                return self._handout([], have_version)
             if self.stopping or worker in self.retiring:
-                return None, self.weights.version
+                return self._handout(None, have_version)
             batch = []
             while self.requeue and len(batch) < self.prompts_per_request:  # a lost worker's prompts first
                 batch.append(self.requeue.popleft())
@@ -139,7 +157,12 @@ class Coordinator:
                 self.issued_groups += len(batch)
                 self.next_uid = max([self.next_uid] + [p.uid + 1 for p in batch])
             self.in_flight.setdefault(worker, {}).update({p.uid: p for p in batch})
-            return batch, self.weights.version
+            return self._handout(batch, have_version)
+
+    def _handout(self, prompts: list[Prompt] | None, have_version: int | None) -> Handout:
+        newer = have_version is not None and self.weights.payload is not None and self.weights.version > have_version
+        return Handout(prompts, self.weights.version, self.weights.payload if newer else None,
+                       self.models_registered)
 
     async def reclaim(self, worker: str) -> int:
         """``worker`` is gone: its prompts in flight go back out, first in line, to the
@@ -166,6 +189,10 @@ class Coordinator:
 
     def reward_actors(self) -> list:
         return self.reward_actor_list
+
+    def set_models_registered(self, registered: bool) -> None:
+        """Set by the registry after the reward workers took the models (or dropped the last)."""
+        self.models_registered = registered
 
     async def watch(self) -> None:
         """Never returns: the driver holds this call's ref, which fails when the actor dies."""

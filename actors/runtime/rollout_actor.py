@@ -10,6 +10,7 @@ from __future__ import annotations
 import ray
 
 from actors.envs.config import EnvConfig
+from actors.reward.worker import RewardConfig, RewardWorker
 from actors.rollout.worker import RolloutConfig, RolloutWorker
 from actors.runtime import object_store
 from actors.runtime.placement import actor_env, where
@@ -23,7 +24,10 @@ class RolloutActor:
     """Ray actor around ``RolloutWorker``."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, default_max_new_tokens: int, name: str, seed: int,
-                 env: EnvConfig | None = None, remote_envs: dict | None = None, lora: LoraSpec | None = None):
+                 env: EnvConfig | None = None, remote_envs: dict | None = None, lora: LoraSpec | None = None,
+                 reward: RewardConfig | None = None):
+        """``reward``: score in this actor with these functions (``reward.colocate``)."""
+        self.scorer = RewardWorker.from_config(reward) if reward is not None else None
         self.worker = RolloutWorker(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name,
                                     seed=seed, fetch_weights=object_store.fetch, env=env, lora=lora)
         self.worker.set_remote_envs(remote_envs or {})
@@ -82,16 +86,17 @@ class RolloutActor:
 
     def run(self, coordinator) -> dict:
         """Stream until the coordinator says stop; returns this worker's counters."""
-        return run_rollout_loop(self.worker, coordinator)
+        return run_rollout_loop(self.worker, coordinator, scorer=self.scorer)
 
 
 def create_rollout_actor(model_path: str, cfg: RolloutConfig, *, name: str, seed: int, default_max_new_tokens: int,
                          placement: dict | None = None, env: EnvConfig | None = None,
-                         remote_envs: dict | None = None, lora: LoraSpec | None = None):
+                         remote_envs: dict | None = None, lora: LoraSpec | None = None,
+                         reward: RewardConfig | None = None):
     cls = ray.remote(RolloutActor).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=cfg.resources or None,
         # 4 threads: the run loop, collective weight-sync calls, evaluation, and quick queries
         # (where, version) that must not wait behind a broadcast
         runtime_env=actor_env(cfg.num_threads), max_concurrency=4, **(placement or {}))
     return cls.remote(model_path, cfg, default_max_new_tokens=default_max_new_tokens, name=name, seed=seed, env=env,
-                      remote_envs=remote_envs, lora=lora)
+                      remote_envs=remote_envs, lora=lora, reward=reward)

@@ -1,11 +1,13 @@
 """The streaming loop one rollout actor runs until the coordinator says stop:
 
-    acquire prompts (waits at the staleness gate)
-    -> load newer weights if the coordinator has them (only here, between generate calls)
+    acquire prompts (waits at the staleness gate); newer weights come with them
+    -> load those weights (only here, between generate calls)
     -> generate a group per prompt
     -> hand the groups to a reward actor, which scores them and puts them into
        the coordinator's buffer (one reward call in flight per worker, so
-       scoring overlaps the next generation).
+       scoring overlaps the next generation); with ``reward.colocate`` the
+       worker scores them itself and puts them, unless run-time reward models
+       are registered (the reward actors hold those).
 
 The reward actors are the coordinator's current list (the driver replaces a
 dead one). If the reward actor of a call dies, the loop sends the same groups
@@ -82,29 +84,59 @@ class RewardDispatch:
                 self._send(groups)
 
 
-def run_rollout_loop(worker, coordinator) -> dict:
+class LocalScoring:
+    """``reward.colocate``: a ``RewardWorker`` in this process scores the groups, which go straight
+    to the coordinator (one put in flight, so the put overlaps the next generation)."""
+
+    def __init__(self, scorer, coordinator):
+        self.scorer, self.coordinator = scorer, coordinator
+        self.calls = 0
+        self.pending = None
+
+    def submit(self, groups) -> None:
+        self.wait()
+        self.calls += 1
+        self.pending = self.coordinator.put.remote(self.scorer.score(groups))
+
+    def done(self) -> bool:
+        return self.pending is None or bool(ray.wait([self.pending], timeout=0)[0])
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            ray.get(self.pending)
+            self.pending = None
+
+
+def run_rollout_loop(worker, coordinator, scorer=None) -> dict:
     """Drive ``worker`` (a ``RolloutWorker``) until the coordinator hands out no more
-    prompts; returns its counters."""
-    rewards = RewardDispatch(coordinator)
+    prompts; returns its counters. ``scorer``: a ``RewardWorker`` (``reward.colocate``)."""
+    remote = RewardDispatch(coordinator)
+    local = LocalScoring(scorer, coordinator) if scorer is not None else None
+    rewards = remote
     # start from the learner's weights, not our own from_pretrained copy (they differ
     # when a checkpoint leaves some weights to random initialisation)
     payload = ray.get(coordinator.latest_weights.remote())
     if payload is not None:
         worker.load_weights(payload, force=True)
     while True:
-        prompts, version = ray.get(coordinator.acquire.remote(worker.name, 5.0))
+        prompts, _, newer, models = ray.get(coordinator.acquire.remote(worker.name, 5.0, worker.policy_version))
         if prompts is None:
             break
+        route = remote if local is None or models else local
+        if route is not rewards:  # one scoring call in flight across both routes
+            rewards.wait()
+            rewards = route
         if rewards.done():
             rewards.wait()  # surfaces an error now, not as a timeout later
+        if newer is not None:  # the newest weights came with the prompts (or with a closed gate's answer)
+            worker.load_weights(newer)
         if not prompts:
             continue
-        if version > worker.policy_version:
-            worker.load_weights(ray.get(coordinator.latest_weights.remote()))
         rewards.submit(worker.generate(prompts))
     rewards.wait()
     latest = ray.get(coordinator.latest_weights.remote())
     if latest is not None and latest.version > worker.policy_version:
         worker.load_weights(latest)  # end on the newest version
-    return {"name": worker.name, "generate_calls": rewards.calls, "samples": worker.generated_samples,
-            "policy_version": worker.policy_version, "reward_resends": rewards.resent}
+    return {"name": worker.name, "generate_calls": remote.calls + (local.calls if local else 0),
+            "samples": worker.generated_samples, "policy_version": worker.policy_version,
+            "reward_resends": remote.resent, "scored_here": local.calls if local else 0}

@@ -100,13 +100,16 @@ class RewardRegistry:
     ``reward_token_file`` overrides $FLEETRL_REWARD_TOKEN_FILE (read at each registration)."""
 
     def __init__(self, reward_actors: list, reserved_names: list[str] = (), control=None, *,
-                 reward_token_file: str | None = None):
+                 reward_token_file: str | None = None, coordinator=None):
+        """``coordinator``: told whether models are enabled after each push (with
+        ``reward.colocate`` the rollout workers then send their groups to the reward workers)."""
         from learner.config import ControlConfig
 
         self.control = control if control is not None else ControlConfig()
         self.allowed = parse_allowed(self.control.allowed_reward_endpoints)
         self.reward_token_file = reward_token_file
         self.reward_actors = list(reward_actors)
+        self.coordinator = coordinator
         self.reserved = set(reserved_names)
         self.models: dict[str, _Entry] = {}
         self.pending: set[str] = set()
@@ -123,6 +126,8 @@ class RewardRegistry:
                 models = [(n, e.spec.weight, e.handle, e.spec.timeout_s * e.spec.max_attempts, e.spec.batch_size)
                           for n, e in self.models.items() if not e.disabled]
             ray.get([a.set_models.remote(models) for a in actors], timeout=PUSH_TIMEOUT_S)
+            if self.coordinator is not None:  # after the workers hold the models: groups may go to them now
+                ray.get(self.coordinator.set_models_registered.remote(bool(models)), timeout=PUSH_TIMEOUT_S)
 
     def set_reward_actors(self, actors: list) -> None:
         """The reward workers changed (a dead one was replaced): push the current models to

@@ -56,8 +56,10 @@ class _Worker:
 class RolloutFleet:
     def __init__(self, model_path: str, cfg: RolloutConfig, *, coordinator,
                  default_max_new_tokens: int, seed: int, say=print, env: EnvConfig | None = None,
-                 lora: LoraSpec | None = None):
-        self.model_path, self.cfg, self.env, self.lora = model_path, cfg, env, lora
+                 lora: LoraSpec | None = None, reward=None):
+        """``reward``: a ``RewardConfig`` whose functions every worker scores with itself
+        (``reward.colocate``), or None."""
+        self.model_path, self.cfg, self.env, self.lora, self.reward = model_path, cfg, env, lora, reward
         self.remote_envs: dict = {}  # environments registered over Control, for every worker
         self.coordinator = coordinator
         self.default_max_new_tokens, self.seed, self.say = default_max_new_tokens, seed, say
@@ -80,7 +82,8 @@ class RolloutFleet:
             with self._lock:  # a registration pushed meanwhile reaches it either way (set_remote_envs)
                 actor = create_rollout_actor(self.model_path, self.cfg, name=name, seed=self.seed,
                                              default_max_new_tokens=self.default_max_new_tokens, placement=placement,
-                                             env=self.env, remote_envs=self.remote_envs, lora=self.lora)
+                                             env=self.env, remote_envs=self.remote_envs, lora=self.lora,
+                                             reward=self.reward)
                 self.workers[name] = _Worker(actor)
             self.next_id += 1
             names.append(name)

@@ -12,7 +12,8 @@ driver's loop is three visible phases per step:
    coordinator keeps the newest payload, which also opens the staleness gate
    for the next batch of prompts, and commits the step's groups as trained.
 
-Checkpoints are ``learner.checkpoint``; metrics rows, the summary and peak
+The loop of steps and its phases are ``steps.py`` (``StepLoop``, which also
+queues step n + 1 before reading step n). Checkpoints are ``learner.checkpoint``; metrics rows, the summary and peak
 memory are ``report.py``; the rollout fleet is ``fleet.py``; who watches the
 actors is ``supervisor.py``; how a run ends early is ``ending.py``; restarts
 are ``run.py``.
@@ -35,9 +36,7 @@ from actors.envs.config import EnvConfig
 from actors.reward.functions import load_reward_fn
 from actors.rollout.policy import policy_numel
 from actors.runtime.actors import create_coordinator, create_reward_group
-from actors.runtime.coordinator import PromptsExhausted, SampleTimeout
 from actors.serving import ServerConfig
-from actors.weights.collective import CollectiveConfigError
 from learner import checkpoint
 from learner.actor import start_learner
 from learner.config import Config, ConfigError
@@ -47,17 +46,18 @@ from learner.control.service import start_control_server
 from learner.driver import ending
 from learner.driver.errors import RunFailed, StopRequested
 from learner.driver.evaluation import Evaluation, eval_line
-from learner.driver.fleet import FleetError, RolloutFleet
+from learner.driver.fleet import RolloutFleet
 from learner.driver.placement import place, placement_group, report_placement
 from learner.driver.policy import resolve_policy, resolve_rollout_dtype
 from learner.driver.report import RunReport, peak_memory, run_summary
 from learner.driver.sources import build_prompts
 from learner.driver.status import run_status
 from learner.driver.supervisor import Supervisor
+from learner.driver.steps import StepLoop
 from learner.driver.weight_sync import CollectiveSync, WeightSync
 
 
-class Trainer:
+class Trainer(StepLoop):
     def __init__(self, cfg: Config, run_dir: str | Path, *, out=sys.stdout, progress: bool = True,
                  stop_requested: threading.Event | None = None, segments: list[dict] | None = None,
                  eval_before: float | None = None, reward_models: list | None = None):
@@ -136,7 +136,7 @@ class Trainer:
         if self.resume:
             self.step = ray.get(self.learner.load_state.remote(str(self.resume[0])))
             self.say(f"resumed from {self.resume[0]} at step {self.step} (prompt cursor {point['cursor']})")
-        self.sync_weights(None)  # every worker starts from the learner's weights (version 0, or the resumed one)
+        self.complete(self.sync_weights(None))  # every worker starts from the learner's weights (version 0, or the resumed one)
         self.learner_dtype = ray.get(self.learner.compute_dtype_name.remote(), timeout=60)  # loaded: it answers at once
         if cfg.learner.dtype == "auto" and self.learner_dtype == "bfloat16":
             self.say("learner: computes in bfloat16 (learner.dtype auto; float32 master weights and AdamW state)")
@@ -220,11 +220,13 @@ class Trainer:
         self.rollouts = RolloutFleet(self.policy_path, dataclasses.replace(cfg.rollout, dtype=self.rollout_dtype),
                                      coordinator=self.coordinator,
                                      default_max_new_tokens=self.max_new_tokens, seed=cfg.train.seed, say=self.say,
-                                     env=self.env_config(), lora=cfg.model.lora)
+                                     env=self.env_config(), lora=cfg.model.lora,
+                                     reward=cfg.reward if cfg.reward.colocate else None)
         self.rollouts.bundles = bundles[1:1 + n_roll] if self.pg else []
         self.rollouts.on_start = self.weights.for_newcomers
         self.rollouts.create(n_roll)
-        self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions, control=cfg.control)
+        self.registry = RewardRegistry(self.rewards.actors, reserved_names=cfg.reward.functions, control=cfg.control,
+                                       coordinator=self.coordinator)
         self.supervisor = Supervisor(learner=self.learner, coordinator=self.coordinator, rewards=self.rewards,
                                      reward_cfg=cfg.reward, registry=self.registry,
                                      replace_timeout_s=cfg.rollout.replace_timeout_s, say=self.say)
@@ -254,87 +256,6 @@ class Trainer:
                 self.say(f"reward model {spec.name!r} registered again after the restart")
             except ControlError as e:
                 self.say(f"reward model {spec.name!r} not registered again after the restart: {e}")
-
-    # -- the three phases ------------------------------------------------------------------------
-    def _request_batch(self, step: int):
-        return self.coordinator.get_batch_ref.remote(step, self.cfg.train.sample_timeout_s)
-
-    def sample(self):
-        """Phase 1: wait until a batch of scored groups is ready; fail loudly if a worker died.
-
-        Returns the batch's object ref: the driver never fetches the groups, the
-        learner takes them from the object store (one hop and one pickling less
-        per step). The coordinator raises if no group arrives for
-        ``train.sample_timeout_s`` (a slow but live pipeline is not an error).
-        With ``max_staleness > 0`` the next batch is requested as soon as this
-        one is ready, so it is assembled while the learner updates.
-        """
-        ref, self.prefetched = self.prefetched or self._request_batch(self.step), None
-        self.waiting = ref  # until it returns: stop_rollouts must let it finish before draining
-        while True:
-            self.rollouts.tick()  # apply a pending scale request
-            self.supervisor.tick()  # pause/disable around unhealthy registered reward models
-            watch = self.supervisor.refs()
-            ready, _ = ray.wait([ref] + self.rollouts.loop_refs() + watch, num_returns=1, timeout=1.0)
-            if not ready:
-                if self.stop_requested.is_set():
-                    raise StopRequested()
-                continue
-            if ready[0] == ref:
-                return self._take_batch(ref)
-            if ready[0] in watch:
-                self.supervisor.handle(ready[0])  # a reward worker is replaced; learner/coordinator: RunFailed
-                continue
-            self._loop_ended(ready[0])
-
-    def _take_batch(self, ref):
-        try:
-            [batch] = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, SampleTimeout):
-                raise RunFailed(str(cause)) from None
-            if isinstance(cause, PromptsExhausted):
-                raise PromptsExhausted(str(cause).strip().splitlines()[-1]) from None
-            raise
-        except ray.exceptions.RayActorError as e:
-            raise ending.failure_from(self, e, "the batch request") from None
-        self.waiting = None
-        if self.cfg.train.max_staleness > 0 and self.step + 1 < self.steps:
-            self.prefetched = self._request_batch(self.step + 1)
-        return batch
-
-    def _loop_ended(self, ref) -> None:
-        """A rollout loop ended: a retired worker leaves, a lost one is replaced (unless it
-        ended because the coordinator died: that is named instead)."""
-        try:
-            ray.get(ref, timeout=0)
-        except ray.exceptions.RayError:
-            self.supervisor.check_core(timeout_s=2.0)
-        try:
-            self.rollouts.handle_done(ref)
-        except FleetError as e:
-            raise RunFailed(str(e), component="rollout") from None
-
-    def update(self, batch):
-        """Phase 2: one optimizer step on the learner. Returns the ref of its metrics:
-        the driver does not wait here, the sync is queued right behind it."""
-        w = self.cfg.watch
-        preview = w.samples_per_write if w.samples_every and (self.step + 1) % w.samples_every == 0 else 0
-        return self.learner.train_step.remote(batch, preview)
-
-    def sync_weights(self, update) -> tuple[dict | None, int]:
-        """Phase 3: publish the weights after ``update`` (None: the initial publish) and
-        commit the step's groups; returns the update's metrics and the new ``policy_version``."""
-        n = self.cfg.train.prompts_per_step if update is not None else 0  # get_batch hands out exactly this many
-        members = {name: w.actor for name, w in self.rollouts.workers.items()}
-        try:
-            return self.weights.sync(update, commit_groups=n, members=members)
-        except CollectiveConfigError as e:
-            raise RunFailed(str(e)) from None
-        except ray.exceptions.RayError as e:
-            raise ending.failure_from(self, e, f"learner step {self.step + 1} failed") from None
-
 
     # -- the run -------------------------------------------------------------------------------------
     def evaluate(self, when: str) -> float | None:
@@ -430,48 +351,6 @@ class Trainer:
             self.write_summary("failed", str(failure), stats, rl_s=time.perf_counter() - t_rl, wall_t0=t_start)
             raise failure from None
 
-    def run_steps(self, t_rl: float) -> str:
-        """sample -> update -> sync weights, until ``train.steps``, ``train.max_wall_s`` or a
-        stop request; returns "finished" or "stopped"."""
-        cfg = self.cfg
-        while self.step < self.steps:
-            if self.stop_requested.is_set():
-                self.say(f"stopping at step {self.step}: stop requested")
-                return "stopped"
-            if cfg.train.max_wall_s and time.perf_counter() - t_rl > cfg.train.max_wall_s:
-                self.say(f"stopping at step {self.step}: train.max_wall_s={cfg.train.max_wall_s} reached")
-                return "finished"
-            t0 = time.perf_counter()
-            try:
-                batch = self.sample()
-            except StopRequested:
-                self.say(f"stopping at step {self.step}: stop requested")
-                return "stopped"
-            except PromptsExhausted as e:
-                self.say(f"stopping at step {self.step}: {e}")
-                return "finished"
-            t1 = time.perf_counter()
-            m, version = self.sync_weights(self.update(batch))
-            t3 = time.perf_counter()
-            self.step += 1
-            preview = m.pop("preview", None)
-            if preview:
-                self.report.samples(self.step, preview)
-            stopped = False
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                try:
-                    m["eval_accuracy"] = self.evaluate("during")  # the weights of this step (or newer)
-                except StopRequested:  # the step itself is done: its row and checkpoint are still written
-                    stopped = True
-            self.report.step(self.step, version, m, self.counters, elapsed_s=t3 - t_rl, sample_s=t1 - t0,
-                             update_sync_s=t3 - t1)
-            if stopped:
-                self.say(f"stopping at step {self.step}: stop requested during evaluation")
-                return "stopped"
-            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                self.save_checkpoint()
-        return "finished"
-
     # -- the end ---------------------------------------------------------------------------------------
     def finish(self, stats: dict, *, rl_s: float, wall_t0: float) -> dict:
         """Evaluate, save the policy, write ``summary.json``; returns the summary."""
@@ -504,7 +383,8 @@ class Trainer:
         counters of that step's publish (nothing is committed between a publish and the
         checkpoint after it), so it is the same whether the coordinator still lives or not."""
         path = checkpoint.write_checkpoint(self.run_dir, self.step,
-                                           lambda d: ray.get(self.learner.save_state.remote(d), timeout=timeout_s),
+                                           lambda d: ray.get(self.learner.save_state.remote(d, self.step),
+                                                             timeout=timeout_s),
                                            {**self.counters["resume_point"], **self.data_identity()})
         checkpoint.prune_checkpoints(self.run_dir, keep=self.cfg.train.keep_checkpoints)
         return path

@@ -3,10 +3,10 @@
 ``WeightSync.sync`` is phase 3 of a training step. Two transports:
 
 * **object store** (``train.weight_sync: object_store``): the learner's
-  publish is queued behind the update and takes the update's result as an
-  argument, so a failed update publishes and commits nothing; the payload ref
-  goes from the learner to the coordinator, and the driver waits once for the
-  whole chain.
+  publish is queued behind the update (a learner whose update failed refuses
+  it, so a failed update publishes and commits nothing); the payload ref goes
+  from the learner to the coordinator. ``submit`` only queues the chain and
+  ``collect`` reads its end, so the driver can queue the next step in between.
 * **collective** (``train.weight_sync: collective``): after the update the
   learner broadcasts to every rollout worker (``CollectiveSync``; the group is
   rebuilt first when the workers changed); the coordinator then gets a payload
@@ -38,22 +38,34 @@ class WeightSync:
         self.fallbacks = 0  # collective syncs that failed and went through the object store
         self.counters: dict = {}  # the coordinator's counters after the last publish
 
-    def sync(self, update, *, commit_groups: int, members: dict[str, Any]) -> tuple[dict | None, int]:
+    @property
+    def queues(self) -> bool:
+        """True when a sync is only queued by ``submit`` (object store): the driver may queue
+        the next step before it reads this one. A collective sync waits for the update."""
+        return self.collective is None
+
+    def submit(self, update, *, commit_groups: int, members: dict[str, Any]) -> tuple[Any, Any]:
         """Publish the learner's weights after ``update`` (a ``train_step`` ref, or None for
-        the initial publish) and commit ``commit_groups`` groups; returns the update's
-        metrics and the new ``policy_version``. Raises ``CollectiveConfigError`` when the
-        collective path cannot work at all."""
+        the initial publish) and commit ``commit_groups`` groups; returns ``(metrics,
+        counters)`` for ``collect``: refs, or the metrics already read (collective).
+        Raises ``CollectiveConfigError`` when the collective path cannot work at all."""
         m = None
         if self.collective is not None:
             m = ray.get(update) if update is not None else None
             payload = self._broadcast(members) or self.learner.publish_weights.remote()
-        else:
-            payload = self.learner.publish_weights.remote(update)
-        counters = self.coordinator.publish.remote(payload, commit_groups=commit_groups)
-        if update is not None and m is None:
-            m = ray.get(update)
+        else:  # queued behind the update; the learner refuses it if the update failed
+            payload, m = self.learner.publish_weights.remote(), update
+        return m, self.coordinator.publish.remote(payload, commit_groups=commit_groups)
+
+    def collect(self, metrics, counters) -> tuple[dict | None, int]:
+        """The update's metrics and the new ``policy_version`` (``submit``'s results read)."""
+        m = ray.get(metrics) if isinstance(metrics, ray.ObjectRef) else metrics
         self.counters = ray.get(counters)
         return m, self.counters["policy_version"]
+
+    def sync(self, update, *, commit_groups: int, members: dict[str, Any]) -> tuple[dict | None, int]:
+        """``submit`` and ``collect`` at once."""
+        return self.collect(*self.submit(update, commit_groups=commit_groups, members=members))
 
     def _broadcast(self, members: dict[str, Any]) -> Payload | None:
         try:

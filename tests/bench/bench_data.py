@@ -117,7 +117,7 @@ async def hand_out(stream, n: int) -> tuple[int, float]:
     c = Coordinator(stream, groups_per_step=64, prompts_per_request=8, max_staleness=10**9)
     got, t = 0, time.perf_counter()
     while got < n:
-        batch, _ = await c.acquire("w")
+        batch = (await c.acquire("w")).prompts
         c.in_flight.clear()
         got += len(batch)
     return got, time.perf_counter() - t

