@@ -147,6 +147,17 @@ def test_a_learner_refuses_what_was_queued_behind_a_failed_step(ray_session, tin
             ray.get(learner.save_state.remote(str(tmp_path / "ckpt"), 1))
     finally:
         ray.kill(learner)
+    # a step that never ran (its batch could not be fetched): its publish must not go out as that version
+    learner = create_learner(tiny_policy, LearnerConfig(num_threads=1, num_cpus=0.1), total_steps=10)
+    try:
+        publish = learner.publish_weights.remote(None, 1)
+        following = learner.train_step.remote(ray.put([]))
+        with pytest.raises(ray.exceptions.RayTaskError, match="publish of version 1 asked of a learner at version 0"):
+            ray.get(publish)
+        with pytest.raises(ray.exceptions.RayTaskError, match="train_step refused: publish of version 1 failed"):
+            ray.get(following)
+    finally:
+        ray.kill(learner)
 
 
 def test_reward_that_always_fails_ends_the_run_with_a_clear_error(ray_session, tiny_policy, tmp_path):

@@ -137,7 +137,8 @@ class StepLoop:
         n = self.cfg.train.prompts_per_step if update is not None else 0  # get_batch hands out exactly this many
         members = {name: w.actor for name, w in self.rollouts.workers.items()}
         try:
-            return self.weights.submit(update, commit_groups=n, members=members)
+            return self.weights.submit(update, commit_groups=n, members=members,
+                                       version=self.submitted + 1 if update is not None else None)
         except CollectiveConfigError as e:
             raise RunFailed(str(e)) from None
         except ray.exceptions.RayError as e:
@@ -160,10 +161,12 @@ class StepLoop:
         try:
             return self._run_steps(t_rl)  # every return reads the step in flight first
         except Exception:
-            try:  # a step already queued still counts if it can be read; the first failure is the run's
-                self.finish_in_flight()
-            except Exception:  # noqa: BLE001 - e.g. the same dead learner: not what ended the run
-                self.in_flight = None
+            queued, self.in_flight = self.in_flight, None
+            if queued is not None and queued.step == self.step + 1:  # the next step in order (not one past a gap)
+                try:  # a step already queued still counts if it can be read; the first failure is the run's
+                    self.read_step(queued)
+                except Exception:  # noqa: BLE001 - e.g. the same dead learner: not what ended the run
+                    pass
             raise
 
     def _run_steps(self, t_rl: float) -> str:
@@ -184,8 +187,9 @@ class StepLoop:
                 return "finished"
             queued = InFlight(self.submitted + 1, self.sync_weights(self.update(batch)), t0, time.perf_counter())
             self.submitted += 1
-            self.finish_in_flight()  # the previous step, read while this one runs
-            self.in_flight = queued
+            previous, self.in_flight = self.in_flight, queued
+            if previous is not None:
+                self.read_step(previous)  # read while this one runs
             if not self.overlaps(queued.step) and self.finish_in_flight() == "stopped":
                 self.say(f"stopping at step {self.step}: stop requested during evaluation")
                 return "stopped"
@@ -206,11 +210,13 @@ class StepLoop:
                 and not (t.checkpoint_every and step % t.checkpoint_every == 0))
 
     def finish_in_flight(self) -> str | None:
-        """Read the step in flight, if any: its row, its evaluation and checkpoint when due.
-        Returns "stopped" when a stop request came during its evaluation."""
+        """Read the step in flight, if any (``read_step``)."""
         queued, self.in_flight = self.in_flight, None
-        if queued is None:
-            return None
+        return self.read_step(queued) if queued is not None else None
+
+    def read_step(self, queued: InFlight) -> str | None:
+        """A queued step's result: its row, its evaluation and checkpoint when due. Returns
+        "stopped" when a stop request came during its evaluation."""
         m, version = self.complete(queued.refs)
         t3 = time.perf_counter()
         self.step = queued.step

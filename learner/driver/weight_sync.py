@@ -44,17 +44,20 @@ class WeightSync:
         the next step before it reads this one. A collective sync waits for the update."""
         return self.collective is None
 
-    def submit(self, update, *, commit_groups: int, members: dict[str, Any]) -> tuple[Any, Any]:
+    def submit(self, update, *, commit_groups: int, members: dict[str, Any],
+               version: int | None = None) -> tuple[Any, Any]:
         """Publish the learner's weights after ``update`` (a ``train_step`` ref, or None for
         the initial publish) and commit ``commit_groups`` groups; returns ``(metrics,
         counters)`` for ``collect``: refs, or the metrics already read (collective).
+        ``version``: the ``policy_version`` ``update`` brings the learner to (checked by the
+        learner before it publishes).
         Raises ``CollectiveConfigError`` when the collective path cannot work at all."""
         m = None
         if self.collective is not None:
             m = ray.get(update) if update is not None else None
             payload = self._broadcast(members) or self.learner.publish_weights.remote()
-        else:  # queued behind the update; the learner refuses it if the update failed
-            payload, m = self.learner.publish_weights.remote(), update
+        else:  # queued behind the update; the learner refuses it if the update failed or never ran
+            payload, m = self.learner.publish_weights.remote(None, version), update
         return m, self.coordinator.publish.remote(payload, commit_groups=commit_groups)
 
     def collect(self, metrics, counters) -> tuple[dict | None, int]:
