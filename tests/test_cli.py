@@ -42,21 +42,21 @@ def test_config_prints_resolved_yaml(tmp_path):
 @pytest.mark.slow
 def test_default_job_through_the_cli_runs_end_to_end(ray_session, fleetrl_cache, tmp_path):
     """`fleetrl train` on the embedded defaults (built-in policy, warm start, async), attached to
-    the session's Ray cluster, shortened to 40 steps. That these defaults learn is
+    the session's Ray cluster, shortened to 20 steps. That these defaults learn is
     tests/test_dataset_runs.py's learning test: the same settings for 300 steps, the prompts of
     the same task read from a JSONL file (one learning run in the suite, not two)."""
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "run"
     r = run_cli("train", "--address", address, "--output-dir", str(out), "--no-progress",
-                "--train.steps", "40", env_extra={"FLEETRL_CACHE": str(fleetrl_cache)})
+                "--train.steps", "20", env_extra={"FLEETRL_CACHE": str(fleetrl_cache)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for key in ("eval_before", "eval_after", "steps", "wall_s", "samples_per_s", "produced", "trained", "dropped",
                 "final_policy_version", "policy_dir"):
         assert key in summary
     assert summary["produced"] == summary["trained"] + summary["dropped"]
-    assert summary["final_policy_version"] == summary["steps"] == 40
-    assert summary["trained"] == 40 * 16 * 8  # the default step: 16 prompts x 8 samples
+    assert summary["final_policy_version"] == summary["steps"] == 20
+    assert summary["trained"] == 20 * 16 * 8  # the default step: 16 prompts x 8 samples
     assert 0.2 <= summary["eval_before"] <= 0.4  # the built-in policy's warm start stops at 0.3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == summary["steps"] and all(r["staleness_max"] <= 1 for r in rows)

@@ -1,6 +1,6 @@
 """Does learning hold under staleness? Off-policy corrections on the default job, several seeds.
 
-    python tests/bench/bench_staleness.py [--seconds 70] [--seeds 0,1,2] [--staleness 0,4]
+    python tests/bench/bench_staleness.py [--seconds 70] [--seeds 0,1,2] [--staleness 0,1,4]
                                           [--methods behaviour,decoupled-token,decoupled-sequence,tis]
 
 Each run is ``fleetrl train`` (a subprocess, its own local Ray) on the embedded default job
@@ -75,7 +75,7 @@ def summarize(results: list[dict]) -> list[dict]:
 def main() -> None:
     seconds = float(arg("--seconds", "70"))
     seeds = [int(x) for x in arg("--seeds", "0,1,2").split(",")]
-    stalenesses = [int(x) for x in arg("--staleness", "0,4").split(",")]
+    stalenesses = [int(x) for x in arg("--staleness", "0,1,4").split(",")]
     methods = arg("--methods", ",".join(METHODS)).split(",")
     tmp = Path(tempfile.mkdtemp(prefix="fleetrl-staleness-"))
     results = []

@@ -52,7 +52,7 @@ def tiny_tables(res: dict, cmd: str) -> str:
             if s is None:
                 continue
             ratio = 1.0 if k == "trl_best" else s.get("sps_over_trl")
-            name = f"TRL ({NAMES[c['trl_best']]})" if k == "trl_best" else NAMES[k]
+            name = NAMES[c["trl_best"]] if k == "trl_best" else NAMES[k]
             lines.append(f"| {label.replace('x', ' × ')} | {name} | {fmt(s['samples_per_s'], '.0f')} | "
                          f"{fmt(s['s_per_step_median'], '.4f')} | **{fmt(ratio, '.2f')}** |")
     label, c = list(res["configs"].items())[-1]
