@@ -108,7 +108,7 @@ class LearnerActor(Learner):
             self.failed_step = f"step {self.policy_version + 1} failed: {_first_line(e)}"
             raise
 
-    def publish_weights(self, after_update: dict | None = None, expect_version: int | None = None) -> Payload:
+    def publish_weights(self, expect_version: int | None = None) -> Payload:
         """``expect_version``: the version the queued step should have reached; a learner at
         another one (the step never ran: its batch could not be fetched) publishes nothing and
         refuses what follows, so a batch it did not train on is never committed as trained."""
@@ -117,7 +117,7 @@ class LearnerActor(Learner):
             if expect_version is not None and expect_version != self.policy_version:
                 raise RuntimeError(f"publish of version {expect_version} asked of a learner at version "
                                    f"{self.policy_version} (its step did not run)")
-            return super().publish_weights(after_update)
+            return super().publish_weights()
         except BaseException as e:
             self.failed_step = f"publish of version {expect_version or self.policy_version} failed: {_first_line(e)}"
             raise

@@ -324,10 +324,8 @@ class Learner:
         return loss_total, len(rows), metrics
 
     # -- phase 3: sync weights ----------------------------------------------------------------
-    def publish_weights(self, after_update: dict | None = None) -> Payload:
-        """Publish the current weights. ``after_update`` is the result of the
-        ``train_step`` this publish follows: passed as an object ref it makes the
-        publish depend on that step (a failed step publishes nothing)."""
+    def publish_weights(self) -> Payload:
+        """Publish the current weights (the actor refuses it after a failed step: ``LearnerActor``)."""
         if self.put_weights is None:
             raise RuntimeError("publish_weights: this learner was built without put_weights "
                                "(actors.runtime.object_store.put)")

@@ -150,7 +150,7 @@ def test_a_learner_refuses_what_was_queued_behind_a_failed_step(ray_session, tin
     # a step that never ran (its batch could not be fetched): its publish must not go out as that version
     learner = create_learner(tiny_policy, LearnerConfig(num_threads=1, num_cpus=0.1), total_steps=10)
     try:
-        publish = learner.publish_weights.remote(None, 1)
+        publish = learner.publish_weights.remote(expect_version=1)
         following = learner.train_step.remote(ray.put([]))
         with pytest.raises(ray.exceptions.RayTaskError, match="publish of version 1 asked of a learner at version 0"):
             ray.get(publish)

@@ -57,8 +57,6 @@ class StepLoop:
     """Steps queued on the learner (``step``: steps read back)."""
     in_flight: InFlight | None = None
     """A step queued and not yet read."""
-    overlap = True
-    """Queue step n + 1 before reading step n where ``overlaps`` allows (False: never)."""
 
     def _request_batch(self, step: int):
         return self.coordinator.get_batch_ref.remote(step, self.cfg.train.sample_timeout_s)
@@ -205,7 +203,7 @@ class StepLoop:
         ahead anyway (``max_staleness`` > 0), the sync is only queued, and the step has no
         evaluation or checkpoint (those need the learner at exactly this step)."""
         t = self.cfg.train
-        return (self.overlap and t.max_staleness > 0 and self.weights.queues and step < self.steps
+        return (t.max_staleness > 0 and self.weights.queues and step < self.steps
                 and not (t.eval_every and step % t.eval_every == 0)
                 and not (t.checkpoint_every and step % t.checkpoint_every == 0))
 

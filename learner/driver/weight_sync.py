@@ -1,6 +1,7 @@
 """How a new policy version reaches the rollout workers (driver side).
 
-``WeightSync.sync`` is phase 3 of a training step. Two transports:
+``WeightSync.submit`` (and ``collect``, which reads its result) is phase 3 of a
+training step. Two transports:
 
 * **object store** (``train.weight_sync: object_store``): the learner's
   publish is queued behind the update (a learner whose update failed refuses
@@ -57,7 +58,7 @@ class WeightSync:
             m = ray.get(update) if update is not None else None
             payload = self._broadcast(members) or self.learner.publish_weights.remote()
         else:  # queued behind the update; the learner refuses it if the update failed or never ran
-            payload, m = self.learner.publish_weights.remote(None, version), update
+            payload, m = self.learner.publish_weights.remote(expect_version=version), update
         return m, self.coordinator.publish.remote(payload, commit_groups=commit_groups)
 
     def collect(self, metrics, counters) -> tuple[dict | None, int]:
@@ -65,10 +66,6 @@ class WeightSync:
         m = ray.get(metrics) if isinstance(metrics, ray.ObjectRef) else metrics
         self.counters = ray.get(counters)
         return m, self.counters["policy_version"]
-
-    def sync(self, update, *, commit_groups: int, members: dict[str, Any]) -> tuple[dict | None, int]:
-        """``submit`` and ``collect`` at once."""
-        return self.collect(*self.submit(update, commit_groups=commit_groups, members=members))
 
     def _broadcast(self, members: dict[str, Any]) -> Payload | None:
         try:
